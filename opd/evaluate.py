@@ -1,0 +1,133 @@
+"""Held-out measurements: how close the student is to the teacher, and task accuracy.
+
+- `heldout_kl`: the student writes greedy completions for held-out prompts; at every
+  completion token we compute KL(q_student ‖ p_teacher) over the full vocabulary, and report
+  the mean over all completion tokens of all prompts (token mean). This is the quantity
+  on-policy reverse-KL distillation minimises, measured on the student's own outputs.
+- `task_accuracy`: greedy completions scored by a verifier (the shipped task's, or a generic
+  final-answer match for prompt files with an `answer` field).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from opd.losses import chunked_divergence
+from opd.models import decoder_and_head
+from opd.sampling import GenerationParams, HFBackend, make_rollout
+from opd.types import completion_rows
+
+_NUM = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def generic_verify(text: str, answer: str) -> bool:
+    """Final-answer match: the last number in `text` equals a numeric answer, else the
+    stripped text ends with the answer (case-insensitive)."""
+    answer = str(answer).strip()
+    if _NUM.fullmatch(answer):
+        nums = _NUM.findall(text)
+        return bool(nums) and float(nums[-1]) == float(answer)
+    return text.strip().lower().endswith(answer.lower())
+
+
+@torch.no_grad()
+def greedy_completions(model, examples, pad_id, stop_ids, max_new_tokens, batch_size=16):
+    backend = HFBackend(batch_size=batch_size)
+    params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    return backend.generate(
+        model, [ex.prompt_ids for ex in examples], params, pad_id=pad_id, stop_ids=stop_ids
+    )
+
+
+@torch.no_grad()
+def heldout_kl(
+    student,
+    teacher,
+    examples,
+    *,
+    pad_id: int,
+    stop_ids,
+    vocab_size: int,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    chunk_size: int = 1024,
+) -> dict:
+    """Token-mean KL(q_student ‖ p_teacher) on greedy student completions.
+
+    Returns:
+      {"kl": float, "tokens": int, "mean_length": float}
+    """
+    comps = greedy_completions(student, examples, pad_id, stop_ids, max_new_tokens, batch_size)
+    s_dec, s_head, _ = decoder_and_head(student)
+    t_dec, t_head, _ = decoder_and_head(teacher)
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        exs = examples[start : start + batch_size]
+        ro = make_rollout([e.prompt_ids for e in exs], comps[start : start + batch_size], pad_id, "student")
+        if ro.num_tokens == 0:
+            continue
+        dev_s, dev_t = s_head.device, t_head.device
+        hs = completion_rows(s_dec(ro.input_ids_BL.to(dev_s), ro.attention_mask_BL.to(dev_s)), ro)
+        ht = completion_rows(t_dec(ro.input_ids_BL.to(dev_t), ro.attention_mask_BL.to(dev_t)), ro)
+        kl_N = chunked_divergence(
+            "reverse_kl",
+            hs.float(),
+            s_head[:vocab_size].float(),
+            ht.float().to(dev_s),
+            t_head[:vocab_size].float().to(dev_s),
+            chunk_size=chunk_size,
+        )
+        total += float(kl_N.sum())
+        count += kl_N.numel()
+    lengths = [len(c) for c in comps]
+    return {
+        "kl": total / max(count, 1),
+        "tokens": count,
+        "mean_length": sum(lengths) / max(len(lengths), 1),
+    }
+
+
+@torch.no_grad()
+def task_accuracy(
+    model, tokenizer, examples, *, pad_id, stop_ids, max_new_tokens, verify=None, batch_size=16
+) -> dict:
+    """Exact final-answer accuracy of greedy completions (rows without an answer are skipped)."""
+    scored = [ex for ex in examples if ex.answer is not None]
+    if not scored:
+        return {"accuracy": None, "n": 0, "samples": []}
+    verify = verify or generic_verify
+    comps = greedy_completions(model, scored, pad_id, stop_ids, max_new_tokens, batch_size)
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in comps]
+    correct = [bool(verify(t, ex.answer)) for t, ex in zip(texts, scored)]
+    samples = [
+        {"prompt": ex.prompt_text[-200:], "completion": t, "answer": ex.answer, "correct": ok}
+        for ex, t, ok in list(zip(scored, texts, correct))[:3]
+    ]
+    return {"accuracy": sum(correct) / len(correct), "n": len(correct), "samples": samples}
+
+
+@dataclass
+class EvalTable:
+    """The before/after table of a run (or of `opd eval`)."""
+
+    rows: list  # (label, kl or None, accuracy or None)
+
+    def render(self) -> str:
+        head = f"{'model':<22} {'KL(q_student ‖ p_teacher)':>27} {'accuracy':>10}"
+        lines = [head, "-" * len(head)]
+        for label, kl, acc in self.rows:
+            kl_s = "—" if kl is None else f"{kl:.4f}"
+            acc_s = "—" if acc is None else f"{100 * acc:.1f}%"
+            lines.append(f"{label:<22} {kl_s:>27} {acc_s:>10}")
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        lines = ["| model | KL(q_student ‖ p_teacher), held-out, greedy | accuracy |", "|---|---|---|"]
+        for label, kl, acc in self.rows:
+            kl_s = "—" if kl is None else f"{kl:.4f}"
+            acc_s = "—" if acc is None else f"{100 * acc:.1f}%"
+            lines.append(f"| {label} | {kl_s} | {acc_s} |")
+        return "\n".join(lines)

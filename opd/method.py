@@ -1,0 +1,73 @@
+"""`Method`: one choice for each stage of the loop, checked for compatibility at construction.
+
+    prompts ─► prefix source ─► rollout ─► teacher access ─► signal ─► weights ─► reduce ─► step
+
+The training loop never branches on a method's name; it calls the parts the method names.
+A published method is a function in `opd/recipes/` that returns a `Method` with the paper's
+defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opd.errors import ConfigError
+from opd.sampling.sources import PrefixSource
+from opd.signals import Divergence
+from opd.teachers import FullLogits, TeacherAccess
+
+REDUCTIONS = ("token_mean", "sequence_mean")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A distillation method as data.
+
+    Attributes:
+      prefixes: who writes the completions (`opd.sampling`).
+      teacher: what the teacher returns (`opd.teachers`).
+      signal: the per-token quantity to minimise (`opd.signals`).
+      weights: per-token weights/masks applied to the signal, in order (`opd.weights`).
+      reduction: how per-token values become one loss: "token_mean" (mean over all counted
+        tokens of the batch) or "sequence_mean" (mean of per-sequence token means).
+      name: a label for logs.
+    """
+
+    prefixes: PrefixSource
+    teacher: TeacherAccess = FullLogits()
+    signal: Divergence = Divergence()
+    weights: tuple = ()
+    reduction: str = "token_mean"
+    name: str = "custom"
+
+    def __post_init__(self):
+        needs = getattr(self.signal, "requires", None)
+        provides = getattr(self.teacher, "provides", frozenset())
+        if needs is not None and needs not in provides:
+            raise ConfigError(
+                f"method {self.name!r}: signal {self.signal.describe()} needs the teacher's "
+                f"{needs!r}, but teacher access {self.teacher.describe()} provides only "
+                f"{sorted(provides)}; use a teacher access that provides {needs!r} or a signal "
+                f"that needs one of {sorted(provides)}"
+            )
+        for w in self.weights:
+            w_needs = getattr(w, "requires", None)
+            if w_needs is not None and w_needs not in provides:
+                raise ConfigError(
+                    f"method {self.name!r}: token weight {w.describe()} needs {w_needs!r}, "
+                    f"teacher access provides {sorted(provides)}"
+                )
+        if self.reduction not in REDUCTIONS:
+            raise ConfigError(
+                f"method {self.name!r}: reduction must be one of {REDUCTIONS}, got {self.reduction!r}"
+            )
+
+    def describe(self) -> str:
+        lines = [
+            f"prefixes:  {self.prefixes.describe()}",
+            f"teacher:   {self.teacher.describe()}",
+            f"signal:    {self.signal.describe()}",
+            f"weights:   {', '.join(w.describe() for w in self.weights) or 'none'}",
+            f"reduction: {self.reduction}",
+        ]
+        return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""Signals: the per-token quantity the student minimises on the rollout.
+
+A signal maps (student rows, teacher scores) to a per-token tensor (N,), never reduced.
+`Divergence` covers every full-vocabulary divergence in `opd.losses` (METHODS.md §1–2):
+
+    D_t = D( p_teacher(. | x, y<t), q_student(. | x, y<t) )    for each counted token t
+
+It uses the memory-lean chunked path by default (hidden states + lm_head, row chunks,
+custom autograd) and the plain materialized path when `materialize=True`: the reference
+twin the tests compare against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from opd.errors import ConfigError
+from opd.losses import DIVERGENCES, chunked_divergence, divergence
+from opd.types import StudentRows, TeacherScores
+
+
+@dataclass(frozen=True)
+class SignalContext:
+    """Run-time facts a signal may need (schedules read `progress` in [0, 1])."""
+
+    step: int = 0
+    total_steps: int = 1
+    chunk_size: int = 1024
+    materialize: bool = False
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step / max(1, self.total_steps))
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """A full-vocabulary divergence D(p_teacher, q_student) per completion token.
+
+    Attributes:
+      name: a key of `opd.losses.DIVERGENCES` (forward_kl, reverse_kl, generalized_jsd, ...).
+      params: the divergence's parameters, e.g. {"beta": 0.5}.
+      temperature: τ applied to both models' logits before the softmax.
+    """
+
+    name: str = "reverse_kl"
+    params: dict = field(default_factory=dict)
+    temperature: float = 1.0
+    requires: str = "full_logits"
+
+    def __post_init__(self):
+        if self.name not in DIVERGENCES:
+            raise ConfigError(
+                f"unknown divergence {self.name!r}; valid: {', '.join(sorted(DIVERGENCES))}"
+            )
+        if not self.temperature > 0:
+            raise ConfigError(f"divergence temperature must be > 0, got {self.temperature}")
+        # Fail at construction, not at step 1, on a bad parameter name or value.
+        probe = torch.zeros(1, 3)
+        try:
+            divergence(self.name, probe, probe, temperature=1.0, **self.params)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"divergence {self.name!r}: {err}") from None
+
+    def __hash__(self):
+        return hash((self.name, tuple(sorted(self.params.items())), self.temperature))
+
+    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext):
+        if ctx.materialize:
+            logits_s_NV = student.hidden_ND @ student.head_VD.T
+            logits_t_NV = (teacher.hidden_ND @ teacher.head_VD.T).to(logits_s_NV.dtype)
+            return divergence(
+                self.name, logits_s_NV, logits_t_NV, temperature=self.temperature, **self.params
+            )
+        return chunked_divergence(
+            self.name,
+            student.hidden_ND,
+            student.head_VD,
+            teacher.hidden_ND.to(student.hidden_ND.dtype),
+            teacher.head_VD.to(student.head_VD.dtype),
+            temperature=self.temperature,
+            chunk_size=ctx.chunk_size,
+            **self.params,
+        )
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        t = f", temperature={self.temperature}" if self.temperature != 1.0 else ""
+        return f"{self.name}({args}{t})"

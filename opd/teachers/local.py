@@ -1,0 +1,47 @@
+"""Local white-box teacher access.
+
+`FullLogits` runs the teacher (no gradients) on the rollout and returns its final hidden
+states at the N counted completion positions together with its lm_head weight, so the loss
+can form teacher logits chunk by chunk (`opd.losses.chunked_divergence`) without ever holding
+an (N, V) tensor. Prompt and padding rows are dropped before the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from opd.models import decoder_and_head
+from opd.types import Rollout, TeacherScores, completion_rows
+
+
+class TeacherAccess(Protocol):
+    """A way of asking the teacher about a rollout."""
+
+    provides: frozenset  # what the scores contain, e.g. {"full_logits"}
+
+    def score(self, teacher: torch.nn.Module, rollout: Rollout, vocab_size: int) -> TeacherScores: ...
+
+    def describe(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class FullLogits:
+    """White-box access: the teacher's full next-token distribution at every position."""
+
+    provides: frozenset = frozenset({"full_logits", "topk_logprobs", "token_logprobs"})
+
+    @torch.no_grad()
+    def score(self, teacher: torch.nn.Module, rollout: Rollout, vocab_size: int) -> TeacherScores:
+        decoder, head_VD, _bias = decoder_and_head(teacher)
+        device = head_VD.device
+        hidden_BLD = decoder(
+            rollout.input_ids_BL.to(device), rollout.attention_mask_BL.to(device)
+        )
+        rows_ND = completion_rows(hidden_BLD, rollout)
+        return TeacherScores(hidden_ND=rows_ND.detach(), head_VD=head_VD[:vocab_size].detach())
+
+    def describe(self) -> str:
+        return "full logits (local white-box teacher)"

@@ -1,0 +1,289 @@
+"""The training loop: one plain function, read top to bottom.
+
+For each optimizer step and each of `grad_accum` micro-batches:
+
+    examples ─► method.prefixes.rollout ─► student decoder (grad) ─► completion rows (N, D_s)
+                                         └► method.teacher.score (no grad) ─► TeacherScores
+    values_N = method.signal(student rows, teacher scores)      per-token, never reduced
+    w_N      = Π method.weights(...) · sampler token weights
+    loss     = reduce(w_N · values_N)   (token mean over the micro-batch) / grad_accum
+
+then clip, AdamW step, warm-up + cosine schedule. Only completion rows reach an lm_head.
+Logged per step: loss, KL(q_student ‖ p_teacher) on the rollout, completion length, tokens/s,
+grad norm, lr. The loop never branches on the method's name.
+
+Resume: a checkpoint restores the student, optimizer, scheduler, RNG states and the data
+stream position, so a resumed run reproduces the uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from opd.build import Models, PromptSets, build_data, build_models
+from opd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from opd.config import RunConfig, resolve_output_dir, save_config
+from opd.data import PromptStream
+from opd.errors import ConfigError
+from opd.evaluate import heldout_kl
+from opd.logs import MetricsLog, Progress
+from opd.losses import chunked_divergence, sequence_mean, token_mean
+from opd.method import Method
+from opd.models import decoder_and_head
+from opd.recipes import get_recipe
+from opd.sampling import GenerationParams, HFBackend, RolloutContext
+from opd.signals import SignalContext
+from opd.types import StudentRows, completion_rows
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    losses: list  # per optimizer step
+    metrics: list  # the rows written to metrics.jsonl this session
+    models: Models
+    data: PromptSets
+    method: Method
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def build_method(cfg: RunConfig) -> Method:
+    return get_recipe(cfg.method.recipe).build(**cfg.method.args)
+
+
+def check_data_fits(method: Method, data: PromptSets, models: Models) -> None:
+    if method.prefixes.needs_completions:
+        missing = [ex.source for ex in data.train if ex.completion_ids is None]
+        if missing:
+            raise ConfigError(
+                f"recipe {method.name!r} trains on dataset completions ({method.prefixes.describe()}), "
+                f"but {len(missing)} rows have none (first: {missing[0]}); add a 'completion' "
+                "field or pick an on-policy recipe"
+            )
+    if not data.train:
+        raise ConfigError("data.train: no training prompts")
+
+
+def student_rows(decoder, head_VD, rollout, device) -> StudentRows:
+    hidden_BLD = decoder(rollout.input_ids_BL.to(device), rollout.attention_mask_BL.to(device))
+    mask_BT = rollout.completion_mask_BT.to(device).bool()
+    return StudentRows(
+        hidden_ND=completion_rows(hidden_BLD, rollout),
+        head_VD=head_VD,
+        target_ids_N=rollout.completion_ids_BT.to(device)[mask_BT],
+        row_index_N=mask_BT.nonzero()[:, 0],
+    )
+
+
+def micro_step(method, models, rollout, sctx, device):
+    """Loss of one micro-batch and its logged numbers (loss not yet divided by grad_accum)."""
+    s_dec, s_head, _ = decoder_and_head(models.student)
+    srows = student_rows(s_dec, s_head[: models.vocab_size], rollout, device)
+    tscores = method.teacher.score(models.teacher, rollout, models.vocab_size)
+    values_N = method.signal(srows, tscores, sctx)
+    w_N = torch.ones_like(values_N)
+    for weight in method.weights:
+        w_N = w_N * weight(values_N, srows, tscores, rollout, sctx)
+    mask_BT = rollout.completion_mask_BT.to(device).bool()
+    if rollout.token_weight_BT is not None:
+        w_N = w_N * rollout.token_weight_BT.to(device)[mask_BT]
+    weighted_BT = torch.zeros(mask_BT.shape, dtype=values_N.dtype, device=device)
+    weighted_BT[mask_BT] = (w_N * values_N).to(weighted_BT.dtype)
+    reduce = token_mean if method.reduction == "token_mean" else sequence_mean
+    loss = reduce(weighted_BT, mask_BT.to(values_N.dtype))
+    with torch.no_grad():  # KL(q_student ‖ p_teacher) on this rollout, for the logs
+        kl_N = chunked_divergence(
+            "reverse_kl",
+            srows.hidden_ND.detach().float(),
+            srows.head_VD.detach().float(),
+            tscores.hidden_ND.float(),
+            tscores.head_VD.float(),
+            chunk_size=sctx.chunk_size,
+        ) if tscores.hidden_ND is not None else None
+    return loss, kl_N, rollout
+
+
+def distill(
+    cfg: RunConfig,
+    *,
+    models: Models | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    evaluate: bool = True,
+    log=print,
+) -> RunResult:
+    """Run (or resume) a distillation described by `cfg`; returns the run's results.
+
+    Args:
+      cfg: the run configuration.
+      models: pre-built models (tests pass tiny ones); default: built from `cfg.model`.
+      resume: continue from the last checkpoint in `cfg.output_dir`.
+      stop_after: stop (with a checkpoint) after this global step, as if interrupted.
+      evaluate: measure held-out KL at the start and end (and every `train.eval_every`).
+      log: where one-line status messages go.
+    """
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    run_dir = resolve_output_dir(cfg)
+    cfg.output_dir = str(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(
+            f"output_dir '{run_dir}' already holds a run; pass --resume to continue it "
+            "or choose another output_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+    torch.manual_seed(tc.seed)
+    method = build_method(cfg)
+    models = models or build_models(cfg)
+    data = build_data(cfg, models.tokenizer)
+    check_data_fits(method, data, models)
+    device = next(models.student.parameters()).device
+    log(f"run folder: {run_dir}")
+    log(f"method {method.name}:\n  " + method.describe().replace("\n", "\n  "))
+    log(f"{len(data.train)} training prompts, {len(data.eval)} held-out; {data.truncated} truncated")
+
+    params = [p for p in models.student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+    )
+    stream = PromptStream(data.train, tc.batch_size, seed=tc.seed)
+    start_step, losses = 0, []
+    if resume:
+        ckpt = latest_checkpoint(ckpt_root)
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint in '{ckpt_root}'")
+        state = load_checkpoint(ckpt, models.student, optimizer, scheduler)
+        stream.load_state_dict(state["data"])
+        start_step, losses = state["step"], state["losses"]
+        log(f"resumed from {ckpt} at step {start_step}")
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
+
+    gen = GenerationParams(
+        max_new_tokens=cfg.sampling.max_new_tokens,
+        temperature=cfg.sampling.temperature,
+        top_p=cfg.sampling.top_p,
+        top_k=cfg.sampling.top_k,
+    )
+    ctx = RolloutContext(
+        student=models.student,
+        teacher=models.teacher,
+        backend=HFBackend(),
+        params=gen,
+        pad_id=models.pad_id,
+        stop_ids=models.stop_ids,
+        total_steps=tc.steps,
+    )
+
+    def run_eval(step: int) -> dict | None:
+        if not (evaluate and data.eval):
+            return None
+        res = heldout_kl(
+            models.student, models.teacher, data.eval,
+            pad_id=models.pad_id, stop_ids=models.stop_ids, vocab_size=models.vocab_size,
+            max_new_tokens=gen.max_new_tokens, chunk_size=tc.chunk_size,
+        )
+        row = {"event": "eval", "step": step, "heldout_kl": res["kl"], "heldout_length": res["mean_length"]}
+        metrics_log.write(row)
+        return row
+
+    rows_logged = []
+    if start_step == 0:
+        first = run_eval(0)
+        if first:
+            log(f"held-out KL(q_student ‖ p_teacher) before: {first['heldout_kl']:.4f}")
+    last_step = tc.steps if stop_after is None else min(tc.steps, stop_after)
+    bar = Progress(tc.steps, initial=start_step, enabled=tc.progress)
+    models.student.train()
+    for step in range(start_step, last_step):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        ctx.step = step
+        sctx = SignalContext(step, tc.steps, tc.chunk_size, tc.loss_path == "materialized")
+        total_loss, kl_sum, n_tok, lengths, info = 0.0, 0.0, 0, [], {}
+        for _ in range(tc.grad_accum):
+            rollout = method.prefixes.rollout(next(stream), ctx)
+            loss, kl_N, rollout = micro_step(method, models, rollout, sctx, device)
+            (loss / tc.grad_accum).backward()
+            total_loss += float(loss) / tc.grad_accum
+            if kl_N is not None:
+                kl_sum += float(kl_N.sum())
+            n_tok += rollout.num_tokens
+            lengths += rollout.completion_lengths().tolist()
+            for k, v in rollout.info.items():
+                info[k] = info.get(k, 0.0) + v / tc.grad_accum
+        if tc.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
+        else:
+            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        dt = time.perf_counter() - t0
+        losses.append(total_loss)
+        row = {
+            "step": step + 1,
+            "loss": total_loss,
+            "teacher_kl": kl_sum / max(n_tok, 1),
+            "completion_length": sum(lengths) / max(len(lengths), 1),
+            "tokens": n_tok,
+            "tokens_per_s": n_tok / dt,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "seconds": dt,
+            **info,
+        }
+        metrics_log.write(row)
+        rows_logged.append(row)
+        bar.update(total_loss, n_tok / dt, row["teacher_kl"])
+        done = step + 1
+        if tc.eval_every and done % tc.eval_every == 0 and done < tc.steps:
+            run_eval(done)
+        if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == last_step:
+            save_checkpoint(
+                ckpt_root, done, models.student, optimizer, scheduler,
+                {"data": stream.state_dict(), "losses": losses}, keep=tc.keep_checkpoints,
+            )
+    bar.close()
+    if last_step == tc.steps:
+        final = run_eval(tc.steps)
+        if final:
+            log(f"held-out KL(q_student ‖ p_teacher) after: {final['heldout_kl']:.4f}")
+        save_student(models, run_dir / "student")
+        log(f"student saved to {run_dir / 'student'}")
+    metrics_log.close()
+    return RunResult(run_dir, losses, rows_logged, models, data, method)
+
+
+def save_student(models: Models, path: Path) -> None:
+    """`save_pretrained` (safetensors) + tokenizer, loadable with AutoModelForCausalLM."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    import shutil
+
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    models.student.save_pretrained(tmp, safe_serialization=True)
+    models.tokenizer.save_pretrained(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
