@@ -13,7 +13,7 @@ import torch
 from opd.config import RunConfig
 from opd.data import encode_rows, end_of_turn_ids, load_rows, split_rows
 from opd.errors import ConfigError
-from opd.models import load_model, shared_vocab_size, student_from_teacher
+from opd.models import decoder_and_head, load_model, shared_vocab_size, student_from_teacher
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,6 +67,8 @@ def finish_models(teacher, student, tok, student_tok=None) -> Models:
     for p in teacher.parameters():
         p.requires_grad_(False)
     student.train()
+    for model in (teacher, student):  # fail now, not at step 1, if logits are post-processed
+        decoder_and_head(model, verify=True)
     vocab = shared_vocab_size(student, student_tok or tok, teacher, tok)
     return Models(teacher=teacher, student=student, tokenizer=tok, vocab_size=vocab)
 

@@ -93,7 +93,7 @@ def student_rows(decoder, head_VD, rollout, device) -> StudentRows:
 
 def micro_step(method, models, rollout, sctx, device):
     """Loss of one micro-batch and its logged numbers (loss not yet divided by grad_accum)."""
-    s_dec, s_head, _ = decoder_and_head(models.student)
+    s_dec, s_head, _ = decoder_and_head(models.student, verify=False)
     srows = student_rows(s_dec, s_head[: models.vocab_size], rollout, device)
     tscores = method.teacher.score(models.teacher, rollout, models.vocab_size)
     values_N = method.signal(srows, tscores, sctx)
@@ -225,7 +225,7 @@ def distill(
             rollout = method.prefixes.rollout(next(stream), ctx)
             loss, kl_N, rollout = micro_step(method, models, rollout, sctx, device)
             (loss / tc.grad_accum).backward()
-            total_loss += float(loss) / tc.grad_accum
+            total_loss += float(loss.detach()) / tc.grad_accum
             if kl_N is not None:
                 kl_sum += float(kl_N.sum())
             n_tok += rollout.num_tokens
@@ -282,7 +282,7 @@ def save_student(models: Models, path: Path) -> None:
 
     if tmp.exists():
         shutil.rmtree(tmp)
-    models.student.save_pretrained(tmp, safe_serialization=True)
+    models.student.save_pretrained(tmp)  # safetensors by default
     models.tokenizer.save_pretrained(tmp)
     if path.exists():
         shutil.rmtree(path)

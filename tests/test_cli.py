@@ -27,9 +27,17 @@ def model_dirs(tmp_path):
 def small_args(tmp_path, model_dirs, data, *extra):
     t, s = model_dirs
     return [
-        f"model.teacher={t}", f"model.student={s}", f"data.train={data}", f"data.eval={data}",
-        "data.eval_count=4", "train.steps=2", "train.batch_size=2", "sampling.max_new_tokens=4",
-        "train.progress=false", f"output_dir={tmp_path / 'run'}", *extra,
+        f"model.teacher={t}",
+        f"model.student={s}",
+        f"data.train={data}",
+        f"data.eval={data}",
+        "data.eval_count=4",
+        "train.steps=2",
+        "train.batch_size=2",
+        "sampling.max_new_tokens=4",
+        "train.progress=false",
+        f"output_dir={tmp_path / 'run'}",
+        *extra,
     ]
 
 
@@ -45,12 +53,16 @@ def test_recipes_list_and_show(capsys):
     for name in ("gkd", "seqkd", "supervised_kd", "on_policy_rkl"):
         assert name in out
     code, out, _ = run_cli(["recipes", "gkd"], capsys)
-    assert code == 0 and "Agarwal" in out and "generalized_jsd(beta=0.5)" in out and "lmbda=0.5" in out
+    assert (
+        code == 0 and "Agarwal" in out and "generalized_jsd(beta=0.5)" in out and "lmbda=0.5" in out
+    )
 
 
 def test_distill_smoke_writes_report(tmp_path, model_dirs, capsys):
     data = write_prompts(tmp_path / "d.jsonl", n=8)
-    code, out, err = run_cli(["distill", *small_args(tmp_path, model_dirs, data, "recipe=gkd")], capsys)
+    code, out, err = run_cli(
+        ["distill", *small_args(tmp_path, model_dirs, data, "recipe=gkd")], capsys
+    )
     assert code == 0, err
     assert "KL(q_student ‖ p_teacher)" in out and "student after" in out
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -64,8 +76,11 @@ def test_resume_from_cli(tmp_path, model_dirs, capsys):
     assert run_cli(["distill", *args, "--stop-after", "2", "--no-report"], capsys)[0] == 0
     code, out, err = run_cli(["distill", "--resume", str(tmp_path / "run"), "--no-report"], capsys)
     assert code == 0, err
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == [1, 2, 3, 4]
 
 
@@ -79,8 +94,15 @@ def test_bad_data_row_one_line_exit_2(tmp_path, model_dirs, capsys):
     assert len(lines) == 1 and "d.jsonl:5" in lines[0] and "prompt" in lines[0]
     assert "Traceback" not in err
     # --skip-bad-rows counts it and carries on
-    code, out, err = run_cli(["distill", *small_args(tmp_path, model_dirs, data, "output_dir=" + str(tmp_path / "r2")),
-                              "--skip-bad-rows", "--no-report"], capsys)
+    code, out, err = run_cli(
+        [
+            "distill",
+            *small_args(tmp_path, model_dirs, data, "output_dir=" + str(tmp_path / "r2")),
+            "--skip-bad-rows",
+            "--no-report",
+        ],
+        capsys,
+    )
     assert code == 0, err
 
 
@@ -91,7 +113,9 @@ def test_bad_config_value_one_line_exit_2(capsys):
 
 
 def test_missing_model_path_one_line_exit_2(tmp_path, capsys):
-    code, _, err = run_cli(["distill", f"model.teacher={tmp_path / 'nope'}", f"output_dir={tmp_path / 'r'}"], capsys)
+    code, _, err = run_cli(
+        ["distill", f"model.teacher={tmp_path / 'nope'}", f"output_dir={tmp_path / 'r'}"], capsys
+    )
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "does not exist" in err and "nope" in err
 
@@ -100,15 +124,27 @@ def test_console_script_exit_code_and_debug(tmp_path):
     cmd = [sys.executable, "-m", "opd.cli", "distill", "train.steps=0"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "train.steps" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "opd.cli", "--debug", "distill", "train.steps=0"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "opd.cli", "--debug", "distill", "train.steps=0"],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
 def test_eval_command(tmp_path, model_dirs, capsys):
     data = write_prompts(tmp_path / "d.jsonl", n=4)
     t, s = model_dirs
-    code, out, err = run_cli(["eval", f"model.teacher={t}", f"model.student={s}", f"data.eval={data}",
-                              "data.eval_count=4", "sampling.max_new_tokens=4"], capsys)
+    code, out, err = run_cli(
+        [
+            "eval",
+            f"model.teacher={t}",
+            f"model.student={s}",
+            f"data.eval={data}",
+            "data.eval_count=4",
+            "sampling.max_new_tokens=4",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "teacher" in out and "student" in out and "KL(q_student ‖ p_teacher)" in out

@@ -9,7 +9,9 @@ from opd.errors import ConfigError
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(None, ["train.lr=1e-4", "steps=7", "recipe=gkd", "method.args.beta=0.3", "args.lmbda=1"])
+    cfg = load_config(
+        None, ["train.lr=1e-4", "steps=7", "recipe=gkd", "method.args.beta=0.3", "args.lmbda=1"]
+    )
     assert cfg.train.lr == 1e-4 and cfg.train.steps == 7
     assert cfg.method.recipe == "gkd" and cfg.method.args == {"beta": 0.3, "lmbda": 1}
     assert RunConfig().train.lr == 5e-5
@@ -63,5 +65,11 @@ def test_parse_override_types():
 
 def test_every_field_is_documented():
     text = config_help()
-    for key in ("train.lr", "model.teacher", "data.skip_bad_rows", "sampling.top_k", "method.recipe"):
+    for key in (
+        "train.lr",
+        "model.teacher",
+        "data.skip_bad_rows",
+        "sampling.top_k",
+        "method.recipe",
+    ):
         assert key in text

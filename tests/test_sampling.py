@@ -29,8 +29,11 @@ def examples(tok, n=6, with_completion=True):
         c = tuple(tok(str(2 * i), add_special_tokens=False).input_ids) + (tok.eos_token_id,)
         out.append(
             Example(
-                prompt_ids=tuple(p), completion_ids=c if with_completion else None,
-                answer=str(2 * i), source=f"mem:{i}", prompt_text=f"{i}+{i}=",
+                prompt_ids=tuple(p),
+                completion_ids=c if with_completion else None,
+                answer=str(2 * i),
+                source=f"mem:{i}",
+                prompt_text=f"{i}+{i}=",
             )
         )
     return out
@@ -39,7 +42,11 @@ def examples(tok, n=6, with_completion=True):
 def ctx_for(tiny_models, params=GREEDY, stop_ids=None):
     t, s, tok = tiny_models
     return RolloutContext(
-        student=s, teacher=t, backend=HFBackend(), params=params, pad_id=tok.pad_token_id,
+        student=s,
+        teacher=t,
+        backend=HFBackend(),
+        params=params,
+        pad_id=tok.pad_token_id,
         stop_ids=tuple(stop_ids or (tok.eos_token_id,)),
     )
 
@@ -86,8 +93,14 @@ def test_model_sources_write_with_the_right_model(tiny_models, source, which):
     model = tiny_models[which]
     for i, ex in enumerate(exs):  # batched left-padded greedy == one prompt at a time
         ids = torch.tensor([ex.prompt_ids])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=7, do_sample=False,
-                             pad_token_id=0, eos_token_id=ctx.stop_ids)[0, ids.shape[1]:].tolist()
+        ref = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=7,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=ctx.stop_ids,
+        )[0, ids.shape[1] :].tolist()
         ref = cut_at_stop(ref, ctx.stop_ids)
         n = int(ro.completion_mask_BT[i].sum())
         assert ro.completion_ids_BT[i, :n].tolist() == ref
@@ -125,9 +138,11 @@ def test_mix_lambda_extremes_and_share(tiny_models):
     torch.manual_seed(0)
     assert all(mix(student=1.0).rollout(exs, ctx).writer == "student" for _ in range(5))
     assert all(mix(student=0.0).rollout(exs, ctx).writer == "dataset" for _ in range(5))
-    assert all(mix(student=0.0, other="teacher").rollout(exs, ctx).writer == "teacher" for _ in range(3))
-    writers = [mix(student=0.5).rollout(exs, ctx).writer for _ in range(40)]
-    assert 8 <= writers.count("student") <= 32 and set(writers) == {"student", "dataset"}
+    assert all(
+        mix(student=0.0, other="teacher").rollout(exs, ctx).writer == "teacher" for _ in range(3)
+    )
+    writers = [mix(student=0.5).rollout(exs, ctx).writer for _ in range(24)]
+    assert 4 <= writers.count("student") <= 20 and set(writers) == {"student", "dataset"}
 
 
 def test_mix_validates():

@@ -35,7 +35,7 @@ class FullLogits:
 
     @torch.no_grad()
     def score(self, teacher: torch.nn.Module, rollout: Rollout, vocab_size: int) -> TeacherScores:
-        decoder, head_VD, _bias = decoder_and_head(teacher)
+        decoder, head_VD, _bias = decoder_and_head(teacher, verify=False)
         device = head_VD.device
         hidden_BLD = decoder(
             rollout.input_ids_BL.to(device), rollout.attention_mask_BL.to(device)
