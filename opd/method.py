@@ -31,6 +31,8 @@ class Method:
       reduction: how per-token values become one loss: "token_mean" (mean over all counted
         tokens of the batch) or "sequence_mean" (mean of per-sequence token means).
       name: a label for logs.
+      prompts: an optional prompt selector (a curriculum such as PACED) with
+        `select(stream, ctx) -> examples`; None takes the next batch of the data stream.
     """
 
     prefixes: PrefixSource
@@ -39,6 +41,7 @@ class Method:
     weights: tuple = ()
     reduction: str = "token_mean"
     name: str = "custom"
+    prompts: object = None
 
     def __post_init__(self):
         needs = getattr(self.signal, "requires", None)
@@ -70,4 +73,6 @@ class Method:
             f"weights:   {', '.join(w.describe() for w in self.weights) or 'none'}",
             f"reduction: {self.reduction}",
         ]
+        if self.prompts is not None:
+            lines.append(f"prompts:   {self.prompts.describe()}")
         return "\n".join(lines)

@@ -18,6 +18,7 @@ stream position, so a resumed run reproduces the uninterrupted one step for step
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from opd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opd.config import RunConfig, resolve_output_dir, save_config
 from opd.data import PromptStream
 from opd.errors import ConfigError
-from opd.evaluate import heldout_kl
+from opd.evaluate import generic_verify, heldout_kl
 from opd.logs import MetricsLog, Progress
 from opd.losses import chunked_divergence, sequence_mean, token_mean
 from opd.method import Method
@@ -67,6 +68,24 @@ def build_method(cfg: RunConfig) -> Method:
     return get_recipe(cfg.method.recipe).build(**cfg.method.args)
 
 
+def _stateful_components(method: Method) -> dict:
+    """Parts of a method that keep state across steps (replay buffers, curricula)."""
+    parts = {"prompts": method.prompts, "prefixes": method.prefixes, "signal": method.signal}
+    parts.update({f"weight{i}": w for i, w in enumerate(method.weights)})
+    return {k: v for k, v in parts.items() if hasattr(v, "state_dict")}
+
+
+def component_states(method: Method) -> dict:
+    """JSON-serialisable states of the stateful parts, saved in each checkpoint."""
+    return {k: v.state_dict() for k, v in _stateful_components(method).items()}
+
+
+def load_component_states(method: Method, states: dict) -> None:
+    for k, v in _stateful_components(method).items():
+        if k in states:
+            v.load_state_dict(states[k])
+
+
 def check_data_fits(method: Method, data: PromptSets, models: Models) -> None:
     if method.prefixes.needs_completions:
         missing = [ex.source for ex in data.train if ex.completion_ids is None]
@@ -91,11 +110,33 @@ def student_rows(decoder, head_VD, rollout, device) -> StudentRows:
     )
 
 
+@torch.no_grad()
+def rollout_kl(method, srows, tscores, values_N, sctx):
+    """KL(q_student ‖ p_teacher) per token of this rollout, for the logs (None without logits).
+
+    Reuses the signal's values when the signal already is that divergence at temperature 1.
+    """
+    sig = method.signal
+    if getattr(sig, "name", None) == "reverse_kl" and getattr(sig, "temperature", None) == 1.0:
+        return values_N.detach()
+    if tscores.hidden_ND is None:
+        return None
+    return chunked_divergence(
+        "reverse_kl",
+        srows.hidden_ND.detach().float(),
+        srows.head_VD.detach().float(),
+        tscores.hidden_ND.float(),
+        tscores.head_VD.float(),
+        chunk_size=sctx.chunk_size,
+    )
+
+
 def micro_step(method, models, rollout, sctx, device):
     """Loss of one micro-batch and its logged numbers (loss not yet divided by grad_accum)."""
     s_dec, s_head, _ = decoder_and_head(models.student, verify=False)
     srows = student_rows(s_dec, s_head[: models.vocab_size], rollout, device)
     tscores = method.teacher.score(models.teacher, rollout, models.vocab_size)
+    sctx = dataclasses.replace(sctx, rollout=rollout)
     values_N = method.signal(srows, tscores, sctx)
     w_N = torch.ones_like(values_N)
     for weight in method.weights:
@@ -107,15 +148,7 @@ def micro_step(method, models, rollout, sctx, device):
     weighted_BT[mask_BT] = (w_N * values_N).to(weighted_BT.dtype)
     reduce = token_mean if method.reduction == "token_mean" else sequence_mean
     loss = reduce(weighted_BT, mask_BT.to(values_N.dtype))
-    with torch.no_grad():  # KL(q_student ‖ p_teacher) on this rollout, for the logs
-        kl_N = chunked_divergence(
-            "reverse_kl",
-            srows.hidden_ND.detach().float(),
-            srows.head_VD.detach().float(),
-            tscores.hidden_ND.float(),
-            tscores.head_VD.float(),
-            chunk_size=sctx.chunk_size,
-        ) if tscores.hidden_ND is not None else None
+    kl_N = rollout_kl(method, srows, tscores, values_N, sctx)
     return loss, kl_N, rollout
 
 
@@ -175,6 +208,7 @@ def distill(
             raise ConfigError(f"--resume: no checkpoint in '{ckpt_root}'")
         state = load_checkpoint(ckpt, models.student, optimizer, scheduler)
         stream.load_state_dict(state["data"])
+        load_component_states(method, state.get("components", {}))
         start_step, losses = state["step"], state["losses"]
         log(f"resumed from {ckpt} at step {start_step}")
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume else None)
@@ -193,6 +227,7 @@ def distill(
         pad_id=models.pad_id,
         stop_ids=models.stop_ids,
         total_steps=tc.steps,
+        tokenizer=models.tokenizer,
     )
 
     def run_eval(step: int) -> dict | None:
@@ -207,6 +242,8 @@ def distill(
         metrics_log.write(row)
         return row
 
+    verify = data.task.verify if data.task is not None else generic_verify
+    ctx.verify = verify
     rows_logged = []
     if start_step == 0:
         first = run_eval(0)
@@ -219,10 +256,14 @@ def distill(
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         ctx.step = step
-        sctx = SignalContext(step, tc.steps, tc.chunk_size, tc.loss_path == "materialized")
+        sctx = SignalContext(
+            step, tc.steps, tc.chunk_size, tc.loss_path == "materialized",
+            tokenizer=models.tokenizer, verify=verify,
+        )
         total_loss, kl_sum, n_tok, lengths, info = 0.0, 0.0, 0, [], {}
         for _ in range(tc.grad_accum):
-            rollout = method.prefixes.rollout(next(stream), ctx)
+            examples = method.prompts.select(stream, ctx) if method.prompts else next(stream)
+            rollout = method.prefixes.rollout(examples, ctx)
             loss, kl_N, rollout = micro_step(method, models, rollout, sctx, device)
             (loss / tc.grad_accum).backward()
             total_loss += float(loss.detach()) / tc.grad_accum
@@ -262,7 +303,8 @@ def distill(
         if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == last_step:
             save_checkpoint(
                 ckpt_root, done, models.student, optimizer, scheduler,
-                {"data": stream.state_dict(), "losses": losses}, keep=tc.keep_checkpoints,
+                {"data": stream.state_dict(), "losses": losses, "components": component_states(method)},
+                keep=tc.keep_checkpoints,
             )
     bar.close()
     if last_step == tc.steps:

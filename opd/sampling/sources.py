@@ -35,6 +35,8 @@ class RolloutContext:
     stop_ids: tuple[int, ...]
     step: int = 0
     total_steps: int = 1
+    verify: object = None  # the task's verifier `verify(text, answer) -> bool`, if any
+    tokenizer: object = None
 
     def generate(self, model, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         return self.backend.generate(

@@ -1,0 +1,74 @@
+"""Losses: pure functions, logits or hidden states in, per-token values out, never reduced.
+
+divergences  forward_kl, reverse_kl, generalized_jsd, total_variation, skew KLs;
+             the DIVERGENCES registry and divergence(name, ...)
+adaptive     akl, todi, entropy_aware, bridge, taid, topk_reverse_kl (same registry)
+chunked      the same divergences from hidden states + lm_head, in row chunks
+reduce       token_mean, sequence_mean
+"""
+
+# adaptive is imported for its side effect too: it registers its entries in DIVERGENCES.
+from opd.losses.adaptive import (
+    akl,
+    akl_head_mask,
+    akl_weights,
+    bridge,
+    entropy_aware,
+    entropy_gate,
+    taid,
+    taid_lambda,
+    todi,
+    todi_weights,
+    topk_reverse_kl,
+)
+from opd.losses.chunked import (
+    chunked_divergence,
+    chunked_token_logprobs,
+    chunked_topk,
+    token_logprobs,
+)
+from opd.losses.divergences import (
+    DIVERGENCES,
+    divergence,
+    divergence_params,
+    forward_kl,
+    generalized_jsd,
+    get_divergence,
+    register_divergence,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    total_variation,
+)
+from opd.losses.reduce import sequence_mean, token_mean
+
+__all__ = [
+    "DIVERGENCES",
+    "akl",
+    "akl_head_mask",
+    "akl_weights",
+    "bridge",
+    "chunked_divergence",
+    "chunked_token_logprobs",
+    "chunked_topk",
+    "divergence",
+    "divergence_params",
+    "entropy_aware",
+    "entropy_gate",
+    "forward_kl",
+    "generalized_jsd",
+    "get_divergence",
+    "register_divergence",
+    "reverse_kl",
+    "sequence_mean",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "taid",
+    "taid_lambda",
+    "todi",
+    "todi_weights",
+    "token_logprobs",
+    "token_mean",
+    "topk_reverse_kl",
+    "total_variation",
+]
