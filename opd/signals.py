@@ -18,6 +18,7 @@ import torch
 
 from opd.errors import ConfigError
 from opd.losses import DIVERGENCES, chunked_divergence, divergence
+from opd.schedules import resolve_params
 from opd.types import StudentRows, TeacherScores
 
 
@@ -42,6 +43,7 @@ class SignalContext:
     rollout: object = None
     tokenizer: object = None
     verify: object = None
+    models: object = None  # opd.build.Models: for signals that need a reference model
 
     @property
     def progress(self) -> float:
@@ -73,19 +75,20 @@ class Divergence:
         # Fail at construction, not at step 1, on a bad parameter name or value.
         probe = torch.zeros(1, 3)
         try:
-            divergence(self.name, probe, probe, temperature=1.0, **self.params)
+            divergence(self.name, probe, probe, temperature=1.0, **resolve_params(self.params, 0.0))
         except (TypeError, ValueError) as err:
             raise ConfigError(f"divergence {self.name!r}: {err}") from None
 
     def __hash__(self):
-        return hash((self.name, tuple(sorted(self.params.items())), self.temperature))
+        return hash((self.name, tuple(sorted(self.params.items(), key=str)), self.temperature))
 
     def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext):
+        params = resolve_params(self.params, ctx.progress)
         if ctx.materialize:
             logits_s_NV = student.hidden_ND @ student.head_VD.T
             logits_t_NV = (teacher.hidden_ND @ teacher.head_VD.T).to(logits_s_NV.dtype)
             return divergence(
-                self.name, logits_s_NV, logits_t_NV, temperature=self.temperature, **self.params
+                self.name, logits_s_NV, logits_t_NV, temperature=self.temperature, **params
             )
         return chunked_divergence(
             self.name,
@@ -95,7 +98,7 @@ class Divergence:
             teacher.head_VD.to(student.head_VD.dtype),
             temperature=self.temperature,
             chunk_size=ctx.chunk_size,
-            **self.params,
+            **params,
         )
 
     def describe(self) -> str:

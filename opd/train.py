@@ -258,7 +258,7 @@ def distill(
         ctx.step = step
         sctx = SignalContext(
             step, tc.steps, tc.chunk_size, tc.loss_path == "materialized",
-            tokenizer=models.tokenizer, verify=verify,
+            tokenizer=models.tokenizer, verify=verify, models=models,
         )
         total_loss, kl_sum, n_tok, lengths, info = 0.0, 0.0, 0, [], {}
         for _ in range(tc.grad_accum):
