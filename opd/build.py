@@ -82,8 +82,8 @@ def _rows_from_spec(spec: str, skip_bad_rows: bool, default_split: str):
         name = parts[1]
         split = parts[2] if len(parts) > 2 else default_split
         task = get_task(name)
-        return load_rows(shipped_path(name, split), skip_bad_rows=skip_bad_rows).rows, task
-    return load_rows(spec, skip_bad_rows=skip_bad_rows).rows, None
+        return load_rows(shipped_path(name, split), skip_bad_rows=skip_bad_rows), task
+    return load_rows(spec, skip_bad_rows=skip_bad_rows), None
 
 
 @dataclass
@@ -92,6 +92,8 @@ class PromptSets:
     eval: list
     task: object | None  # an opd.tasks.Task when the data is a shipped task (its verifier)
     truncated: int = 0
+    skipped: int = 0  # malformed rows skipped under data.skip_bad_rows
+    skipped_examples: list = None
 
 
 def build_data(cfg: RunConfig, tokenizer, *, need_train: bool = True) -> PromptSets:
@@ -103,12 +105,15 @@ def build_data(cfg: RunConfig, tokenizer, *, need_train: bool = True) -> PromptS
         use_chat_template=chat,
         system_prompt=d.system_prompt or None,
     )
-    train_rows, task = ([], None)
+    train_rows, task, skipped, examples = [], None, 0, []
     if need_train or not d.eval:
-        train_rows, task = _rows_from_spec(d.train, d.skip_bad_rows, "train")
+        loaded, task = _rows_from_spec(d.train, d.skip_bad_rows, "train")
+        train_rows, skipped, examples = loaded.rows, loaded.skipped, list(loaded.skipped_examples)
     if d.eval:
-        eval_rows, eval_task = _rows_from_spec(d.eval, d.skip_bad_rows, "test")
-        task = task or eval_task
+        loaded, eval_task = _rows_from_spec(d.eval, d.skip_bad_rows, "test")
+        eval_rows, task = loaded.rows, task or eval_task
+        skipped += loaded.skipped
+        examples += loaded.skipped_examples
     else:
         train_rows, eval_rows = split_rows(train_rows, eval_count=d.eval_count, seed=cfg.train.seed)
     eval_rows = eval_rows[: d.eval_count]
@@ -119,4 +124,6 @@ def build_data(cfg: RunConfig, tokenizer, *, need_train: bool = True) -> PromptS
         eval=list(eval_enc.examples) if eval_enc else [],
         task=task,
         truncated=(train_enc.truncated if train_enc else 0) + (eval_enc.truncated if eval_enc else 0),
+        skipped=skipped,
+        skipped_examples=examples[:5],
     )

@@ -193,7 +193,12 @@ def distill(
     device = next(models.student.parameters()).device
     log(f"run folder: {run_dir}")
     log(f"method {method.name}:\n  " + method.describe().replace("\n", "\n  "))
-    log(f"{len(data.train)} training prompts, {len(data.eval)} held-out; {data.truncated} truncated")
+    log(
+        f"{len(data.train)} training prompts, {len(data.eval)} held-out; "
+        f"{data.truncated} prompts truncated, {data.skipped} bad rows skipped"
+    )
+    for example in data.skipped_examples or []:
+        log(f"  skipped: {example}")
 
     params = [p for p in models.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
