@@ -33,7 +33,12 @@ def write_prompts(path: Path, n: int = 64) -> Path:
     with open(path, "w") as fh:
         for _ in range(n):
             a, b = rng.randint(10, 99), rng.randint(10, 99)
-            fh.write(json.dumps({"prompt": f"{a}+{b}=", "completion": f"{a + b} is the sum of {a} and {b}"}) + "\n")
+            fh.write(
+                json.dumps(
+                    {"prompt": f"{a}+{b}=", "completion": f"{a + b} is the sum of {a} and {b}"}
+                )
+                + "\n"
+            )
     return path
 
 
@@ -43,12 +48,21 @@ def run(recipe: str, loss_path: str, steps: int, batch: int, new_tokens: int, tm
     student = tiny_llama(len(tok), hidden=128, layers=2, seed=2)
     models = finish_models(teacher, student, tok)
     data = write_prompts(tmp / "p.jsonl")
-    cfg = load_config(None, [
-        f"output_dir={tmp / f'{recipe}-{loss_path}'}", f"data.train={data}", f"data.eval={data}",
-        "data.chat_template=false", f"train.steps={steps}", f"train.batch_size={batch}",
-        f"sampling.max_new_tokens={new_tokens}", "train.progress=false", f"train.loss_path={loss_path}",
-        f"method.recipe={recipe}",
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp / f'{recipe}-{loss_path}'}",
+            f"data.train={data}",
+            f"data.eval={data}",
+            "data.chat_template=false",
+            f"train.steps={steps}",
+            f"train.batch_size={batch}",
+            f"sampling.max_new_tokens={new_tokens}",
+            "train.progress=false",
+            f"train.loss_path={loss_path}",
+            f"method.recipe={recipe}",
+        ],
+    )
     res = distill(cfg, models=models, evaluate=False, log=lambda *_: None)
     rows = res.metrics[2:]  # drop warm-up steps
     return {
@@ -78,7 +92,9 @@ def main():
         for recipe in ("on_policy_rkl", "supervised_kd"):
             for path in ("chunked", "materialized"):
                 r = run(recipe, path, args.steps, args.batch, args.new_tokens, Path(d))
-                lines.append(f"| {recipe} | {path} | {r['tokens_per_s']:.0f} | {r['seconds_per_step']:.3f} | {r['tokens_per_step']:.0f} |")
+                lines.append(
+                    f"| {recipe} | {path} | {r['tokens_per_s']:.0f} | {r['seconds_per_step']:.3f} | {r['tokens_per_step']:.0f} |"
+                )
                 print(lines[-1], flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -43,7 +43,9 @@ def resolve_device(spec: str) -> torch.device:
     try:
         dev = torch.device(spec)
     except RuntimeError:
-        raise ConfigError(f"model.device: not a device: {spec!r} (valid: auto, cpu, cuda, cuda:0)") from None
+        raise ConfigError(
+            f"model.device: not a device: {spec!r} (valid: auto, cpu, cuda, cuda:0)"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("model.device: 'cuda' was asked for but no CUDA device is available")
     return dev
@@ -123,7 +125,8 @@ def build_data(cfg: RunConfig, tokenizer, *, need_train: bool = True) -> PromptS
         train=list(train_enc.examples) if train_enc else [],
         eval=list(eval_enc.examples) if eval_enc else [],
         task=task,
-        truncated=(train_enc.truncated if train_enc else 0) + (eval_enc.truncated if eval_enc else 0),
+        truncated=(train_enc.truncated if train_enc else 0)
+        + (eval_enc.truncated if eval_enc else 0),
         skipped=skipped,
         skipped_examples=examples[:5],
     )

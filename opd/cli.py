@@ -31,15 +31,21 @@ DEMO_DEFAULTS = [
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="opd", description="On-policy distillation for language models.")
+    p = argparse.ArgumentParser(
+        prog="opd", description="On-policy distillation for language models."
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("distill", help="distill a student from a teacher")
     d.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. train.lr=1e-4)")
     d.add_argument("--config", help="a YAML config file")
-    d.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
-    d.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed data rows")
+    d.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
+    d.add_argument(
+        "--skip-bad-rows", action="store_true", help="skip and count malformed data rows"
+    )
     d.add_argument("--stop-after", type=int, help="stop after this step (a checkpoint is written)")
     d.add_argument("--help-config", action="store_true", help="list every config key and exit")
     d.add_argument("--no-report", action="store_true", help="skip the before/after accuracy table")
@@ -51,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("name", nargs="?")
 
     e = sub.add_parser("eval", help="before/after table for a student/teacher pair")
-    e.add_argument("overrides", nargs="*", help="e.g. model.student=DIR model.teacher=embedded data.eval=FILE")
+    e.add_argument(
+        "overrides", nargs="*", help="e.g. model.student=DIR model.teacher=embedded data.eval=FILE"
+    )
     e.add_argument("--config", help="a YAML config file")
     return p
 
@@ -93,7 +101,9 @@ def before_after(models, data, cfg, kl_before, kl_after, acc_before=None):
     rows = [("teacher", None, acc_t["accuracy"])]
     if acc_before is not None or kl_before is not None:
         rows.append(("student before", kl_before, acc_before))
-    rows.append(("student after" if kl_before is not None else "student", kl_after, acc_s["accuracy"]))
+    rows.append(
+        ("student after" if kl_before is not None else "student", kl_after, acc_s["accuracy"])
+    )
     return EvalTable(rows), {"teacher": acc_t, "student": acc_s}
 
 
@@ -110,8 +120,13 @@ def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd d
         data = build_data(cfg, models.tokenizer, need_train=False)
         verify = data.task.verify if data.task is not None else None
         acc_before = task_accuracy(
-            models.student, models.tokenizer, data.eval, pad_id=models.pad_id,
-            stop_ids=models.stop_ids, max_new_tokens=cfg.sampling.max_new_tokens, verify=verify,
+            models.student,
+            models.tokenizer,
+            data.eval,
+            pad_id=models.pad_id,
+            stop_ids=models.stop_ids,
+            max_new_tokens=cfg.sampling.max_new_tokens,
+            verify=verify,
         )["accuracy"]
     result = distill(cfg, models=models, resume=resume, stop_after=stop_after)
     if not report or stop_after is not None and stop_after < cfg.train.steps:
@@ -124,17 +139,27 @@ def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd d
     text = table.render()
     print("\n" + text)
     if kl_before and kl_after is not None:
-        print(f"held-out KL ratio after/before: {kl_after / kl_before:.3f}; wall time {minutes:.1f} min")
+        print(
+            f"held-out KL ratio after/before: {kl_after / kl_before:.3f}; wall time {minutes:.1f} min"
+        )
     report_md = (
         f"# {title}\n\nrecipe `{cfg.method.recipe}`, {cfg.train.steps} steps, "
         f"batch {cfg.train.batch_size}, wall time {minutes:.1f} min\n\n{table.to_markdown()}\n"
     )
     (result.run_dir / "report.md").write_text(report_md)
-    (result.run_dir / "report.json").write_text(json.dumps({
-        "kl_before": kl_before, "kl_after": kl_after, "accuracy_student_before": acc_before,
-        "accuracy": {k: v["accuracy"] for k, v in details.items()},
-        "samples": {k: v["samples"] for k, v in details.items()}, "minutes": minutes,
-    }, indent=2))
+    (result.run_dir / "report.json").write_text(
+        json.dumps(
+            {
+                "kl_before": kl_before,
+                "kl_after": kl_after,
+                "accuracy_student_before": acc_before,
+                "accuracy": {k: v["accuracy"] for k, v in details.items()},
+                "samples": {k: v["samples"] for k, v in details.items()},
+                "minutes": minutes,
+            },
+            indent=2,
+        )
+    )
     print(f"report: {result.run_dir / 'report.md'}")
     return 0
 
@@ -152,8 +177,13 @@ def cmd_eval(args) -> int:
     if not data.eval:
         raise OpdError("opd eval: no held-out prompts; set data.eval=FILE")
     kl = heldout_kl(
-        models.student, models.teacher, data.eval, pad_id=models.pad_id, stop_ids=models.stop_ids,
-        vocab_size=models.vocab_size, max_new_tokens=cfg.sampling.max_new_tokens,
+        models.student,
+        models.teacher,
+        data.eval,
+        pad_id=models.pad_id,
+        stop_ids=models.stop_ids,
+        vocab_size=models.vocab_size,
+        max_new_tokens=cfg.sampling.max_new_tokens,
     )["kl"]
     table, _ = before_after(models, data, cfg, None, kl)
     print(table.render())

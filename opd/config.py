@@ -30,21 +30,40 @@ def _f(default, doc: str, *, ge=None, gt=None, le=None, choices=None, factory=No
 
 @dataclass
 class ModelConfig:
-    teacher: str = _f("embedded", "teacher: 'embedded' (SmolLM2-135M-Instruct), a HF folder or a .gguf file")
-    student: str = _f("", "student: a HF folder or .gguf file; empty = a depth-pruned copy of the teacher")
+    teacher: str = _f(
+        "embedded", "teacher: 'embedded' (SmolLM2-135M-Instruct), a HF folder or a .gguf file"
+    )
+    student: str = _f(
+        "", "student: a HF folder or .gguf file; empty = a depth-pruned copy of the teacher"
+    )
     student_layers: int = _f(15, "layers kept when the student is pruned from the teacher", ge=1)
-    dtype: str = _f("float32", "parameter dtype of both models", choices=("float32", "bfloat16", "float16"))
+    dtype: str = _f(
+        "float32", "parameter dtype of both models", choices=("float32", "bfloat16", "float16")
+    )
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda[:i]'")
 
 
 @dataclass
 class DataConfig:
-    train: str = _f("task:arithmetic", "training prompts: a .jsonl/.json/.csv/.parquet file or 'task:NAME[:split]'")
-    eval: str = _f("task:arithmetic:test", "held-out prompts (same forms); empty = split from train")
+    train: str = _f(
+        "task:arithmetic",
+        "training prompts: a .jsonl/.json/.csv/.parquet file or 'task:NAME[:split]'",
+    )
+    eval: str = _f(
+        "task:arithmetic:test", "held-out prompts (same forms); empty = split from train"
+    )
     eval_count: int = _f(32, "number of held-out prompts used for evaluation", ge=0)
     max_prompt_tokens: int = _f(256, "prompts longer than this are truncated or rejected", ge=1)
-    truncation: str = _f("left", "over-long prompts: 'left' (keep the end, count) or 'error'", choices=("left", "error"))
-    chat_template: str = _f("auto", "use the tokenizer's chat template: auto, true or false", choices=("auto", "true", "false"))
+    truncation: str = _f(
+        "left",
+        "over-long prompts: 'left' (keep the end, count) or 'error'",
+        choices=("left", "error"),
+    )
+    chat_template: str = _f(
+        "auto",
+        "use the tokenizer's chat template: auto, true or false",
+        choices=("auto", "true", "false"),
+    )
     system_prompt: str = _f("", "system message prepended to chat prompts (empty = none)")
     skip_bad_rows: bool = _f(False, "skip and count malformed rows instead of stopping")
 
@@ -78,7 +97,11 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "save a checkpoint every N steps (0 = only at the end)", ge=0)
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", ge=1)
     chunk_size: int = _f(1024, "rows per chunk in the memory-lean divergence", ge=1)
-    loss_path: str = _f("chunked", "'chunked' (memory-lean) or 'materialized' (reference)", choices=("chunked", "materialized"))
+    loss_path: str = _f(
+        "chunked",
+        "'chunked' (memory-lean) or 'materialized' (reference)",
+        choices=("chunked", "materialized"),
+    )
     threads: int = _f(0, "torch CPU threads (0 = torch default)", ge=0)
     progress: bool = _f(True, "show a progress bar")
 
@@ -139,7 +162,9 @@ def _check_type(name: str, value, tp):
 def _validate_field(name: str, f: dataclasses.Field, value):
     m = f.metadata
     if m.get("choices") and value not in m["choices"]:
-        raise ConfigError(f"{name}: must be one of {', '.join(map(str, m['choices']))}, got {value!r}")
+        raise ConfigError(
+            f"{name}: must be one of {', '.join(map(str, m['choices']))}, got {value!r}"
+        )
     if m.get("ge") is not None and value < m["ge"]:
         raise ConfigError(f"{name}: must be >= {m['ge']}, got {value!r}")
     if m.get("gt") is not None and value <= m["gt"]:
@@ -163,7 +188,9 @@ def _set(cfg: RunConfig, key: str, value, origin: str):
         cfg.output_dir = _check_type("output_dir", value, str)
         return
     if len(parts) == 1:
-        parts = [*_resolve_short_key(parts[0], origin), ]
+        parts = [
+            *_resolve_short_key(parts[0], origin),
+        ]
     if parts[0] == "args" and len(parts) >= 2:
         parts = ["method", *parts]
     section = parts[0]
@@ -176,8 +203,7 @@ def _set(cfg: RunConfig, key: str, value, origin: str):
     fields = _section_fields(type(sec_obj))
     if len(parts) < 2 or parts[1] not in fields:
         raise ConfigError(
-            f"{origin}: unknown config key {key!r}; valid keys in '{section}': "
-            f"{', '.join(fields)}"
+            f"{origin}: unknown config key {key!r}; valid keys in '{section}': {', '.join(fields)}"
         )
     fname = parts[1]
     full = f"{section}.{fname}"
@@ -233,7 +259,11 @@ def parse_override(text: str) -> tuple[str, object]:
     # YAML reads '1e-4' as a string; accept it as a float.
     if isinstance(value, str):
         try:
-            value = float(value) if any(c in value for c in ".eE") and value[0] in "+-.0123456789" else value
+            value = (
+                float(value)
+                if any(c in value for c in ".eE") and value[0] in "+-.0123456789"
+                else value
+            )
         except ValueError:
             pass
     return key, value
@@ -251,7 +281,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         except yaml.YAMLError as err:
             line = getattr(getattr(err, "problem_mark", None), "line", None)
             where = f":{line + 1}" if line is not None else ""
-            raise ConfigError(f"{p}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+            raise ConfigError(
+                f"{p}{where}: not valid YAML ({getattr(err, 'problem', err)})"
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         _apply_mapping(cfg, data, str(p))

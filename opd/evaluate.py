@@ -66,7 +66,9 @@ def heldout_kl(
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         exs = examples[start : start + batch_size]
-        ro = make_rollout([e.prompt_ids for e in exs], comps[start : start + batch_size], pad_id, "student")
+        ro = make_rollout(
+            [e.prompt_ids for e in exs], comps[start : start + batch_size], pad_id, "student"
+        )
         if ro.num_tokens == 0:
             continue
         dev_s, dev_t = s_head.device, t_head.device
@@ -125,7 +127,10 @@ class EvalTable:
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
-        lines = ["| model | KL(q_student ‖ p_teacher), held-out, greedy | accuracy |", "|---|---|---|"]
+        lines = [
+            "| model | KL(q_student ‖ p_teacher), held-out, greedy | accuracy |",
+            "|---|---|---|",
+        ]
         for label, kl, acc in self.rows:
             kl_s = "—" if kl is None else f"{kl:.4f}"
             acc_s = "—" if acc is None else f"{100 * acc:.1f}%"

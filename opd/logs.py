@@ -30,7 +30,10 @@ class MetricsLog:
         self._fh = open(path, "a")
 
     def write(self, row: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        clean = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()
+        }
         self._fh.write(json.dumps(clean) + "\n")
         self._fh.flush()
 
@@ -46,7 +49,9 @@ class Progress:
     """A tqdm bar with live loss and tokens/s (silent when disabled)."""
 
     def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "distill"):
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True
+        )
 
     def update(self, loss: float, tokens_per_s: float, kl: float | None = None) -> None:
         post = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:.0f}"}

@@ -48,7 +48,12 @@ class ByProgress:
 
     def __post_init__(self):
         bounds = [b for b, _ in self.stages]
-        if not bounds or any(not 0 < b <= 1 for b in bounds) or bounds != sorted(bounds) or bounds[-1] != 1.0:
+        if (
+            not bounds
+            or any(not 0 < b <= 1 for b in bounds)
+            or bounds != sorted(bounds)
+            or bounds[-1] != 1.0
+        ):
             raise ConfigError(
                 f"ByProgress: stage boundaries must increase within (0, 1] and end at 1.0, got {bounds}"
             )

@@ -239,11 +239,21 @@ def distill(
         if not (evaluate and data.eval):
             return None
         res = heldout_kl(
-            models.student, models.teacher, data.eval,
-            pad_id=models.pad_id, stop_ids=models.stop_ids, vocab_size=models.vocab_size,
-            max_new_tokens=gen.max_new_tokens, chunk_size=tc.chunk_size,
+            models.student,
+            models.teacher,
+            data.eval,
+            pad_id=models.pad_id,
+            stop_ids=models.stop_ids,
+            vocab_size=models.vocab_size,
+            max_new_tokens=gen.max_new_tokens,
+            chunk_size=tc.chunk_size,
         )
-        row = {"event": "eval", "step": step, "heldout_kl": res["kl"], "heldout_length": res["mean_length"]}
+        row = {
+            "event": "eval",
+            "step": step,
+            "heldout_kl": res["kl"],
+            "heldout_length": res["mean_length"],
+        }
         metrics_log.write(row)
         return row
 
@@ -262,8 +272,13 @@ def distill(
         optimizer.zero_grad(set_to_none=True)
         ctx.step = step
         sctx = SignalContext(
-            step, tc.steps, tc.chunk_size, tc.loss_path == "materialized",
-            tokenizer=models.tokenizer, verify=verify, models=models,
+            step,
+            tc.steps,
+            tc.chunk_size,
+            tc.loss_path == "materialized",
+            tokenizer=models.tokenizer,
+            verify=verify,
+            models=models,
         )
         total_loss, kl_sum, n_tok, lengths, info = 0.0, 0.0, 0, [], {}
         for _ in range(tc.grad_accum):
@@ -281,7 +296,9 @@ def distill(
         if tc.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm))
         else:
-            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            grad_norm = float(
+                torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            )
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -307,8 +324,16 @@ def distill(
             run_eval(done)
         if (tc.checkpoint_every and done % tc.checkpoint_every == 0) or done == last_step:
             save_checkpoint(
-                ckpt_root, done, models.student, optimizer, scheduler,
-                {"data": stream.state_dict(), "losses": losses, "components": component_states(method)},
+                ckpt_root,
+                done,
+                models.student,
+                optimizer,
+                scheduler,
+                {
+                    "data": stream.state_dict(),
+                    "losses": losses,
+                    "components": component_states(method),
+                },
                 keep=tc.keep_checkpoints,
             )
     bar.close()

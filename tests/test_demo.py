@@ -12,10 +12,17 @@ from opd.cli import main
 @pytest.mark.slow
 def test_demo_small_budget(tmp_path, capsys):
     run = tmp_path / "demo"
-    code = main([
-        "demo", "train.steps=2", "train.batch_size=2", "data.eval_count=2",
-        "sampling.max_new_tokens=8", "train.progress=false", f"output_dir={run}",
-    ])
+    code = main(
+        [
+            "demo",
+            "train.steps=2",
+            "train.batch_size=2",
+            "data.eval_count=2",
+            "sampling.max_new_tokens=8",
+            "train.progress=false",
+            f"output_dir={run}",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "teacher" in out and "student before" in out and "student after" in out

@@ -109,8 +109,13 @@ def test_chunked_and_materialized_paths_agree(tmp_path, prompt_file, tok):
     runs = []
     for path in ("chunked", "materialized"):
         cfg = tiny_cfg(
-            tmp_path, prompt_file, "train.steps=3", "method.recipe=gkd", f"train.loss_path={path}",
-            "train.chunk_size=5", name=path,
+            tmp_path,
+            prompt_file,
+            "train.steps=3",
+            "method.recipe=gkd",
+            f"train.loss_path={path}",
+            "train.chunk_size=5",
+            name=path,
         )
         runs.append(distill(cfg, models=fresh_models(tok), evaluate=False, log=lambda *_: None))
     for a, b in zip(runs[0].losses, runs[1].losses):
@@ -130,14 +135,22 @@ def test_micro_step_gradients_match_reference_float64(tok, recipe):
     models.teacher.double()
     method = get_recipe(recipe).build()
     exs = [Example((5 + i, 6, 7 + i), (8, 9, 2), "1", f"m:{i}", "") for i in range(3)]
-    ctx = RolloutContext(models.student, models.teacher, HFBackend(), GenerationParams(5, 1.0),
-                         models.pad_id, models.stop_ids)
+    ctx = RolloutContext(
+        models.student,
+        models.teacher,
+        HFBackend(),
+        GenerationParams(5, 1.0),
+        models.pad_id,
+        models.stop_ids,
+    )
     torch.manual_seed(0)
     rollout = method.prefixes.rollout(exs, ctx)
     grads, losses = [], []
     for materialize in (False, True):
         models.student.zero_grad()
-        loss, _, _ = micro_step(method, models, rollout, SignalContext(chunk_size=4, materialize=materialize), "cpu")
+        loss, _, _ = micro_step(
+            method, models, rollout, SignalContext(chunk_size=4, materialize=materialize), "cpu"
+        )
         loss.backward()
         losses.append(loss.item())
         grads.append([p.grad.clone() for p in models.student.parameters()])

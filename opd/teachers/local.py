@@ -22,7 +22,9 @@ class TeacherAccess(Protocol):
 
     provides: frozenset  # what the scores contain, e.g. {"full_logits"}
 
-    def score(self, teacher: torch.nn.Module, rollout: Rollout, vocab_size: int) -> TeacherScores: ...
+    def score(
+        self, teacher: torch.nn.Module, rollout: Rollout, vocab_size: int
+    ) -> TeacherScores: ...
 
     def describe(self) -> str: ...
 
@@ -37,9 +39,7 @@ class FullLogits:
     def score(self, teacher: torch.nn.Module, rollout: Rollout, vocab_size: int) -> TeacherScores:
         decoder, head_VD, _bias = decoder_and_head(teacher, verify=False)
         device = head_VD.device
-        hidden_BLD = decoder(
-            rollout.input_ids_BL.to(device), rollout.attention_mask_BL.to(device)
-        )
+        hidden_BLD = decoder(rollout.input_ids_BL.to(device), rollout.attention_mask_BL.to(device))
         rows_ND = completion_rows(hidden_BLD, rollout)
         return TeacherScores(hidden_ND=rows_ND.detach(), head_VD=head_VD[:vocab_size].detach())
 

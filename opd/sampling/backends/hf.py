@@ -60,7 +60,9 @@ class HFBackend:
         step = self.batch_size or len(prompts)
         out: list[list[int]] = []
         for start in range(0, len(prompts), step):
-            out.extend(self._generate(model, prompts[start : start + step], params, pad_id, stop_ids))
+            out.extend(
+                self._generate(model, prompts[start : start + step], params, pad_id, stop_ids)
+            )
         return out
 
     def _generate(self, model, prompts, params, pad_id, stop_ids):
@@ -80,7 +82,9 @@ class HFBackend:
         model.eval()
         try:
             seqs_BL = model.generate(
-                input_ids=ids_BP.to(device), attention_mask=mask_BP.to(device), generation_config=cfg
+                input_ids=ids_BP.to(device),
+                attention_mask=mask_BP.to(device),
+                generation_config=cfg,
             )
         finally:
             model.train(was_training)
