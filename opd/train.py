@@ -29,7 +29,7 @@ import torch
 from opd.build import Models, PromptSets, build_data, build_models
 from opd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opd.config import RunConfig, resolve_output_dir, save_config
-from opd.data import PromptStream
+from opd.stream import PromptStream
 from opd.errors import ConfigError
 from opd.evaluate import generic_verify, heldout_kl
 from opd.logs import MetricsLog, Progress

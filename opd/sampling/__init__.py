@@ -1,6 +1,8 @@
 """Prefix sources (who writes the completions) and generation backends."""
 
 from opd.sampling.backends import GenerationBackend, GenerationParams, HFBackend
+from opd.sampling.prefix import Prefix, prefix
+from opd.sampling.replay import Replay, replay
 from opd.sampling.sources import (
     DatasetPrefixes,
     Mix,
@@ -14,6 +16,7 @@ from opd.sampling.sources import (
     student,
     teacher,
 )
+from opd.sampling.token_level import AdaSwitch, Speculative, TokenMix, adaswitch, speculative, token_mix
 
 __all__ = [
     "GenerationBackend",
@@ -30,4 +33,14 @@ __all__ = [
     "student",
     "mix",
     "make_rollout",
+    "TokenMix",
+    "Speculative",
+    "AdaSwitch",
+    "Prefix",
+    "Replay",
+    "token_mix",
+    "speculative",
+    "adaswitch",
+    "prefix",
+    "replay",
 ]

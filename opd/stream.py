@@ -1,0 +1,128 @@
+"""Deterministic, resumable batching of encoded examples, and held-out splits.
+
+`PromptStream` yields batches forever; epoch e is ordered by
+`numpy.random.default_rng([seed, e]).permutation(n)`, and `state_dict()` (epoch, index) lets
+a resumed run continue with exactly the batches the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
+
+import numpy as np
+
+from opd.data import Example
+from opd.errors import ConfigError, DataError
+
+T = TypeVar("T")
+
+
+class PromptStream:
+    """An endless, deterministic, resumable stream of prompt batches.
+
+    Epoch `e` visits the examples in the order `numpy.random.default_rng([seed, e])
+    .permutation(n)` (file order when `shuffle=False`). Batches are consecutive slices of
+    that sequence of epochs, so a batch may straddle an epoch boundary. The position is
+    (epoch, index into that epoch's order); `state_dict` / `load_state_dict` resume exactly.
+
+    Args:
+      examples: the encoded prompts (at least one).
+      batch_size: examples per batch, >= 1.
+      seed: a non-negative integer seeding the per-epoch shuffles.
+      shuffle: False visits the examples in order every epoch.
+    """
+
+    def __init__(
+        self, examples: Sequence[Example], batch_size: int, seed: int, shuffle: bool = True
+    ):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        if len(examples) == 0:
+            raise DataError("PromptStream got no examples (valid: a non-empty prompt set)")
+        self.examples, self.batch_size = list(examples), batch_size
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.index = 0, 0
+        self._order_epoch, self._order = -1, np.arange(0)
+
+    def _epoch_order(self) -> np.ndarray:
+        """The visiting order of the current epoch, computed once per epoch."""
+        if self._order_epoch != self.epoch:
+            n = len(self.examples)
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._order = rng.permutation(n) if self.shuffle else np.arange(n)
+            self._order_epoch = self.epoch
+        return self._order
+
+    def __iter__(self) -> PromptStream:
+        return self
+
+    def __next__(self) -> list[Example]:
+        n = len(self.examples)
+        batch: list[Example] = []
+        while len(batch) < self.batch_size:
+            take = min(self.batch_size - len(batch), n - self.index)
+            batch += [self.examples[i] for i in self._epoch_order()[self.index : self.index + take]]
+            self.index += take
+            if self.index == n:  # roll over now so that a saved index is always < n
+                self.epoch, self.index = self.epoch + 1, 0
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The position of the next example: {"epoch": int, "index": int}."""
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Continue from a position saved by `state_dict` (same examples and seed)."""
+        epoch, index = state.get("epoch"), state.get("index")
+        if not isinstance(epoch, int) or not isinstance(index, int) or epoch < 0:
+            raise ConfigError(
+                f"PromptStream state must be {{'epoch': int, 'index': int}}, got {state}"
+            )
+        if not 0 <= index < len(self.examples):
+            raise ConfigError(
+                f"PromptStream state index {index} does not fit {len(self.examples)} examples "
+                "(valid: the prompt set the state was saved with)"
+            )
+        self.epoch, self.index = epoch, index
+
+
+# ---------------------------------------------------------------------------- splitting
+
+
+def split_rows(
+    rows: Sequence[T],
+    *,
+    eval_fraction: float | None = None,
+    eval_count: int | None = None,
+    seed: int = 0,
+) -> tuple[list[T], list[T]]:
+    """Split rows (or examples) into train and held-out eval sets, deterministically.
+
+    Args:
+      rows: the items to split.
+      eval_fraction: the share held out, in (0, 1); rounded, at least one item.
+      eval_count: the number held out. Give exactly one of the two.
+      seed: a non-negative integer choosing which items are held out.
+
+    Returns:
+      (train, eval), each in the original order.
+    """
+    if (eval_fraction is None) == (eval_count is None):
+        raise ConfigError("give exactly one of eval_fraction and eval_count")
+    n = len(rows)
+    if eval_fraction is not None and not 0.0 < eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
+    if eval_count is not None and (not isinstance(eval_count, int) or eval_count < 1):
+        raise ConfigError(f"eval_count must be an integer >= 1, got {eval_count!r}")
+    k = eval_count if eval_fraction is None else max(1, round(n * eval_fraction))
+    if k >= n:
+        raise ConfigError(
+            f"holding out {k} of {n} rows leaves none to train on "
+            "(valid: a smaller eval_fraction or eval_count)"
+        )
+    held = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
+    train = [r for i, r in enumerate(rows) if i not in held]
+    return train, [r for i, r in enumerate(rows) if i in held]
