@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 
 from opd.config import RunConfig
-from opd.data import encode_rows, end_of_turn_ids, load_rows, split_rows
+from opd.data import encode_rows, end_of_turn_ids, load_rows
 from opd.errors import ConfigError
 from opd.models import decoder_and_head, load_model, shared_vocab_size, student_from_teacher
+from opd.stream import split_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

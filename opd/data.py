@@ -418,5 +418,10 @@ def encode_rows(
 # ---------------------------------------------------------------------------- batching
 
 
-# Batching lives in opd.stream; re-exported here for convenience.
-from opd.stream import PromptStream, split_rows  # noqa: E402,F401
+def __getattr__(name: str):
+    """`PromptStream` and `split_rows` live in `opd.stream`; importable from here too."""
+    if name in ("PromptStream", "split_rows"):
+        from opd import stream
+
+        return getattr(stream, name)
+    raise AttributeError(f"module 'opd.data' has no attribute {name!r}")

@@ -8,12 +8,14 @@ a resumed run continue with exactly the batches the uninterrupted run would have
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from opd.data import Example
 from opd.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from opd.data import Example
 
 T = TypeVar("T")
 
