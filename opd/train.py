@@ -33,7 +33,7 @@ from opd.stream import PromptStream
 from opd.errors import ConfigError
 from opd.evaluate import generic_verify, heldout_kl
 from opd.logs import MetricsLog, Progress
-from opd.losses import chunked_divergence, sequence_mean, token_mean
+from opd.losses import chunked_divergence, chunked_token_logprobs, sequence_mean, token_mean
 from opd.method import Method
 from opd.models import decoder_and_head
 from opd.recipes import get_recipe
@@ -120,7 +120,17 @@ def rollout_kl(method, srows, tscores, values_N, sctx):
     if getattr(sig, "name", None) == "reverse_kl" and getattr(sig, "temperature", None) == 1.0:
         return values_N.detach()
     if tscores.hidden_ND is None:
-        return None
+        if tscores.token_logprobs_N is None:
+            return None
+        # Sampled access: the one-sample estimate log q(y_t) − log p(y_t) (unbiased for
+        # KL(q_student ‖ p_teacher) per token when y_t was sampled from the student).
+        logq_N = chunked_token_logprobs(
+            srows.hidden_ND.detach().float(),
+            srows.head_VD.detach().float(),
+            srows.target_ids_N,
+            chunk_size=sctx.chunk_size,
+        )
+        return logq_N - tscores.token_logprobs_N.float()
     return chunked_divergence(
         "reverse_kl",
         srows.hidden_ND.detach().float(),

@@ -16,7 +16,14 @@ from opd.sampling.sources import (
     student,
     teacher,
 )
-from opd.sampling.token_level import AdaSwitch, Speculative, TokenMix, adaswitch, speculative, token_mix
+from opd.sampling.token_level import (
+    AdaSwitch,
+    Speculative,
+    TokenMix,
+    adaswitch,
+    speculative,
+    token_mix,
+)
 
 __all__ = [
     "GenerationBackend",
