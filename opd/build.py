@@ -15,6 +15,7 @@ from opd.data import encode_rows, end_of_turn_ids, load_rows
 from opd.errors import ConfigError
 from opd.models import decoder_and_head, load_model, shared_vocab_size, student_from_teacher
 from opd.stream import split_rows
+from opd.teachers.ensemble import TeacherEnsemble
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,27 +53,53 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+def _parse_weights(text: str, k: int) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        weights = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"model.teacher_weights: expected comma-separated numbers, got {text!r}"
+        ) from None
+    if len(weights) != k:
+        raise ConfigError(f"model.teacher_weights: {len(weights)} weights for {k} teachers")
+    return weights
+
+
 def build_models(cfg: RunConfig) -> Models:
-    """Load the teacher and the student (or prune one from the teacher) and check vocabularies."""
+    """Load the teacher(s) and the student (or prune one from the teacher); check vocabularies."""
     dtype = DTYPES[cfg.model.dtype]
     device = resolve_device(cfg.model.device)
-    teacher, tok = load_model(cfg.model.teacher, dtype=dtype, device=device)
+    specs = [x.strip() for x in cfg.model.teacher.split(",") if x.strip()]
+    if not specs:
+        raise ConfigError("model.teacher: empty; give 'embedded', a folder or a .gguf file")
+    loaded = [load_model(spec, dtype=dtype, device=device) for spec in specs]
+    teacher, tok = loaded[0]
     if cfg.model.student:
         student, stok = load_model(cfg.model.student, dtype=dtype, device=device)
     else:
         student, stok = student_from_teacher(teacher, layers=cfg.model.student_layers), tok
+    if len(loaded) > 1:
+        for member, mtok in loaded[1:]:
+            shared_vocab_size(student, stok, member, mtok)  # each member must share the vocabulary
+        weights = _parse_weights(cfg.model.teacher_weights, len(loaded))
+        teacher = TeacherEnsemble([m for m, _ in loaded], weights)
+    elif cfg.model.teacher_weights:
+        raise ConfigError("model.teacher_weights: set, but model.teacher names only one teacher")
     return finish_models(teacher, student, tok, stok)
 
 
 def finish_models(teacher, student, tok, student_tok=None) -> Models:
-    """Freeze the teacher, check vocabularies, and bundle the pair."""
+    """Freeze the teacher(s), check vocabularies, and bundle the pair."""
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     student.train()
-    for model in (teacher, student):  # fail now, not at step 1, if logits are post-processed
+    members = list(teacher.members) if isinstance(teacher, TeacherEnsemble) else [teacher]
+    for model in (*members, student):  # fail now, not at step 1, if logits are post-processed
         decoder_and_head(model, verify=True)
-    vocab = shared_vocab_size(student, student_tok or tok, teacher, tok)
+    vocab = min(shared_vocab_size(student, student_tok or tok, m, tok) for m in members)
     return Models(teacher=teacher, student=student, tokenizer=tok, vocab_size=vocab)
 
 

@@ -68,10 +68,10 @@ def cmd_recipes(name: str | None) -> int:
     from opd.recipes import RECIPES, get_recipe
 
     if name is None:
-        print(f"{'recipe':<16} {'signal':<18} {'access':<10} {'granularity':<11} summary")
+        print(f"{'recipe':<16} {'signal':<24} {'access':<10} {'granularity':<11} summary")
         for n in sorted(RECIPES):
             r = RECIPES[n]
-            print(f"{n:<16} {r.signal:<18} {r.access:<10} {r.granularity:<11} {r.summary}")
+            print(f"{n:<16} {r.signal:<24} {r.access:<10} {r.granularity:<11} {r.summary}")
         print("\n`opd recipes NAME` shows one recipe's composition and defaults.")
         return 0
     r = get_recipe(name)

@@ -31,8 +31,11 @@ def _f(default, doc: str, *, ge=None, gt=None, le=None, choices=None, factory=No
 @dataclass
 class ModelConfig:
     teacher: str = _f(
-        "embedded", "teacher: 'embedded' (SmolLM2-135M-Instruct), a HF folder or a .gguf file"
+        "embedded",
+        "teacher: 'embedded' (SmolLM2-135M-Instruct), a HF folder or a .gguf file; "
+        "several, comma-separated, make an ensemble",
     )
+    teacher_weights: str = _f("", "ensemble weights, comma-separated (e.g. 0.7,0.3); empty = equal")
     student: str = _f(
         "", "student: a HF folder or .gguf file; empty = a depth-pruned copy of the teacher"
     )
@@ -145,6 +148,8 @@ def _check_type(name: str, value, tp):
             return "true" if value else "false"
         if isinstance(value, (int, float)):
             return str(value)
+        if isinstance(value, (list, tuple)):  # a YAML list for a comma-separated field
+            return ",".join(str(v) for v in value)
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return value

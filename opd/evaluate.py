@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.losses import chunked_divergence
 from opd.models import decoder_and_head
 from opd.sampling import GenerationParams, HFBackend, make_rollout
-from opd.types import completion_rows
+from opd.signals import Divergence, SignalContext
+from opd.teachers import FullLogits
+from opd.types import StudentRows, TeacherScores, completion_rows
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -42,6 +43,14 @@ def greedy_completions(model, examples, pad_id, stop_ids, max_new_tokens, batch_
     )
 
 
+def _as_float(ts: TeacherScores) -> TeacherScores:
+    if ts.members:
+        return TeacherScores(
+            members=tuple(_as_float(m) for m in ts.members), member_weights=ts.member_weights
+        )
+    return TeacherScores(hidden_ND=ts.hidden_ND.float(), head_VD=ts.head_VD.float())
+
+
 @torch.no_grad()
 def heldout_kl(
     student,
@@ -62,7 +71,6 @@ def heldout_kl(
     """
     comps = greedy_completions(student, examples, pad_id, stop_ids, max_new_tokens, batch_size)
     s_dec, s_head, _ = decoder_and_head(student, verify=False)
-    t_dec, t_head, _ = decoder_and_head(teacher, verify=False)
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         exs = examples[start : start + batch_size]
@@ -71,17 +79,14 @@ def heldout_kl(
         )
         if ro.num_tokens == 0:
             continue
-        dev_s, dev_t = s_head.device, t_head.device
-        hs = completion_rows(s_dec(ro.input_ids_BL.to(dev_s), ro.attention_mask_BL.to(dev_s)), ro)
-        ht = completion_rows(t_dec(ro.input_ids_BL.to(dev_t), ro.attention_mask_BL.to(dev_t)), ro)
-        kl_N = chunked_divergence(
-            "reverse_kl",
-            hs.float(),
-            s_head[:vocab_size].float(),
-            ht.float().to(dev_s),
-            t_head[:vocab_size].float().to(dev_s),
-            chunk_size=chunk_size,
+        device = s_head.device
+        hidden_ND = completion_rows(
+            s_dec(ro.input_ids_BL.to(device), ro.attention_mask_BL.to(device)), ro
         )
+        rows = StudentRows(hidden_ND.float(), s_head[:vocab_size].float(), None, None)
+        tscores = FullLogits().score(teacher, ro, vocab_size)
+        tscores = _as_float(tscores)
+        kl_N = Divergence("reverse_kl")(rows, tscores, SignalContext(chunk_size=chunk_size))
         total += float(kl_N.sum())
         count += kl_N.numel()
     lengths = [len(c) for c in comps]

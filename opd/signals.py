@@ -18,6 +18,7 @@ import torch
 
 from opd.errors import ConfigError
 from opd.losses import DIVERGENCES, chunked_divergence, divergence
+from opd.losses.mixture import chunked_mixture_divergence, mixture_logits
 from opd.schedules import resolve_params
 from opd.types import StudentRows, TeacherScores
 
@@ -84,19 +85,29 @@ class Divergence:
 
     def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext):
         params = resolve_params(self.params, ctx.progress)
+        tau = self.temperature
+        dtype = student.hidden_ND.dtype
+        if teacher.members:  # an ensemble: the divergence to p = Σ_k w_k p_k
+            pairs = [(m.hidden_ND.to(dtype), m.head_VD.to(dtype)) for m in teacher.members]
+            if ctx.materialize:
+                mix_NV = mixture_logits([h @ W.T for h, W in pairs], teacher.member_weights, tau)
+                logits_s_NV = student.hidden_ND @ student.head_VD.T
+                return divergence(self.name, logits_s_NV, mix_NV, temperature=tau, **params)
+            return chunked_mixture_divergence(
+                self.name, student.hidden_ND, student.head_VD, pairs, teacher.member_weights,
+                temperature=tau, chunk_size=ctx.chunk_size, **params,
+            )
         if ctx.materialize:
             logits_s_NV = student.hidden_ND @ student.head_VD.T
             logits_t_NV = (teacher.hidden_ND @ teacher.head_VD.T).to(logits_s_NV.dtype)
-            return divergence(
-                self.name, logits_s_NV, logits_t_NV, temperature=self.temperature, **params
-            )
+            return divergence(self.name, logits_s_NV, logits_t_NV, temperature=tau, **params)
         return chunked_divergence(
             self.name,
             student.hidden_ND,
             student.head_VD,
-            teacher.hidden_ND.to(student.hidden_ND.dtype),
-            teacher.head_VD.to(student.head_VD.dtype),
-            temperature=self.temperature,
+            teacher.hidden_ND.to(dtype),
+            teacher.head_VD.to(dtype),
+            temperature=tau,
             chunk_size=ctx.chunk_size,
             **params,
         )

@@ -29,17 +29,19 @@ import torch
 from opd.build import Models, PromptSets, build_data, build_models
 from opd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from opd.config import RunConfig, resolve_output_dir, save_config
-from opd.stream import PromptStream
 from opd.errors import ConfigError
 from opd.evaluate import generic_verify, heldout_kl
 from opd.logs import MetricsLog, Progress
-from opd.losses import chunked_divergence, chunked_token_logprobs, sequence_mean, token_mean
+from opd.losses import chunked_token_logprobs, sequence_mean, token_mean
 from opd.method import Method
 from opd.models import decoder_and_head
 from opd.recipes import get_recipe
 from opd.sampling import GenerationParams, HFBackend, RolloutContext
-from opd.signals import SignalContext
+from opd.signals import Divergence, SignalContext
+from opd.stream import PromptStream
 from opd.types import StudentRows, completion_rows
+
+REVERSE_KL = Divergence("reverse_kl")
 
 
 @dataclass
@@ -112,33 +114,30 @@ def student_rows(decoder, head_VD, rollout, device) -> StudentRows:
 
 @torch.no_grad()
 def rollout_kl(method, srows, tscores, values_N, sctx):
-    """KL(q_student ‖ p_teacher) per token of this rollout, for the logs (None without logits).
+    """KL(q_student ‖ p_teacher) per token of this rollout, for the logs.
 
-    Reuses the signal's values when the signal already is that divergence at temperature 1.
+    Exact (full vocabulary) when the teacher returned full logits, reusing the signal's
+    values when the signal already is that divergence at temperature 1; otherwise the
+    one-sample estimate log q(y_t) − log p(y_t), unbiased per token when y_t was sampled from
+    the student; None when the teacher returned neither.
     """
     sig = method.signal
     if getattr(sig, "name", None) == "reverse_kl" and getattr(sig, "temperature", None) == 1.0:
         return values_N.detach()
-    if tscores.hidden_ND is None:
-        if tscores.token_logprobs_N is None:
-            return None
-        # Sampled access: the one-sample estimate log q(y_t) − log p(y_t) (unbiased for
-        # KL(q_student ‖ p_teacher) per token when y_t was sampled from the student).
-        logq_N = chunked_token_logprobs(
-            srows.hidden_ND.detach().float(),
-            srows.head_VD.detach().float(),
-            srows.target_ids_N,
-            chunk_size=sctx.chunk_size,
+    if tscores.has_full_logits:
+        detached = StudentRows(
+            srows.hidden_ND.detach(), srows.head_VD.detach(), srows.target_ids_N, srows.row_index_N
         )
-        return logq_N - tscores.token_logprobs_N.float()
-    return chunked_divergence(
-        "reverse_kl",
+        return REVERSE_KL(detached, tscores, sctx)
+    if tscores.token_logprobs_N is None:
+        return None
+    logq_N = chunked_token_logprobs(
         srows.hidden_ND.detach().float(),
         srows.head_VD.detach().float(),
-        tscores.hidden_ND.float(),
-        tscores.head_VD.float(),
+        srows.target_ids_N,
         chunk_size=sctx.chunk_size,
     )
+    return logq_N - tscores.token_logprobs_N.float()
 
 
 def micro_step(method, models, rollout, sctx, device):

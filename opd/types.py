@@ -81,6 +81,8 @@ class TeacherScores:
       hidden_ND, head_VD: full white-box access: teacher logits are hidden_ND @ head_VD.T.
       topk_ids_NK, topk_logprobs_NK: top-k access (log-probs of the k best tokens).
       token_logprobs_N: sampled access: log p_teacher(y_t) of the tokens actually written.
+      members, member_weights: a teacher ensemble: one full-logit TeacherScores per member
+        and the mixture weights w_k (p = Σ_k w_k p_k); hidden_ND/head_VD are then None.
     """
 
     hidden_ND: torch.Tensor | None = None
@@ -88,6 +90,12 @@ class TeacherScores:
     topk_ids_NK: torch.Tensor | None = None
     topk_logprobs_NK: torch.Tensor | None = None
     token_logprobs_N: torch.Tensor | None = None
+    members: tuple = ()
+    member_weights: tuple = ()
+
+    @property
+    def has_full_logits(self) -> bool:
+        return self.hidden_ND is not None or bool(self.members)
 
 
 def completion_rows(hidden_BLD: torch.Tensor, rollout: Rollout) -> torch.Tensor:

@@ -13,7 +13,9 @@ from typing import Protocol
 
 import torch
 
+from opd.errors import ConfigError
 from opd.models import decoder_and_head
+from opd.teachers.ensemble import TeacherEnsemble
 from opd.types import Rollout, TeacherScores, completion_rows
 
 
@@ -34,9 +36,19 @@ class FullLogits:
     """White-box access: the teacher's full next-token distribution at every position."""
 
     provides: frozenset = frozenset({"full_logits", "topk_logprobs", "token_logprobs"})
+    ensemble: bool = False  # True: insist on several teachers (model.teacher=A,B)
 
     @torch.no_grad()
     def score(self, teacher: torch.nn.Module, rollout: Rollout, vocab_size: int) -> TeacherScores:
+        if self.ensemble and not isinstance(teacher, TeacherEnsemble):
+            raise ConfigError(
+                "this method distills from a teacher ensemble: name several teachers, "
+                "e.g. model.teacher=PATH_A,PATH_B (model.teacher_weights=0.5,0.5)"
+            )
+        if isinstance(teacher, TeacherEnsemble):
+            plain = FullLogits()
+            members = tuple(plain.score(m, rollout, vocab_size) for m in teacher.members)
+            return TeacherScores(members=members, member_weights=tuple(teacher.weights))
         decoder, head_VD, _bias = decoder_and_head(teacher, verify=False)
         device = head_VD.device
         hidden_BLD = decoder(rollout.input_ids_BL.to(device), rollout.attention_mask_BL.to(device))
@@ -44,4 +56,6 @@ class FullLogits:
         return TeacherScores(hidden_ND=rows_ND.detach(), head_VD=head_VD[:vocab_size].detach())
 
     def describe(self) -> str:
+        if self.ensemble:
+            return "full logits of every teacher in an ensemble (mixture p = Σ w_k p_k)"
         return "full logits (local white-box teacher)"
