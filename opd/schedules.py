@@ -90,6 +90,15 @@ class ByProgress:
     def rollout(self, examples, ctx):
         return self.part_at(self._progress(ctx)).rollout(examples, ctx)
 
+    # --- checkpointing: stages with state (e.g. a replay buffer) are saved and restored ------
+    def state_dict(self) -> dict:
+        return {str(i): p.state_dict() for i, (_, p) in enumerate(self.stages) if hasattr(p, "state_dict")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, (_, p) in enumerate(self.stages):
+            if str(i) in state and hasattr(p, "load_state_dict"):
+                p.load_state_dict(state[str(i)])
+
     def describe(self) -> str:
         parts, lo = [], 0.0
         for until, part in self.stages:

@@ -31,17 +31,21 @@ Sampling: ctx.params' temperature, top-k and top-p warp each model's logits in t
 with the semantics of Hugging Face `generate` (temperature, then top-k, then top-p); p and q
 above are the warped distributions. Each draw is one `torch.multinomial` over the batch from
 torch's global RNG, so a restored RNG state reproduces a rollout, and `token_mix(0)` writes
-exactly the tokens `student()` writes with the same RNG (`token_mix(1)`: `teacher()`).
+exactly the tokens `student()` writes with the same RNG (`token_mix(1)`: `teacher()`), given
+the same warpers (note: `HFBackend` passes top_k=0 as None, which transformers turns into 50).
 Temperature 0 is greedy: the argmax of each rule's distribution (token_mix: of
 α·softmax(z_T) + (1−α)·softmax(z_S), whose weights are then computed at temperature 1).
 Rows stop after their first stop token (kept) or max_new_tokens. Positions are the models'
-default (0..L−1 over the padded row), as in `generate` and opd's scoring forward passes.
+default (0..L−1 over the padded row), as in transformers 5 `generate` and opd's scoring.
 Both models' logits are cut to the shared vocabulary min(V_s, V_t).
 
-Deviations: MiniLLM clips the ratio inside a PPO objective, opd clips the weight (above).
-SKD's and AdaSwitch's papers decode with the same interleaving; AdaSwitch's adaptive
-threshold is optional here (`scale`, `window`; the paper's K and L defaults are not
-reproduced: by default the fixed τ rule of METHODS.md §4 is used).
+Deviations:
+- MiniLLM clips the ratio inside its PPO objective; opd clips the weight itself (above).
+- SKD: none in the sampling rule (top-k on the teacher's logits, replacement drawn from the
+  teacher at the sampling temperature).
+- AdaSwitch: the default is the fixed-τ rule of METHODS.md §4 with d = −log p(y'_t). The
+  paper's rule is d = KL(p ‖ q) against K·(mean of the last L values of d); use
+  `divergence="forward_kl", tau=inf, scale=K, window=L`. Its K and L are not reproduced.
 """
 
 from __future__ import annotations

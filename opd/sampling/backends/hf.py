@@ -73,7 +73,8 @@ class HFBackend:
             do_sample=not params.greedy,
             temperature=None if params.greedy else params.temperature,
             top_p=None if params.greedy or params.top_p >= 1.0 else params.top_p,
-            top_k=None if params.greedy or params.top_k <= 0 else params.top_k,
+            # 0, not None: None would fall back to transformers' default top-k of 50.
+            top_k=None if params.greedy else max(0, params.top_k),
             eos_token_id=list(stop_ids),
             pad_token_id=pad_id,
             use_cache=True,
