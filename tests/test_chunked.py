@@ -259,3 +259,30 @@ def test_topk_errors_and_empty():
         chunked_topk(hidden, head, k=0)
     lp, ids = chunked_topk(hidden[:0], head, k=3)
     assert lp.shape == (0, 3) and ids.shape == (0, 3)
+
+
+def test_a_divergence_registered_later_works_chunked():
+    from opd.losses import register_divergence
+
+    def squared_distance(student_logits, teacher_logits, temperature=1.0, *, scale=1.0):
+        """scale · Σ_v (p_v − q_v)²: a toy divergence the chunked path has never seen."""
+        q = torch.softmax(student_logits / temperature, -1)
+        p = torch.softmax(teacher_logits / temperature, -1)
+        return scale * ((p - q) ** 2).sum(-1)
+
+    register_divergence("_test_squared")(squared_distance)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_divergence("_test_squared")(squared_distance)
+        student, teacher = _inputs(torch.float64, seed=10)
+        hidden, head = (t.requires_grad_() for t in student.values())
+        got = chunked_divergence("_test_squared", hidden, head, **teacher, chunk_size=8, scale=3.0)
+        want = _materialized("_test_squared", student, teacher, 1.0, scale=3.0)
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+        for g, w in zip(
+            torch.autograd.grad(got.sum(), (hidden, head)),
+            torch.autograd.grad(want.sum(), (hidden, head)),
+        ):
+            torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
+    finally:
+        DIVERGENCES.pop("_test_squared")

@@ -148,3 +148,23 @@ def test_eval_command(tmp_path, model_dirs, capsys):
     )
     assert code == 0, err
     assert "teacher" in out and "student" in out and "KL(q_student ‖ p_teacher)" in out
+
+
+def _all_recipes():
+    from opd.recipes import RECIPES
+
+    return sorted(RECIPES)
+
+
+@pytest.mark.parametrize("recipe", _all_recipes())
+def test_every_recipe_runs_from_the_command_line(tmp_path, model_dirs, capsys, recipe):
+    data = write_prompts(tmp_path / "d.jsonl", n=8)
+    t, s = model_dirs
+    extra = [f"recipe={recipe}", "train.steps=1"]
+    if recipe == "multi_teacher":
+        extra.append(f"model.teacher={t},{s}")
+    extra.append("--no-report")
+    code, out, err = run_cli(["distill", *small_args(tmp_path, model_dirs, data), *extra], capsys)
+    assert code == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1]
