@@ -248,7 +248,7 @@ def train_task_teacher(
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     path = root / f"{task_name}-{digest}"
     if (path / "info.json").is_file():
-        return _load_cached(path)
+        return _load_cached(path, progress)
 
     if num_threads is not None:
         torch.set_num_threads(num_threads)
@@ -351,9 +351,16 @@ def _save_atomic(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_cached(path: Path):
+def _load_cached(path: Path, progress: bool = True):
     """Load a cached teacher folder as `(model, tokenizer, info)`."""
-    model = AutoModelForCausalLM.from_pretrained(path)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
