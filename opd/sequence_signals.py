@@ -269,6 +269,14 @@ class GOPD:
             raise ConfigError(f"GOPD: lam and kl_coef must be >= 0, got {self.lam}, {self.kl_coef}")
         _check_unit("GOPD: discount", self.discount)
 
+    def prepare(self, models) -> None:
+        """Called by the loop before any update (and before a checkpoint is restored), so
+        the reference is the initial student also in a resumed run."""
+        if self.reference is None and self.lam != self.kl_coef and "model" not in self._cache:
+            ref = copy.deepcopy(models.student).eval()
+            ref.requires_grad_(False)
+            self._cache["model"] = ref
+
     def reference_model(self, ctx: SignalContext) -> torch.nn.Module:
         if self.reference is not None:
             return self.reference

@@ -214,6 +214,9 @@ def distill(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     )
+    for part in (method.prompts, method.prefixes, method.signal, *method.weights):
+        if hasattr(part, "prepare"):  # e.g. G-OPD snapshots the initial student as π_ref
+            part.prepare(models)
     stream = PromptStream(data.train, tc.batch_size, seed=tc.seed)
     start_step, losses = 0, []
     if resume:

@@ -79,7 +79,7 @@ def test_run_folder_contents(tmp_path, prompt_file, tok):
     torch.testing.assert_close(loaded(ids).logits, res.models.student(ids).logits)
 
 
-@pytest.mark.parametrize("recipe", ["gkd", "on_policy_rkl"])
+@pytest.mark.parametrize("recipe", ["gkd", "on_policy_rkl", "exopd"])
 def test_resume_reproduces_uninterrupted_run(tmp_path, prompt_file, tok, recipe):
     common = ("train.steps=6", f"method.recipe={recipe}", "sampling.temperature=1.0")
     straight = distill(

@@ -7,7 +7,8 @@ advantage A_t = λ·(log p(y_t) − log π_ref(y_t)) − (log q(y_t) − log π_
 Deviations: the per-token dense form (KL in reward form, no separate k3 loss) is our reading
 of the paper's objective; the paper's "reward correction" (π_ref = the teacher's pre-RL base)
 needs a second model and is available only through `GOPD(reference=...)` in code. On
-`--resume` the reference is re-copied from the resumed student (not the initial one).
+`--resume` the reference is still the initial student: the loop snapshots it (`prepare`)
+before the checkpoint is restored, and the initial student is rebuilt from the config.
 """
 
 from opd.method import Method
