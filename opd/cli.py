@@ -85,59 +85,52 @@ def cmd_recipes(name: str | None) -> int:
     return 0
 
 
-def before_after(models, data, cfg, kl_before, kl_after, acc_before=None):
-    """Accuracy of teacher and student (after training) plus the KLs, as an EvalTable."""
-    from opd.evaluate import EvalTable, task_accuracy
+def teacher_row(models, data, cfg):
+    """Answer accuracy of the teacher on the held-out prompts (one greedy pass)."""
+    from opd.evaluate import task_accuracy
 
     verify = data.task.verify if data.task is not None else None
-    kw = dict(
+    return task_accuracy(
+        models.teacher,
+        models.tokenizer,
+        data.eval,
         pad_id=models.pad_id,
         stop_ids=models.stop_ids,
         max_new_tokens=cfg.sampling.max_new_tokens,
         verify=verify,
     )
-    acc_t = task_accuracy(models.teacher, models.tokenizer, data.eval, **kw)
-    acc_s = task_accuracy(models.student, models.tokenizer, data.eval, **kw)
-    rows = [("teacher", None, acc_t["accuracy"])]
-    if acc_before is not None or kl_before is not None:
-        rows.append(("student before", kl_before, acc_before))
-    rows.append(
-        ("student after" if kl_before is not None else "student", kl_after, acc_s["accuracy"])
-    )
-    return EvalTable(rows), {"teacher": acc_t, "student": acc_s}
 
 
 def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd distill") -> int:
-    from opd.build import build_data, build_models
-    from opd.evaluate import task_accuracy
+    """Distill, then print and save the before/after table (teacher, student before/after).
+
+    The student's numbers come from the loop's own held-out evaluations at step 0 and at the
+    end (KL and accuracy from one greedy pass each); only the teacher is generated here.
+    """
+    from opd.build import build_models
+    from opd.evaluate import EvalTable
     from opd.logs import read_metrics
     from opd.train import distill
 
     t0 = time.perf_counter()
     models = build_models(cfg)
-    acc_before = None
-    if report and not resume:
-        data = build_data(cfg, models.tokenizer, need_train=False)
-        verify = data.task.verify if data.task is not None else None
-        acc_before = task_accuracy(
-            models.student,
-            models.tokenizer,
-            data.eval,
-            pad_id=models.pad_id,
-            stop_ids=models.stop_ids,
-            max_new_tokens=cfg.sampling.max_new_tokens,
-            verify=verify,
-        )["accuracy"]
     result = distill(cfg, models=models, resume=resume, stop_after=stop_after)
     if not report or stop_after is not None and stop_after < cfg.train.steps:
         return 0
     evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r.get("event") == "eval"]
-    kl_before = evals[0]["heldout_kl"] if evals and evals[0]["step"] == 0 else None
-    kl_after = evals[-1]["heldout_kl"] if evals else None
-    table, details = before_after(models, result.data, cfg, kl_before, kl_after, acc_before)
+    first = evals[0] if evals and evals[0]["step"] == 0 else {}
+    last = evals[-1] if evals and evals[-1]["step"] == cfg.train.steps else {}
+    teacher = teacher_row(models, result.data, cfg)
+    table = EvalTable(
+        [
+            ("teacher", None, teacher["accuracy"]),
+            ("student before", first.get("heldout_kl"), first.get("heldout_accuracy")),
+            ("student after", last.get("heldout_kl"), last.get("heldout_accuracy")),
+        ]
+    )
     minutes = (time.perf_counter() - t0) / 60
-    text = table.render()
-    print("\n" + text)
+    print("\n" + table.render())
+    kl_before, kl_after = first.get("heldout_kl"), last.get("heldout_kl")
     if kl_before and kl_after is not None:
         print(
             f"held-out KL ratio after/before: {kl_after / kl_before:.3f}; wall time {minutes:.1f} min"
@@ -147,19 +140,18 @@ def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd d
         f"batch {cfg.train.batch_size}, wall time {minutes:.1f} min\n\n{table.to_markdown()}\n"
     )
     (result.run_dir / "report.md").write_text(report_md)
-    (result.run_dir / "report.json").write_text(
-        json.dumps(
-            {
-                "kl_before": kl_before,
-                "kl_after": kl_after,
-                "accuracy_student_before": acc_before,
-                "accuracy": {k: v["accuracy"] for k, v in details.items()},
-                "samples": {k: v["samples"] for k, v in details.items()},
-                "minutes": minutes,
-            },
-            indent=2,
-        )
-    )
+    summary = {
+        "kl_before": kl_before,
+        "kl_after": kl_after,
+        "accuracy": {
+            "teacher": teacher["accuracy"],
+            "student_before": first.get("heldout_accuracy"),
+            "student_after": last.get("heldout_accuracy"),
+        },
+        "teacher_samples": teacher["samples"],
+        "minutes": minutes,
+    }
+    (result.run_dir / "report.json").write_text(json.dumps(summary, indent=2))
     print(f"report: {result.run_dir / 'report.md'}")
     return 0
 
@@ -167,7 +159,7 @@ def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd d
 def cmd_eval(args) -> int:
     from opd.build import build_data, build_models
     from opd.config import load_config
-    from opd.evaluate import heldout_kl
+    from opd.evaluate import EvalTable, heldout_kl
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.model.student:
@@ -176,7 +168,7 @@ def cmd_eval(args) -> int:
     data = build_data(cfg, models.tokenizer, need_train=False)
     if not data.eval:
         raise OpdError("opd eval: no held-out prompts; set data.eval=FILE")
-    kl = heldout_kl(
+    res = heldout_kl(
         models.student,
         models.teacher,
         data.eval,
@@ -184,8 +176,13 @@ def cmd_eval(args) -> int:
         stop_ids=models.stop_ids,
         vocab_size=models.vocab_size,
         max_new_tokens=cfg.sampling.max_new_tokens,
-    )["kl"]
-    table, _ = before_after(models, data, cfg, None, kl)
+        tokenizer=models.tokenizer,
+        verify=data.task.verify if data.task is not None else None,
+    )
+    teacher = teacher_row(models, data, cfg)
+    table = EvalTable(
+        [("teacher", None, teacher["accuracy"]), ("student", res["kl"], res["accuracy"])]
+    )
     print(table.render())
     return 0
 

@@ -63,13 +63,22 @@ def heldout_kl(
     max_new_tokens: int,
     batch_size: int = 16,
     chunk_size: int = 1024,
+    tokenizer=None,
+    verify=None,
 ) -> dict:
     """Token-mean KL(q_student ‖ p_teacher) on greedy student completions.
 
+    With a `tokenizer`, the same greedy completions are also scored for answer accuracy
+    (`verify`, default `generic_verify`) on the examples that have an answer, so one
+    generation pass serves both numbers.
+
     Returns:
-      {"kl": float, "tokens": int, "mean_length": float}
+      {"kl": float, "tokens": int, "mean_length": float, "accuracy": float | None}
     """
     comps = greedy_completions(student, examples, pad_id, stop_ids, max_new_tokens, batch_size)
+    accuracy = None
+    if tokenizer is not None:
+        accuracy = _score(tokenizer, examples, comps, verify or generic_verify)["accuracy"]
     s_dec, s_head, _ = decoder_and_head(student, verify=False)
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
@@ -94,7 +103,22 @@ def heldout_kl(
         "kl": total / max(count, 1),
         "tokens": count,
         "mean_length": sum(lengths) / max(len(lengths), 1),
+        "accuracy": accuracy,
     }
+
+
+def _score(tokenizer, examples, comps, verify) -> dict:
+    """Accuracy of completions `comps` (token lists) on the examples that have an answer."""
+    pairs = [(ex, c) for ex, c in zip(examples, comps) if ex.answer is not None]
+    if not pairs:
+        return {"accuracy": None, "n": 0, "samples": []}
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for _, c in pairs]
+    correct = [bool(verify(t, ex.answer)) for t, (ex, _) in zip(texts, pairs)]
+    samples = [
+        {"prompt": ex.prompt_text[-200:], "completion": t, "answer": ex.answer, "correct": ok}
+        for (ex, _), t, ok in list(zip(pairs, texts, correct))[:3]
+    ]
+    return {"accuracy": sum(correct) / len(correct), "n": len(correct), "samples": samples}
 
 
 @torch.no_grad()
@@ -103,17 +127,8 @@ def task_accuracy(
 ) -> dict:
     """Exact final-answer accuracy of greedy completions (rows without an answer are skipped)."""
     scored = [ex for ex in examples if ex.answer is not None]
-    if not scored:
-        return {"accuracy": None, "n": 0, "samples": []}
-    verify = verify or generic_verify
     comps = greedy_completions(model, scored, pad_id, stop_ids, max_new_tokens, batch_size)
-    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in comps]
-    correct = [bool(verify(t, ex.answer)) for t, ex in zip(texts, scored)]
-    samples = [
-        {"prompt": ex.prompt_text[-200:], "completion": t, "answer": ex.answer, "correct": ok}
-        for ex, t, ok in list(zip(scored, texts, correct))[:3]
-    ]
-    return {"accuracy": sum(correct) / len(correct), "n": len(correct), "samples": samples}
+    return _score(tokenizer, scored, comps, verify or generic_verify)
 
 
 @dataclass

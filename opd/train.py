@@ -259,11 +259,14 @@ def distill(
             vocab_size=models.vocab_size,
             max_new_tokens=gen.max_new_tokens,
             chunk_size=tc.chunk_size,
+            tokenizer=models.tokenizer,
+            verify=verify,
         )
         row = {
             "event": "eval",
             "step": step,
             "heldout_kl": res["kl"],
+            "heldout_accuracy": res["accuracy"],
             "heldout_length": res["mean_length"],
         }
         metrics_log.write(row)

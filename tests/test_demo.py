@@ -30,5 +30,5 @@ def test_demo_small_budget(tmp_path, capsys):
     assert report["kl_before"] > 0
     # two on-policy reverse-KL steps at lr 5e-5 already move the pruned student toward the teacher
     assert report["kl_after"] < report["kl_before"]
-    assert set(report["accuracy"]) == {"teacher", "student"}
+    assert set(report["accuracy"]) == {"teacher", "student_before", "student_after"}
     assert (run / "student" / "config.json").is_file() and (run / "report.md").is_file()
