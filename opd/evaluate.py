@@ -62,7 +62,7 @@ def heldout_kl(
     vocab_size: int,
     max_new_tokens: int,
     batch_size: int = 16,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     tokenizer=None,
     verify=None,
 ) -> dict:

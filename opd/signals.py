@@ -39,7 +39,7 @@ class SignalContext:
 
     step: int = 0
     total_steps: int = 1
-    chunk_size: int = 1024
+    chunk_size: int = 512
     materialize: bool = False
     rollout: object = None
     tokenizer: object = None
