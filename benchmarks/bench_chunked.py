@@ -28,8 +28,10 @@ the largest N (the materialized run is shared).
 
 Cost: per divergence and N the two configurations do 10 head matmuls of 2·N·D·V flops (4
 materialized, 6 chunked: the backward recomputes both models' logits), 232 GFLOP each at
-N = 4096. On 2 cores at ~60 GFLOP/s the six §1 divergences at the full setting take about
-10 minutes; every registered divergence (twelve) about twice that.
+N = 4096, plus a fresh Python + torch start per configuration. Measured on a shared 2-core
+EPYC (load average 4 to 9): the six §1 divergences at the full setting took about 23 minutes
+of worker time; all twelve registered divergences with --extra-chunk-size 512, 80 minutes.
+For a quicker look use fewer N or divergences (e.g. --n 4096 --divergences forward_kl).
 
 Usage:
     python benchmarks/bench_chunked.py --n 512 2048 4096 --divergences all \
@@ -124,7 +126,7 @@ def worker(args: argparse.Namespace) -> dict:
         "n": args.n,
         "mode": args.mode,
         "chunk_size": args.chunk_size if args.mode == "chunked" else None,
-        "peak_mb": peak_mb,
+        "peak_mb": peak_mb,  # MiB (the kernel reports kB = KiB)
         "time_s": statistics.median(times),
         "peak_reset": reset,
     }
@@ -165,7 +167,7 @@ def run_one(
 
 def table(rows: list[dict], target_n: int) -> str:
     lines = [
-        "| divergence | N | chunk | materialized peak (MB) | chunked peak (MB) "
+        "| divergence | N | chunk | materialized peak (MiB) | chunked peak (MiB) "
         "| chunked / materialized | materialized time (s) | chunked time (s) "
         "| max abs value diff |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -258,7 +260,7 @@ def main() -> None:
                     m, c = materialized, chunked
                     print(
                         f"{name:16s} N={n:5d} C={chunk_size:5d}  peak {m['peak_mb']:7.0f} -> "
-                        f"{c['peak_mb']:6.0f} MB ({c['peak_mb'] / m['peak_mb']:.3f})  time "
+                        f"{c['peak_mb']:6.0f} MiB ({c['peak_mb'] / m['peak_mb']:.3f})  time "
                         f"{m['time_s']:6.2f} -> {c['time_s']:6.2f} s  |diff| {diff:.1e}",
                         flush=True,
                     )

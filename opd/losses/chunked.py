@@ -8,11 +8,15 @@ gradients). The arithmetic, for N = 4096 tokens and SmolLM2's V = 49,152 in floa
 
     4096 × 49,152 × 4 bytes = 805 MB for one N×V tensor
 
-and the materialized forward + backward of a KL holds around eight of them (~6.4 GB).
+and the materialized forward + backward of forward_kl peaks at about seven of them (5.4 GiB
+measured above the inputs; see benchmarks/results_chunked.md).
 
 This module never builds an N×V tensor. It walks the N rows in chunks of C rows, and holds at
 most one C×V logits block per model at a time, plus the transient intermediates of that
-chunk's divergence (with C = 1024: 201 MB per block). A custom `torch.autograd.Function`:
+chunk's divergence (with C = 1024: 201 MB per block). Its peak is the same number of blocks at
+C rows instead of N, plus the V×D float32 weight-gradient buffer (113 MB for SmolLM2): at
+N = 4096 measured 0.24–0.29 of the materialized peak with C = 1024 and 0.13–0.17 with
+C = 512. A custom `torch.autograd.Function`:
 
     forward   for each chunk, under no_grad: logits_CV = h_CD @ W_VD.T (+ b_V) for both
               models, values[chunk] = divergence(student, teacher). Nothing per chunk is kept.
