@@ -117,7 +117,7 @@ def teacher_token_logprobs(teacher: TeacherScores, student: StudentRows, ctx: Si
 
 
 @torch.no_grad()
-def student_entropy(student: StudentRows, chunk_size: int = 1024) -> Tensor:
+def student_entropy(student: StudentRows, chunk_size: int = 512) -> Tensor:
     """(N,) H(q_t) = −Σ_v q_v log q_v of the student, in row chunks, without gradient."""
     out_N = []
     for start in range(0, student.hidden_ND.shape[0], chunk_size):

@@ -74,7 +74,7 @@ def chunked_bucket_logprobs(
     head_VD: Tensor,
     ids_NK: Tensor,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
 ) -> Tensor:
     """`bucket_logprobs(hidden_ND @ head_VD.T, ids_NK, τ)` without holding (N, V) logits.
 

@@ -93,7 +93,7 @@ def _row_stat(fn: Callable[..., Tensor], chunk_size: int, *pairs: tuple[Tensor, 
 
 
 def teacher_entropy(
-    teacher: TeacherScores, temperature: float = 1.0, chunk_size: int = 1024
+    teacher: TeacherScores, temperature: float = 1.0, chunk_size: int = 512
 ) -> Tensor:
     """H(p_t) = −Σ_v p_v log p_v per counted token, p = softmax(teacher logits / τ), in nats.
 
@@ -114,7 +114,7 @@ def teacher_entropy(
 
 
 def hellinger_distance(
-    student: StudentRows, teacher: TeacherScores, temperature: float = 1.0, chunk_size: int = 1024
+    student: StudentRows, teacher: TeacherScores, temperature: float = 1.0, chunk_size: int = 512
 ) -> Tensor:
     """Hellinger distance H(p_t, q_t) = (1/√2)·‖√p − √q‖₂ per counted token, in [0, 1].
 
@@ -329,7 +329,7 @@ class SelecTKDVerify:
             )
 
     def accepted(
-        self, student: StudentRows, teacher: TeacherScores, chunk_size: int = 1024
+        self, student: StudentRows, teacher: TeacherScores, chunk_size: int = 512
     ) -> Tensor:
         """Bool (N,): whether each proposal is among the teacher's k most likely tokens."""
         _needs_teacher_logits(teacher, "SelecTKDVerify")

@@ -188,7 +188,7 @@ def chunked_divergence(
     teacher_hidden: Tensor,
     teacher_head: Tensor,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     *,
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
@@ -252,7 +252,7 @@ def chunked_token_logprobs(
     head: Tensor,
     target_ids: Tensor,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     *,
     bias: Tensor | None = None,
 ) -> Tensor:
@@ -303,7 +303,7 @@ def chunked_topk(
     head: Tensor,
     k: int,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     *,
     bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:

@@ -65,7 +65,7 @@ def chunked_mixture_divergence(
     teachers: Sequence[tuple[Tensor, Tensor]],
     weights: Sequence[float],
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int = 512,
     **params: float,
 ) -> Tensor:
     """Per-token divergence between a mixture of teachers and the student, in row chunks.

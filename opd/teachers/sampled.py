@@ -32,7 +32,7 @@ class SampledLogprobs:
       chunk_size: rows per chunk when scoring a local teacher.
     """
 
-    chunk_size: int = 1024
+    chunk_size: int = 512
     provides: frozenset = frozenset({"token_logprobs"})
 
     @torch.no_grad()

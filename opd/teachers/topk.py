@@ -73,7 +73,7 @@ def with_tail(topk_logprobs_NK: Tensor) -> Tensor:
 
 @torch.no_grad()
 def teacher_topk_buckets(
-    hidden_ND: Tensor, head_VD: Tensor, k: int, temperature: float = 1.0, chunk_size: int = 1024
+    hidden_ND: Tensor, head_VD: Tensor, k: int, temperature: float = 1.0, chunk_size: int = 512
 ) -> tuple[Tensor, Tensor]:
     """Top-k ids and (top-k + tail) log-probabilities of p = softmax(hidden @ head.T / τ).
 
@@ -110,7 +110,7 @@ class TopK:
 
     k: int = 16
     temperature: float = 1.0
-    chunk_size: int = 1024
+    chunk_size: int = 512
     provides: frozenset = frozenset({"topk_logprobs", "token_logprobs"})
 
     def __post_init__(self):
