@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipes", help="list the recipes, or show one")
     r.add_argument("name", nargs="?")
 
+    b = sub.add_parser(
+        "bench",
+        help="benchmarks: `opd bench quality ...` (on- vs off-policy) or `opd bench speed ...` (vs TRL)",
+        add_help=False,
+    )
+    b.add_argument("which", choices=["quality", "speed"])
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (--help lists them)")
+
     e = sub.add_parser("eval", help="before/after table for a student/teacher pair")
     e.add_argument(
         "overrides", nargs="*", help="e.g. model.student=DIR model.teacher=embedded data.eval=FILE"
@@ -219,6 +227,10 @@ def _dispatch(args) -> int:
         return cmd_recipes(args.name)
     if args.command == "eval":
         return cmd_eval(args)
+    if args.command == "bench":
+        from opd.bench import main_quality, main_speed
+
+        return (main_quality if args.which == "quality" else main_speed)(args.rest)
     if args.command == "demo":
         stamp = time.strftime("%Y%m%d-%H%M%S")
         cfg = load_config(None, [*DEMO_DEFAULTS, f"output_dir=runs/demo-{stamp}", *args.overrides])
