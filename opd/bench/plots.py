@@ -1,0 +1,153 @@
+"""The report of a quality sweep: per-method summary, markdown table, accuracy / KL figures.
+
+Numbers are the mean ± sample standard deviation over seeds (± 0 with one seed). The
+figures put each method's curve on the compute axis after the shared warm-up (GFLOPs,
+counted as in `opd.bench.quality`), starting from the warm-up checkpoint at 0. matplotlib is
+optional (`pip install 'opd[plots]'`); without it the figures are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+_BETA_NAMES = {0.0: "KL(p_teacher ‖ q_student)", 0.5: "JSD", 1.0: "KL(q_student ‖ p_teacher)"}
+
+
+def label(method: str) -> str:
+    """A readable name: 'gkd:lmbda=1.0,beta=0.0' -> 'gkd λ=1 β=0: KL(p_teacher ‖ q_student)'."""
+    from opd.bench.quality import parse_method
+
+    recipe, args = parse_method(method)
+    if recipe != "gkd" or not args:
+        return method
+    text = f"gkd λ={args.get('lmbda', 0.5):g} β={args.get('beta', 0.5):g}"
+    name = _BETA_NAMES.get(float(args.get("beta", 0.5)))
+    return f"{text}: {name}" if name else text
+
+
+def _pm(mean, std, scale: float = 1.0, digits: int = 1) -> str:
+    if mean is None:
+        return "—"
+    return f"{scale * mean:.{digits}f} ± {scale * (std or 0.0):.{digits}f}"
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(runs: list[dict], methods) -> dict:
+    """Per method: mean and sample std over seeds of the final accuracy and teacher KL."""
+    out = {}
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        row = {"steps": rs[0]["steps"], "seeds": len(rs),
+               "gflop_mean": statistics.mean(r["flops"] for r in rs) / 1e9,
+               "seconds_mean": statistics.mean(r["seconds"] for r in rs)}
+        for key in ("accuracy", "teacher_kl"):
+            xs = [r["final"][key] for r in rs if math.isfinite(r["final"][key])]
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(xs) if xs else (None, None)
+        out[m] = row
+    return out
+
+
+def markdown_table(result: dict) -> str:
+    """One row per method, plus the teacher, the initial student and the warm-up start."""
+    comp = result["compute"]
+    lines = [
+        "| method | steps | GFLOP spent | accuracy % (greedy, exact match) "
+        "| KL(q_student ‖ p_teacher), held-out | seconds / run |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    teacher = result["teacher"]["eval"]
+    lines.append(f"| teacher ({result['teacher'].get('params')} params) | — | — "
+                 f"| {100 * teacher['accuracy']:.1f} | 0 | — |")
+    for name, idx in (("student at init", 0), ("warm-up checkpoint (start of every method)", -1)):
+        acc = _mean_std([w["curve"][idx]["accuracy"] for w in result["warmup"]])
+        kl = _mean_std([w["curve"][idx]["teacher_kl"] for w in result["warmup"]])
+        spent = f"{comp['warmup_gflop_mean']:.1f} (shared)" if idx == -1 else "0"
+        steps = result["settings"]["warmup_steps"] if idx == -1 else 0
+        lines.append(f"| {name} | {steps} | {spent} | {_pm(*acc, 100)} | {_pm(*kl, 1, 4)} | — |")
+    for method, row in result["summary"].items():
+        lines.append(
+            f"| {label(method)} | {row['steps']} | {row['gflop_mean']:.1f} "
+            f"| {_pm(row['accuracy_mean'], row['accuracy_std'], 100)} "
+            f"| {_pm(row['teacher_kl_mean'], row['teacher_kl_std'], 1, 4)} "
+            f"| {row['seconds_mean']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def curves(result: dict) -> dict[str, dict[str, list]]:
+    """Per method, the seed-averaged curve: gflop, accuracy (mean, std), KL (mean, std)."""
+    start_acc = statistics.mean(w["final"]["accuracy"] for w in result["warmup"])
+    start_kl = statistics.mean(w["final"]["teacher_kl"] for w in result["warmup"])
+    out = {}
+    for method in result["summary"]:
+        runs = [r for r in result["runs"] if r["method"] == method]
+        c = {"gflop": [0.0], "acc": [start_acc], "acc_sd": [0.0], "kl": [start_kl], "kl_sd": [0.0]}
+        for i in range(min(len(r["curve"]) for r in runs)):
+            pts = [r["curve"][i] for r in runs]
+            c["gflop"].append(statistics.mean(p["flops"] for p in pts) / 1e9)
+            for key, name in (("acc", "accuracy"), ("kl", "teacher_kl")):
+                m, sd = _mean_std([p[name] for p in pts])
+                c[key].append(m)
+                c[f"{key}_sd"].append(sd)
+        out[method] = c
+    return out
+
+
+def plot(result: dict, path: Path) -> Path | None:
+    """Accuracy and KL vs GFLOPs, one line per method with a ± std band; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (ax_acc, ax_kl) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, c in curves(result).items():
+        style = "--" if any(k in method for k in ("supervised_kd", "seqkd")) else "-"
+        for ax, key, scale in ((ax_acc, "acc", 100), (ax_kl, "kl", 1)):
+            mean = [scale * v for v in c[key]]
+            sd = [scale * v for v in c[f"{key}_sd"]]
+            (line,) = ax.plot(c["gflop"], mean, style, marker="o", ms=3, label=label(method))
+            ax.fill_between(c["gflop"], [m - s for m, s in zip(mean, sd)],
+                            [m + s for m, s in zip(mean, sd)], color=line.get_color(), alpha=0.15)
+    teacher_acc = 100 * result["teacher"]["eval"]["accuracy"]
+    ax_acc.axhline(teacher_acc, color="k", lw=0.8, ls=":", label="teacher")
+    ax_acc.set(xlabel="GFLOPs after the warm-up", ylabel="held-out accuracy (%)",
+               title=f"{result['task']}: accuracy vs compute")
+    ax_kl.set(xlabel="GFLOPs after the warm-up", ylabel="KL(q_student ‖ p_teacher), held-out",
+              title=f"{result['task']}: teacher KL vs compute", yscale="log")
+    ax_acc.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(result: dict, out_dir: Path, log=print) -> Path:
+    """`results.md` (table, settings, plot link) and `accuracy_vs_compute.png` in `out_dir`."""
+    png = plot(result, out_dir / "accuracy_vs_compute.png")
+    s, comp = result["settings"], result["compute"]
+    note = (f"![accuracy vs compute]({png.name})" if png else
+            "(plots skipped: matplotlib is not installed; `pip install 'opd[plots]'`)")
+    text = (
+        f"# Quality at equal compute: task `{result['task']}`\n\n"
+        f"{s['seeds']} seeds; student {result['student']['layers']} layers × "
+        f"{result['student']['hidden']} ({result['student']['flop_params']:,} FLOP-counted "
+        f"params), teacher {result['teacher']['flop_params']:,}; batch {s['batch_size']}, "
+        f"lr {s['lr']} (warm-up {s['warmup_steps']} steps of supervised_kd at {s['warmup_lr']}); "
+        f"budget {comp['budget_gflop']:.1f} GFLOP per method after the warm-up; up to "
+        f"{comp['max_new_tokens']} new tokens, sampling temperature {s['temperature']}.\n"
+        f"Wall time {result['wall_seconds'] / 60:.1f} min. Machine at start: "
+        f"{result['machine_at_start']}; at end: {result['machine_at_end']}.\n\n"
+        + markdown_table(result) + "\n\n" + note + "\n"
+    )
+    path = out_dir / "results.md"
+    path.write_text(text)
+    log(text)
+    return path

@@ -1,0 +1,427 @@
+"""What distillation buys: off-policy vs on-policy recipes at equal compute.
+
+What is measured. A teacher trained from scratch on a synthetic task with compounding errors
+(`opd.tasks`: sort, chain, brackets, reverse; `opd.tasks.teacher`, ≥ 95 % exact match) is
+distilled into a smaller student (default 2 layers × 64 wide vs the teacher's 2 × 128, same
+character tokenizer). Per seed, the student is first warmed up off-policy (supervised KD on
+dataset completions) and every method continues from that one checkpoint, as in the papers
+(on-policy training of a random student mostly teaches it from its own noise):
+
+    supervised_kd               dataset writes y;  KL(p_teacher ‖ q_student)   off-policy
+    seqkd                       teacher samples y; KL(p_teacher ‖ q_student)   off-policy
+    gkd λ=1, β = 0 / 0.5 / 1    student samples y; generalized JSD(β)          on-policy
+    on_policy_rkl               student samples y; KL(q_student ‖ p_teacher)   on-policy
+
+At fractions of the budget (`eval_points`) we record exact-match accuracy of greedy
+completions on the teacher's held-out prompts (the task's verifier) and the held-out
+token-mean KL(q_student ‖ p_teacher) on greedy student completions (`heldout_kl`); the
+summary is mean ± sample std over seeds at the end of the budget.
+
+How compute is counted (estimated FLOPs, the 2N / 6N rule of Kaplan et al. 2020). A
+micro-batch with P prompt and C completion tokens (padding excluded) costs
+
+    generation   2 · N_writer  · (P + C)     prefill + one decode step per token (KV cache)
+    teacher      2 · N_teacher · (P + C)     one scoring forward
+    student      6 · N_student · (P + C)     forward + backward
+
+N is a model's parameter count without its input embedding table (a lookup; the lm_head
+counts). N_writer is 0 for dataset completions, N_student on-policy, N_teacher for seqkd,
+λ·N_student + (1−λ)·N_other for GKD's mixture (per step, from the logged `student_share`),
+N_student + N_teacher for token-level interleaved sources (both models decode).
+
+Equal compute. The budget B is `budget_gflop`, or by default the estimated cost of `steps`
+on-policy steps. Each method gets round(B / its estimated step cost) steps, estimated with C
+= the mean reference completion length; the FLOPs actually spent are counted from the logged
+completion tokens and reported beside B. The shared warm-up is counted apart.
+
+Deviations and limits: P per step is the training pool's mean prompt length; attention's L²
+term is ignored (sequences < 64 tokens); extra forwards some recipes make (reference
+models, verifiers) are not counted; FLOPs are not seconds (generating with tiny models is
+latency bound, so on-policy steps cost more wall time than their FLOPs say; seconds are
+reported too). Reference: Agarwal et al., ICLR 2024 (GKD), who also start from a
+supervised checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+METHODS = ("supervised_kd", "seqkd", "gkd:lmbda=1.0,beta=0.0", "gkd:lmbda=1.0,beta=0.5",
+           "gkd:lmbda=1.0,beta=1.0", "on_policy_rkl")
+TRAIN_SEED = 20_240_101  # the student's training prompt pool (held-out prompts removed)
+
+
+def _f(default, doc: str, **cli):
+    return field(default=default, metadata={"doc": doc, **cli})
+
+
+@dataclass
+class Settings:
+    """Everything a quality sweep depends on; each field is also a command-line option."""
+
+    task: str = _f("sort", "synthetic task", cli=False)
+    seeds: int = _f(3, "number of seeds (0 .. n-1): student init, data order, sampling")
+    methods: tuple = _f(METHODS, "methods, 'recipe' or 'recipe:arg=value,arg=value'", item=str)
+    steps: int = _f(200, "on-policy steps whose estimated FLOPs define the budget")
+    budget_gflop: float = _f(None, "the budget in GFLOPs instead (overrides --steps)",
+                             flag="--budget", type=float)
+    warmup_steps: int = _f(400, "steps of the shared supervised-KD warm-up (constant lr)")
+    warmup_lr: float = _f(3e-3, "learning rate of the warm-up")
+    lr: float = _f(2e-3, "peak learning rate of every method (cosine to 10 %)")
+    lr_warmup: int = _f(10, "linear lr ramp of every method (a fresh AdamW)")
+    batch_size: int = _f(32, "prompts per step")
+    temperature: float = _f(1.0, "sampling temperature of rollouts (student and teacher)")
+    student_hidden: int = _f(64, "student width")
+    student_layers: int = _f(2, "student depth")
+    student_heads: int = _f(4, "student attention heads")
+    train_rows: int = _f(4000, "training prompt pool")
+    eval_rows: int = _f(200, "held-out prompts for accuracy (≤ 200: the teacher's held-out set)")
+    kl_rows: int = _f(64, "held-out prompts for the teacher KL")
+    eval_points: tuple = _f((0.25, 0.5, 1.0), "fractions of the budget where we evaluate",
+                            item=float)
+    teacher_seed: int = _f(0, "seed of the task teacher")
+    teacher_steps: int = _f(None, "teacher training steps (default: the task preset)", type=int)
+    cache_dir: str = _f(None, "task-teacher cache (default ~/.cache/opd)", type=str)
+    workers: int = _f(2, "runs side by side, one process each")
+    threads: int = _f(1, "torch threads per worker")
+    progress: bool = _f(True, "show the sweep's progress bar", cli=False)
+    teacher_preset: object = _f(None, "an opd.tasks.teacher.TeacherPreset (tests)", cli=False)
+
+
+# ------------------------------------------------------------------------ compute accounting
+
+
+def flop_params(model) -> int:
+    """Parameters that cost multiply-adds: all of them except the input embedding table."""
+    total = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return total if emb is head else total - emb.numel()
+
+
+def microbatch_flops(*, n_student: float, n_teacher: float, n_writer: float,
+                     prompt_tokens: float, completion_tokens: float) -> float:
+    """Estimated FLOPs of one micro-batch: generation + teacher scoring + student training.
+
+    Example: N_s = 100, N_t = 300, on-policy (N_writer = N_s), P = 10, C = 5:
+    2·100·15 + 2·300·15 + 6·100·15 = 3,000 + 9,000 + 9,000 = 21,000.
+    """
+    tokens = prompt_tokens + completion_tokens
+    return 2 * n_writer * tokens + 2 * n_teacher * tokens + 6 * n_student * tokens
+
+
+def writer_params(prefixes, n_student: float, n_teacher: float, student_share=None) -> float:
+    """N_writer of a prefix source: the parameters that decode each completion token."""
+    from opd.sampling.sources import DatasetPrefixes, Mix, StudentPrefixes, TeacherPrefixes
+
+    if isinstance(prefixes, Mix):
+        share = prefixes.student if student_share is None else student_share
+        return share * n_student + (1 - share) * (0.0 if prefixes.other == "dataset" else n_teacher)
+    if isinstance(prefixes, DatasetPrefixes):
+        return 0.0
+    if isinstance(prefixes, StudentPrefixes):
+        return n_student
+    if isinstance(prefixes, TeacherPrefixes):
+        return n_teacher
+    return n_student + n_teacher if getattr(prefixes, "needs_teacher_model", False) else n_student
+
+
+def parse_method(text: str) -> tuple[str, dict]:
+    """'gkd:lmbda=1.0,beta=0.5' -> ('gkd', {'lmbda': 1.0, 'beta': 0.5}); values read as YAML."""
+    from opd.config import parse_override
+
+    recipe, _, rest = text.partition(":")
+    return recipe.strip(), dict(parse_override(kv) for kv in rest.split(",") if kv.strip())
+
+
+def _prefixes(method: str):
+    from opd.recipes import get_recipe
+
+    recipe, args = parse_method(method)
+    return get_recipe(recipe).build(**args).prefixes
+
+
+# ------------------------------------------------------------------------ the task and models
+
+
+@dataclass
+class TaskSetup:
+    """Files and facts shared by every run of one task (picklable, for worker processes)."""
+
+    task: str
+    out_dir: str
+    train_file: str
+    eval_file: str
+    teacher_kwargs: dict
+    teacher_info: dict
+    max_new_tokens: int
+    prompt_tokens: float  # mean prompt length of the training pool
+    completion_tokens: float  # mean reference completion length, eos included
+
+
+def prepare_task(s: Settings, out_dir: Path) -> TaskSetup:
+    """Train (or load) the teacher and write the student's train / held-out prompt files."""
+    from opd.tasks import get_task
+    from opd.tasks.teacher import EVAL_SEED, train_task_teacher
+
+    kwargs = dict(seed=s.teacher_seed, cache_dir=s.cache_dir, progress=s.progress,
+                  steps=s.teacher_steps, preset=s.teacher_preset, num_threads=s.threads)
+    _, tok, info = train_task_teacher(s.task, **kwargs)
+    task = get_task(s.task)
+    eval_rows = task.generate(s.eval_rows, EVAL_SEED + s.teacher_seed)  # the teacher's held-out
+    held_out = {r["prompt"] for r in eval_rows}
+    train_rows = [r for r in task.generate(s.train_rows, TRAIN_SEED) if r["prompt"] not in held_out]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train_rows), ("eval", eval_rows)):
+        (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompt_ids = tok([r["prompt"] for r in train_rows], add_special_tokens=False)["input_ids"]
+    comp_ids = tok([r["completion"] for r in train_rows], add_special_tokens=False)["input_ids"]
+    return TaskSetup(
+        task=s.task, out_dir=str(out_dir), train_file=str(out_dir / "train.jsonl"),
+        eval_file=str(out_dir / "eval.jsonl"), teacher_kwargs={**kwargs, "progress": False},
+        teacher_info=dict(info),
+        max_new_tokens=max(len(c) for c in comp_ids) + 1 + 4,  # + eos, + 4 to ramble in
+        prompt_tokens=statistics.mean(len(p) for p in prompt_ids),
+        completion_tokens=statistics.mean(len(c) + 1 for c in comp_ids),
+    )
+
+
+def _models(setup: TaskSetup, s: Settings, seed: int, student_dir: Path | None):
+    from transformers import AutoModelForCausalLM
+
+    from opd.build import finish_models
+    from opd.tasks.teacher import train_task_teacher
+    from opd.tiny import tiny_llama
+
+    teacher, tok, _ = train_task_teacher(setup.task, **setup.teacher_kwargs)  # cached
+    if student_dir is None:
+        student = tiny_llama(len(tok), hidden=s.student_hidden, layers=s.student_layers,
+                             heads=s.student_heads, max_positions=256, seed=10_000 + seed)
+    else:
+        student = AutoModelForCausalLM.from_pretrained(student_dir)
+    return finish_models(teacher, student, tok)
+
+
+def _config(s: Settings, setup: TaskSetup, run_dir: Path, method: str, steps: int, seed: int,
+            lr: float, ramp: int, min_lr_ratio: float):
+    from opd.config import load_config
+
+    recipe, args = parse_method(method)
+    return load_config(None, [
+        f"output_dir={run_dir}", f"data.train={setup.train_file}", f"data.eval={setup.eval_file}",
+        "data.eval_count=8", "data.chat_template=false",
+        f"sampling.max_new_tokens={setup.max_new_tokens}", f"sampling.temperature={s.temperature}",
+        f"method.recipe={recipe}", *[f"method.args.{k}={v}" for k, v in args.items()],
+        f"train.steps={steps}", f"train.batch_size={s.batch_size}", f"train.lr={lr}",
+        f"train.warmup_steps={ramp}", f"train.min_lr_ratio={min_lr_ratio}", f"train.seed={seed}",
+        "train.progress=false", f"train.threads={s.threads}",
+    ])  # fmt: skip
+
+
+def evaluate_student(models, setup: TaskSetup, s: Settings) -> dict:
+    """Greedy exact-match accuracy and held-out KL(q_student ‖ p_teacher)."""
+    from opd.data import encode_rows, load_rows
+    from opd.evaluate import heldout_kl
+    from opd.tasks.teacher import evaluate_accuracy
+
+    rows = [json.loads(line) for line in Path(setup.eval_file).read_text().splitlines()]
+    acc = evaluate_accuracy(models.student, models.tokenizer, setup.task, rows,
+                            max_new_tokens=setup.max_new_tokens)
+    loaded = load_rows(setup.eval_file).rows[: s.kl_rows]
+    examples = encode_rows(loaded, models.tokenizer, use_chat_template=False).examples
+    kl = heldout_kl(models.student, models.teacher, examples, pad_id=models.pad_id,
+                    stop_ids=models.stop_ids, vocab_size=models.vocab_size,
+                    max_new_tokens=setup.max_new_tokens)
+    return {"accuracy": acc, "teacher_kl": kl["kl"], "mean_length": kl["mean_length"]}
+
+
+# ------------------------------------------------------------------------ one run
+
+
+def run_method(s: Settings, setup: TaskSetup, method: str, seed: int, steps: int, lr: float,
+               report=lambda n: None, warmup: bool = False) -> dict:
+    """Train from the seed's warm-up checkpoint (from scratch if `warmup`), evaluating as we go.
+
+    Training runs in segments that end at the eval points (`distill(stop_after=...)`, then
+    `resume=True`), so the curve comes from one run with one learning-rate schedule.
+    """
+    from opd.train import distill
+
+    _quiet()
+    torch.set_num_threads(s.threads)
+    runs = Path(setup.out_dir) / "runs"
+    label = "warmup" if warmup else method.replace(":", "_").replace(",", "_").replace("=", "")
+    run_dir = runs / f"{label}-seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    models = _models(setup, s, seed, None if warmup else runs / f"warmup-seed{seed}" / "student")
+    prefixes = _prefixes(method)
+    n_s, n_t = flop_params(models.student), flop_params(models.teacher)
+    points = [0, steps] if warmup else sorted({max(1, round(f * steps)) for f in s.eval_points})
+    points = points if points[-1] == steps else [*points, steps]
+    # The warm-up keeps its lr constant after a 10 % ramp: its checkpoint is mid-training, not
+    # annealed, so every method continues a student that is still learning.
+    schedule = (steps // 10, 1.0) if warmup else (s.lr_warmup, 0.1)
+    curve, flops, seconds, done = [], 0.0, 0.0, 0
+    for stop in points:
+        if stop > done:
+            cfg = _config(s, setup, run_dir, method, steps, seed, lr, *schedule)
+            t0 = time.perf_counter()
+            res = distill(cfg, models=models, resume=done > 0, stop_after=stop, evaluate=False,
+                          log=lambda *_: None)
+            seconds += time.perf_counter() - t0
+            for row in res.metrics:  # one per optimizer step; `tokens` = completion tokens
+                flops += microbatch_flops(
+                    n_student=n_s, n_teacher=n_t,
+                    n_writer=writer_params(prefixes, n_s, n_t, row.get("student_share")),
+                    prompt_tokens=s.batch_size * cfg.train.grad_accum * setup.prompt_tokens,
+                    completion_tokens=row["tokens"],
+                )
+            report(stop - done)
+            done = stop
+        curve.append({"step": stop, "flops": flops, "seconds": seconds,
+                      **evaluate_student(models, setup, s)})
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return {"method": method, "seed": seed, "steps": steps, "lr": lr, "flops": flops,
+            "seconds": seconds, "curve": curve, "final": curve[-1]}
+
+
+def _quiet() -> None:
+    """No library progress bars or advisory warnings inside the sweep's own display."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _job(queue, kwargs: dict) -> dict:
+    return run_method(**kwargs, report=queue.put)
+
+
+def run_jobs(jobs: list[dict], workers: int, bar) -> list[dict]:
+    """`run_method(**job)` for each job, here or in `workers` spawned processes.
+
+    Tiny models leave a core mostly idle on Python overhead, so two one-thread workers on two
+    cores finish a sweep in about half the time of one two-thread process.
+    """
+    if workers <= 1:
+        return [run_method(**job, report=bar.update) for job in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        queue = manager.Queue()
+        futures = [pool.submit(_job, queue, job) for job in jobs]
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=0.5)
+            while not queue.empty():
+                bar.update(queue.get())
+        return [f.result() for f in futures]
+
+
+# ------------------------------------------------------------------------ the sweep
+
+
+def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
+    """The whole sweep for one task; writes `quality.json`, `results.md` and the plot."""
+    from tqdm import tqdm
+
+    from opd.bench import machine
+    from opd.bench.plots import summarize, write_report
+
+    t0, started_on = time.perf_counter(), machine()
+    _quiet()
+    torch.set_num_threads(s.threads)
+    setup = prepare_task(s, out_dir)
+    teacher_seconds = time.perf_counter() - t0
+    how = "cached" if setup.teacher_info.get("cached") else f"trained in {teacher_seconds:.0f} s"
+    log(f"[{s.task}] teacher: {setup.teacher_info.get('params')} params, held-out accuracy "
+        f"{setup.teacher_info.get('accuracy')} ({how})")
+    probe = _models(setup, s, 0, None)
+    n_s, n_t = flop_params(probe.student), flop_params(probe.teacher)
+    step_cost = {m: microbatch_flops(  # estimated FLOPs of one step, C = reference length
+        n_student=n_s, n_teacher=n_t, n_writer=writer_params(_prefixes(m), n_s, n_t),
+        prompt_tokens=s.batch_size * setup.prompt_tokens,
+        completion_tokens=s.batch_size * setup.completion_tokens,
+    ) for m in (*s.methods, "on_policy_rkl")}
+    budget = s.budget_gflop * 1e9 if s.budget_gflop else s.steps * step_cost["on_policy_rkl"]
+    steps = {m: max(1, round(budget / step_cost[m])) for m in s.methods}
+    bar = tqdm(total=s.seeds * (s.warmup_steps + sum(steps.values())), desc=f"bench {s.task}",
+               unit="step", disable=not s.progress, dynamic_ncols=True)
+    common = dict(s=s, setup=setup)
+    warmups = run_jobs([dict(common, method="supervised_kd", seed=seed, steps=s.warmup_steps,
+                             lr=s.warmup_lr, warmup=True) for seed in range(s.seeds)],
+                       s.workers, bar)
+    runs = run_jobs([dict(common, method=m, seed=seed, steps=steps[m], lr=s.lr)
+                     for seed in range(s.seeds) for m in s.methods], s.workers, bar)
+    bar.close()
+    for r in runs:
+        log(f"[{s.task}] {r['method']} seed {r['seed']}: accuracy {r['final']['accuracy']:.3f}, "
+            f"KL {r['final']['teacher_kl']:.4f}, {r['seconds']:.0f} s")
+    from opd.build import Models  # the teacher scored as if it were the student: its accuracy
+
+    as_student = Models(probe.teacher, probe.teacher, probe.tokenizer, probe.vocab_size)
+    settings = {k: v for k, v in dataclasses.asdict(s).items() if k != "teacher_preset"}
+    result = {
+        "task": s.task, "settings": settings,
+        "machine_at_start": started_on, "machine_at_end": machine(),
+        "teacher": {**setup.teacher_info, "flop_params": n_t,
+                    "eval": evaluate_student(as_student, setup, s)},
+        "student": {"flop_params": n_s, "hidden": s.student_hidden, "layers": s.student_layers},
+        "compute": {
+            "budget_gflop": budget / 1e9, "steps": steps,
+            "step_gflop_estimate": {m: step_cost[m] / 1e9 for m in s.methods},
+            "prompt_tokens_mean": setup.prompt_tokens,
+            "completion_tokens_mean": setup.completion_tokens,
+            "max_new_tokens": setup.max_new_tokens,
+            "warmup_gflop_mean": statistics.mean(w["flops"] for w in warmups) / 1e9,
+        },
+        "warmup": warmups, "runs": runs, "summary": summarize(runs, s.methods),
+        "wall_seconds": time.perf_counter() - t0, "teacher_seconds": teacher_seconds,
+    }
+    (out_dir / "quality.json").write_text(json.dumps(result, indent=1, default=str))
+    write_report(result, out_dir, log=log)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="opd bench quality", description=__doc__.split("\n")[0])
+    p.add_argument("--task", nargs="+", default=["sort"], help="one or more synthetic tasks")
+    p.add_argument("--recipes", nargs="*", default=[], help="methods added to --methods")
+    p.add_argument("--out", default=None, help="run folder (default runs/bench-quality-<time>)")
+    p.add_argument("--no-progress", action="store_true")
+    for f in dataclasses.fields(Settings):
+        if f.metadata.get("cli", True):
+            flag, d = f.metadata.get("flag", "--" + f.name.replace("_", "-")), f.default
+            shown = " ".join(map(str, d)) if isinstance(d, tuple) else d
+            kw = dict(nargs="+", type=f.metadata["item"]) if isinstance(d, tuple) else dict(
+                type=f.metadata.get("type", type(d)))
+            doc = f.metadata["doc"].replace("%", "%%")
+            doc += "" if d is None else f" (default {shown})"
+            p.add_argument(flag, dest=f.name, default=d, help=doc, **kw)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(_parser().parse_args(argv))
+    out = Path(args.pop("out") or f"runs/bench-quality-{time.strftime('%Y%m%d-%H%M%S')}")
+    tasks, extra, quiet = args.pop("task"), args.pop("recipes"), args.pop("no_progress")
+    args["methods"] = tuple(args["methods"]) + tuple(extra)
+    args["eval_points"] = tuple(args["eval_points"])
+    for task in tasks:
+        run_quality(Settings(task=task, progress=not quiet, **args),
+                    out / task if len(tasks) > 1 else out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
