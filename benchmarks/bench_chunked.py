@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -133,21 +132,9 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def machine() -> str:
-    import torch
+    from opd.bench import machine as describe
 
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
-        f"nproc {os.cpu_count()}, CPU {model}, torch {torch.__version__}, "
-        f"Python {platform.python_version()}, load average at start {load:.2f}"
-    )
+    return describe()
 
 
 def run_one(
