@@ -128,3 +128,31 @@ def test_loss_paths_agree_with_materialized(monkeypatch, tmp_path, mode):
         assert out["seconds"] > 0
         values[m] = torch.load(tmp_path / f"{m}.pt")
     torch.testing.assert_close(values[mode], values["opd_materialized"], atol=1e-5, rtol=1e-5)
+
+
+def test_speed_markdown_renders_both_sides_and_the_loss_table():
+    from opd.bench.plots import speed_markdown
+
+    side = dict(seconds_per_step=0.5, tokens_per_s=100.0, tokens_per_cpu_s=90.0,
+                tokens_per_step=50.0, peak_mb=10.0, peak_rss_mb=400.0,
+                repeats=[{"trainer": "DistillationTrainer"}])
+    result = {
+        "trl": "1.16.0",
+        "settings": dict(batch=2, new_tokens=4, temperature=1.0, beta=1.0, threads=1, steps=3,
+                         skip=1, repeats=1, loss_beta=0.5),
+        "step": [{"vocab": 105, "opd": side, "trl": side, "speedup_tokens_per_s": 1.0,
+                  "speedup_tokens_per_cpu_s": 1.0, "peak_ratio": 1.0}],
+        "loss": [{"n": 8, "mode": "opd_chunked", "peak_mb": 1.0, "seconds": 0.1,
+                  "max_abs_diff": 0.0}],
+    }
+    text = speed_markdown(result)
+    assert "| opd | 0.500 |" in text and "DistillationTrainer" in text and "opd_chunked" in text
+
+
+def test_quality_report_without_matplotlib_says_so(monkeypatch, tmp_path):
+    import sys
+
+    from opd.bench import plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    assert plots.plot({}, tmp_path / "x.png") is None

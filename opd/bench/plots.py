@@ -1,4 +1,4 @@
-"""The report of a quality sweep: per-method summary, markdown table, accuracy / KL figures.
+"""Reports: a quality sweep's summary, table and accuracy / KL figures; a speed run's tables.
 
 Numbers are the mean ± sample standard deviation over seeds (± 0 with one seed). The
 figures put each method's curve on the compute axis after the shared warm-up (GFLOPs,
@@ -151,3 +151,40 @@ def write_report(result: dict, out_dir: Path, log=print) -> Path:
     path.write_text(text)
     log(text)
     return path
+
+
+def speed_markdown(result: dict) -> str:
+    """The markdown tables of a speed run (`opd.bench.speed`)."""
+    from opd.bench.speed import HIDDEN, VOCAB
+    a, lines = result["settings"], []
+    for step in result["step"]:
+        lines += [
+            f"Step, output vocabulary {step['vocab']}: batch {a['batch']}, ≤ {a['new_tokens']} new "
+            f"tokens, temperature {a['temperature']}, β = {a['beta']}, {a['threads']} torch "
+            f"thread(s), {a['steps'] - a['skip']} measured steps × {a['repeats']} fresh processes "
+            "per side.", "",
+            "| side | s / step (median) | completion tokens / s | tokens / CPU s | tokens / step "
+            "| peak − baseline RSS (MB) | peak RSS (MB) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for side in ("opd", "trl"):
+            if side in step:
+                r = step[side]
+                name = "opd" if side == "opd" else f"TRL {result['trl']} `{r['repeats'][0]['trainer']}`"
+                lines.append(f"| {name} | {r['seconds_per_step']:.3f} | {r['tokens_per_s']:.0f} "
+                             f"| {r['tokens_per_cpu_s']:.0f} | {r['tokens_per_step']:.0f} "
+                             f"| {r['peak_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
+        if "speedup_tokens_per_s" in step:
+            lines.append(f"| **opd / TRL** | | **{step['speedup_tokens_per_s']:.2f}×** "
+                         f"| **{step['speedup_tokens_per_cpu_s']:.2f}×** | | "
+                         f"{step['peak_ratio']:.2f}× | |")
+        lines.append("")
+    if result["loss"]:
+        lines += [f"Loss: generalized JSD β = {a['loss_beta']}, V = {VOCAB:,}, D = {HIDDEN}, "
+                  "float32, one forward + backward, fresh process per row.", "",
+                  "| N | path | peak − baseline RSS (MB) | seconds | max abs diff vs materialized |",
+                  "|---:|---|---:|---:|---:|"]
+        for r in result["loss"]:
+            lines.append(f"| {r['n']} | {r['mode']} | {r['peak_mb']:.0f} | {r['seconds']:.2f} "
+                         f"| {r['max_abs_diff']:.1e} |")
+    return "\n".join(lines)

@@ -1,25 +1,29 @@
 """What distillation costs: opd vs TRL per training step, and the chunked-loss microbenchmark.
 
-1. Step benchmark. opd (`distill`, recipe `gkd` with λ=1; `on_policy_rkl`, the same
-   objective, at β=1) and TRL's `DistillationTrainer`
-   (trl ≥ 1.x; `GKDTrainer` with `lmbda=1` where only that exists) train the same tiny
-   randomly initialised Llama student (2 × 128) against the same teacher (4 × 256), character
-   vocabulary, built from the same seeds, on the same prompts (the `sort` task), with the same
-   batch, max_new_tokens, sampling temperature, β, learning rate, float32 and torch threads.
-   Gradient checkpointing and bf16 (TRL's defaults) are turned off on the TRL side, because
-   opd uses neither. A step is everything from the prompts to the optimizer update: student
-   sampling, both scoring forwards, the loss, backward, clipping, AdamW.
+1. Step benchmark. opd (`distill` with `gkd`, λ = 1; at β = 1 with `on_policy_rkl`, the same
+   objective) and TRL's `DistillationTrainer` (trl ≥ 1.x; `GKDTrainer` with `lmbda=1` where
+   only that exists) train the same randomly initialised tiny Llama student (2 × 128) against
+   the same teacher (4 × 256), built from the same seeds, on the same prompts (the `sort`
+   task), with the same batch, max_new_tokens, stop tokens (eos and <|im_end|>), sampling
+   temperature, β, learning rate, float32 and torch threads. TRL's defaults bf16 and gradient
+   checkpointing are turned off, because opd uses neither. A step is everything from the
+   prompts to the optimizer update: student sampling, both scoring forwards, the loss,
+   backward, clipping, AdamW. It runs with each output vocabulary of `--vocabs`: the
+   105-token character vocabulary, and 49,152 rows (SmolLM2's size) on the same bodies.
 
        seconds / step          median over the measured steps (the first `--skip` dropped)
        completion tokens / s   Σ completion tokens / Σ step seconds over the measured steps
                                (a completion's stop token counts; padding does not)
+       tokens / CPU second     all completion tokens / process CPU time of the training call
+                               (the least disturbed by other jobs on a shared machine)
        peak memory             peak RSS − RSS just before training, in a fresh process per
                                side, after its libraries, models and data are loaded and one
                                save + generate call has loaded that code; the absolute peak
                                RSS is reported too (TRL imports more libraries)
 
-   Both sides run one after the other in fresh subprocesses, so one does not pay for the
-   other's allocator state; on a shared machine compare the ratio, not the absolute numbers.
+   Each side runs in `--repeats` fresh processes, alternating opd, TRL, opd, ...; the median
+   over processes is reported (peak memory: the largest). One torch thread by default: on a
+   machine shared with other jobs, two OpenMP threads on two cores can be many times slower.
 
 2. Loss microbenchmark. One forward + backward of a per-token generalized JSD (β = 0.5 by
    default) at V = 49,152, D = 576 (SmolLM2's sizes) and N ∈ {512, 2048, 4096} rows:
@@ -32,8 +36,9 @@
 
 Deviations: TRL's trainer generates through `unwrap_model_for_generation` and logs through
 `transformers.Trainer`; those costs are part of what is measured (they are what a user pays).
-Random tiny models rarely emit a stop token, so completions are close to max_new_tokens on
-both sides.
+opd writes a checkpoint at the end of the run and TRL (`save_strategy="no"`) does not; it
+falls inside opd's numbers. Random students rarely emit a stop token, so completions are
+close to max_new_tokens on both sides.
 """
 
 from __future__ import annotations
@@ -351,42 +356,6 @@ def loss_bench(a, log=print) -> list[dict]:
     return rows
 
 
-def render(result: dict) -> str:
-    """The markdown tables of a speed run."""
-    a, lines = result["settings"], []
-    for step in result["step"]:
-        lines += [
-            f"Step, output vocabulary {step['vocab']}: batch {a['batch']}, ≤ {a['new_tokens']} new "
-            f"tokens, temperature {a['temperature']}, β = {a['beta']}, {a['threads']} torch "
-            f"thread(s), {a['steps'] - a['skip']} measured steps × {a['repeats']} fresh processes "
-            "per side.", "",
-            "| side | s / step (median) | completion tokens / s | tokens / CPU s | tokens / step "
-            "| peak − baseline RSS (MB) | peak RSS (MB) |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for side in ("opd", "trl"):
-            if side in step:
-                r = step[side]
-                name = "opd" if side == "opd" else f"TRL {result['trl']} `{r['repeats'][0]['trainer']}`"
-                lines.append(f"| {name} | {r['seconds_per_step']:.3f} | {r['tokens_per_s']:.0f} "
-                             f"| {r['tokens_per_cpu_s']:.0f} | {r['tokens_per_step']:.0f} "
-                             f"| {r['peak_mb']:.0f} | {r['peak_rss_mb']:.0f} |")
-        if "speedup_tokens_per_s" in step:
-            lines.append(f"| **opd / TRL** | | **{step['speedup_tokens_per_s']:.2f}×** "
-                         f"| **{step['speedup_tokens_per_cpu_s']:.2f}×** | | "
-                         f"{step['peak_ratio']:.2f}× | |")
-        lines.append("")
-    if result["loss"]:
-        lines += [f"Loss: generalized JSD β = {a['loss_beta']}, V = {VOCAB:,}, D = {HIDDEN}, "
-                  "float32, one forward + backward, fresh process per row.", "",
-                  "| N | path | peak − baseline RSS (MB) | seconds | max abs diff vs materialized |",
-                  "|---:|---|---:|---:|---:|"]
-        for r in result["loss"]:
-            lines.append(f"| {r['n']} | {r['mode']} | {r['peak_mb']:.0f} | {r['seconds']:.2f} "
-                         f"| {r['max_abs_diff']:.1e} |")
-    return "\n".join(lines)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opd bench speed", description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=12, help="training steps per process")
@@ -429,11 +398,13 @@ def main(argv: list[str] | None = None) -> int:
     result["loss"] = loss_bench(a) if a.loss_n else []
     result["machine_at_end"] = machine()
     result["wall_seconds"] = time.perf_counter() - t0
-    print(render(result))
+    from opd.bench.plots import speed_markdown
+
+    print(speed_markdown(result))
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "speed.json").write_text(json.dumps(result, indent=1))
-        (Path(a.out) / "speed.md").write_text(render(result) + "\n")
+        (Path(a.out) / "speed.md").write_text(speed_markdown(result) + "\n")
         print(f"wrote {Path(a.out) / 'speed.json'} and speed.md")
     return 0
 
