@@ -77,6 +77,12 @@ class SamplingConfig:
     temperature: float = _f(1.0, "sampling temperature of rollouts (0 = greedy)", ge=0.0)
     top_p: float = _f(1.0, "nucleus sampling mass (1 = off)", gt=0.0, le=1.0)
     top_k: int = _f(0, "sample from the k most likely tokens only (0 = off)", ge=0)
+    backend: str = _f(
+        "auto",
+        "'auto' (lean static-cache decoding for Llama-family models, else Hugging Face "
+        "generate), 'fast' (the lean loop or an error) or 'hf' (generate, the reference)",
+        choices=("auto", "fast", "hf"),
+    )
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from opd.models import decoder_and_head
-from opd.sampling import GenerationParams, HFBackend, make_rollout
+from opd.sampling import GenerationParams, make_backend, make_rollout
 from opd.signals import Divergence, SignalContext
 from opd.teachers import FullLogits
 from opd.types import StudentRows, TeacherScores, completion_rows
@@ -35,8 +35,10 @@ def generic_verify(text: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def greedy_completions(model, examples, pad_id, stop_ids, max_new_tokens, batch_size=16):
-    backend = HFBackend(batch_size=batch_size)
+def greedy_completions(model, examples, pad_id, stop_ids, max_new_tokens, batch_size=16,
+                       backend="auto"):
+    """Greedy completions of `examples` (`backend`: a `sampling.backend` name)."""
+    backend = make_backend(backend, batch_size)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
     return backend.generate(
         model, [ex.prompt_ids for ex in examples], params, pad_id=pad_id, stop_ids=stop_ids

@@ -83,6 +83,15 @@ class Divergence:
     def __hash__(self):
         return hash((self.name, tuple(sorted(self.params.items(), key=str)), self.temperature))
 
+    def is_reverse_kl(self, progress: float) -> bool:
+        """True when this signal is exactly KL(q_student ‖ p_teacher) at temperature 1 now:
+        `reverse_kl`, or generalized JSD with β = 1 (special-cased to that KL)."""
+        if self.temperature != 1.0:
+            return False
+        if self.name == "reverse_kl":
+            return True
+        return self.name == "generalized_jsd" and resolve_params(self.params, progress).get("beta") == 1.0
+
     def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext):
         params = resolve_params(self.params, ctx.progress)
         tau = self.temperature

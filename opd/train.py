@@ -36,7 +36,7 @@ from opd.losses import chunked_token_logprobs, sequence_mean, token_mean
 from opd.method import Method
 from opd.models import decoder_and_head
 from opd.recipes import get_recipe
-from opd.sampling import GenerationParams, HFBackend, RolloutContext
+from opd.sampling import GenerationParams, RolloutContext, make_backend
 from opd.signals import Divergence, SignalContext
 from opd.stream import PromptStream
 from opd.types import StudentRows, completion_rows
@@ -117,12 +117,13 @@ def rollout_kl(method, srows, tscores, values_N, sctx):
     """KL(q_student ‖ p_teacher) per token of this rollout, for the logs.
 
     Exact (full vocabulary) when the teacher returned full logits, reusing the signal's
-    values when the signal already is that divergence at temperature 1; otherwise the
+    values when the signal already is that divergence at temperature 1 (`reverse_kl`, or
+    generalized JSD with β = 1), which saves a second pass over the vocabulary; otherwise the
     one-sample estimate log q(y_t) − log p(y_t), unbiased per token when y_t was sampled from
     the student; None when the teacher returned neither.
     """
-    sig = method.signal
-    if getattr(sig, "name", None) == "reverse_kl" and getattr(sig, "temperature", None) == 1.0:
+    is_rkl = getattr(method.signal, "is_reverse_kl", None)
+    if is_rkl is not None and is_rkl(sctx.progress):
         return values_N.detach()
     if tscores.has_full_logits:
         detached = StudentRows(
@@ -239,7 +240,7 @@ def distill(
     ctx = RolloutContext(
         student=models.student,
         teacher=models.teacher,
-        backend=HFBackend(),
+        backend=make_backend(cfg.sampling.backend),
         params=gen,
         pad_id=models.pad_id,
         stop_ids=models.stop_ids,

@@ -85,7 +85,7 @@ def test_tiny_quality_sweep_writes_a_complete_report(tmp_path):
 
 def _speed_args(**kw):
     base = dict(steps=2, skip=0, batch=2, new_tokens=4, beta=1.0, lr=1e-4, temperature=1.0,
-                threads=1, repeats=1, vocab=0)
+                threads=1, repeats=1, vocab=0, backend="auto", sides=["opd", "trl"])
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -105,6 +105,21 @@ def test_speed_bench_without_trl_reports_opd_and_names_the_extra(monkeypatch):
     lines = []
     out = speed.step_bench(_speed_args(), log=lines.append)
     assert set(out) == {"opd", "vocab"} and any("pip install 'opd[bench]'" in x for x in lines)
+
+
+def test_speed_bench_runs_the_requested_sides_with_their_backends(monkeypatch):
+    monkeypatch.setattr(speed, "trl_version", lambda: None)
+    seen = []
+
+    def fake(args):
+        seen.append(args[:3])
+        return dict(seconds_per_step=1.0, tokens_per_s=2.0, tokens_per_step=2.0, peak_mb=3.0,
+                    peak_rss_mb=4.0, cpu_seconds_per_step=1.0, tokens_per_cpu_s=2.0)
+
+    monkeypatch.setattr(speed, "_spawn", fake)
+    out = speed.step_bench(_speed_args(sides=["opd", "opd-hf"], repeats=2), log=lambda *_: None)
+    assert set(out) == {"opd", "opd-hf", "vocab"}
+    assert seen == [["opd", "--backend", "auto"], ["opd", "--backend", "hf"]] * 2
 
 
 def test_speed_trl_side_two_steps():

@@ -199,3 +199,40 @@ def test_grad_accum_equals_bigger_batch_loss_scale(tmp_path, prompt_file, tok):
     state = json.loads((res.run_dir / "checkpoints" / "step_000002" / "state.json").read_text())
     # 2 steps x 2 micro-batches x 4 prompts consumed from the stream
     assert state["data"]["index"] + state["data"]["epoch"] * 24 == 16
+
+
+def test_rollout_kl_reuses_the_signal_only_when_it_is_reverse_kl(tmp_path, prompt_file, tok):
+    """GKD with β = 1 is KL(q_student ‖ p_teacher): its logged KL must reuse the loss values
+    (no second vocabulary pass) and equal the separately computed KL; β = 0.5 must not."""
+    from opd import train as train_mod
+    from opd.signals import Divergence
+
+    assert Divergence("generalized_jsd", {"beta": 1.0}).is_reverse_kl(0.3)
+    assert Divergence("reverse_kl").is_reverse_kl(0.0)
+    assert not Divergence("generalized_jsd", {"beta": 0.5}).is_reverse_kl(0.0)
+    assert not Divergence("reverse_kl", temperature=2.0).is_reverse_kl(0.0)
+    assert not Divergence("forward_kl").is_reverse_kl(0.0)
+
+    calls = []
+    real = train_mod.REVERSE_KL
+
+    class Counting:
+        def __call__(self, *a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+    logged = {}
+    for beta in (1.0, 0.5):
+        calls.clear()
+        train_mod.REVERSE_KL = Counting()
+        try:
+            cfg = tiny_cfg(tmp_path, prompt_file, "train.steps=2", "method.recipe=gkd",
+                           "method.args.lmbda=1.0", f"method.args.beta={beta}", name=f"b{beta}")
+            res = distill(cfg, models=fresh_models(tok), evaluate=False, log=lambda *_: None)
+        finally:
+            train_mod.REVERSE_KL = real
+        logged[beta] = [r["teacher_kl"] for r in res.metrics if "loss" in r]
+        assert len(calls) == (0 if beta == 1.0 else 2), beta
+    # same seed, same models: the same first rollout, so the reused and the recomputed KL
+    # agree (later steps differ: the two losses update the student differently)
+    assert logged[1.0][0] == pytest.approx(logged[0.5][0], rel=1e-5)

@@ -155,7 +155,7 @@ def write_report(result: dict, out_dir: Path, log=print) -> Path:
 
 def speed_markdown(result: dict) -> str:
     """The markdown tables of a speed run (`opd.bench.speed`)."""
-    from opd.bench.speed import HIDDEN, VOCAB
+    from opd.bench.speed import HIDDEN, SIDES, VOCAB, side_name
     a, lines = result["settings"], []
     for step in result["step"]:
         lines += [
@@ -167,10 +167,10 @@ def speed_markdown(result: dict) -> str:
             "| peak − baseline RSS (MB) | peak RSS (MB) |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for side in ("opd", "trl"):
+        for side in SIDES:
             if side in step:
                 r = step[side]
-                name = "opd" if side == "opd" else f"TRL {result['trl']} `{r['repeats'][0]['trainer']}`"
+                name = side_name(side, result["trl"], r["repeats"][0].get("trainer"))
                 lines.append(f"| {name} | {r['seconds_per_step']:.3f} | {r['tokens_per_s']:.0f} "
                              f"| {r['tokens_per_cpu_s']:.0f} | {r['tokens_per_step']:.0f} "
                              f"| {r['peak_mb']:.0f} | {r['peak_rss_mb']:.0f} |")

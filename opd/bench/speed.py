@@ -148,10 +148,8 @@ def _prewarm(student, tok) -> None:
 
 
 def _opd_recipe(beta: float) -> list[str]:
-    """opd's name for TRL's on-policy objective: `on_policy_rkl` at β = 1 (GKD with λ = 1,
-    β = 1; its logged KL reuses the loss values), else `gkd` with λ = 1 and β."""
-    if beta == 1.0:
-        return ["method.recipe=on_policy_rkl"]
+    """opd's name for TRL's on-policy objective: GKD with λ = 1 and β (at β = 1 the logged
+    KL(q_student ‖ p_teacher) reuses the loss values, as for `on_policy_rkl`)."""
     return ["method.recipe=gkd", "method.args.lmbda=1.0", f"method.args.beta={beta}"]
 
 
@@ -175,13 +173,13 @@ def worker_opd(a) -> dict:
             f"train.steps={a.steps}",
             f"train.batch_size={a.batch}", f"train.lr={a.lr}", "train.progress=false",
             f"sampling.max_new_tokens={a.new_tokens}", f"sampling.temperature={a.temperature}",
-            f"train.threads={a.threads}",
+            f"train.threads={a.threads}", f"sampling.backend={a.backend}",
         ])  # fmt: skip
         base, cpu = reset_peak(), time.process_time()
         res = distill(cfg, models=models, evaluate=False, log=lambda *_: None)
         cpu = time.process_time() - cpu
     rows = res.metrics
-    return {"side": "opd", **_summary([r["seconds"] for r in rows], [r["tokens"] for r in rows],
+    return {"side": "opd", "backend": a.backend, **_summary([r["seconds"] for r in rows], [r["tokens"] for r in rows],
                                       a.skip, base, cpu)}
 
 
@@ -304,13 +302,14 @@ def step_bench(a, log=print) -> dict:
              "--new-tokens", str(a.new_tokens), "--beta", str(a.beta), "--lr", str(a.lr),
              "--temperature", str(a.temperature), "--threads", str(a.threads),
              "--vocab", str(a.vocab)]
-    sides = ["opd"] + (["trl"] if trl_version() else [])
-    if len(sides) == 1:
+    sides = [s for s in a.sides if s != "trl" or trl_version()]
+    if "trl" in a.sides and "trl" not in sides:
         log(f"TRL is not installed: only opd's numbers are reported ({INSTALL_HINT} adds it)")
     runs = {side: [] for side in sides}
     for _ in range(a.repeats):
         for side in sides:
-            runs[side].append(_spawn([side, *flags]))
+            worker = ["trl"] if side == "trl" else ["opd", "--backend", SIDES[side]]
+            runs[side].append(_spawn([*worker, *flags]))
     out = {"vocab": a.vocab or "char (105)"}
     log(f"step benchmark, output vocabulary {out['vocab']}:")
     for side, rs in runs.items():
@@ -319,7 +318,7 @@ def step_bench(a, log=print) -> dict:
             "tokens_per_cpu_s")},
             "peak_mb": max(r["peak_mb"] for r in rs),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
-        name = "opd" if side == "opd" else f"TRL {trl_version()} ({rs[0]['trainer']})"
+        name = side_name(side, trl_version(), rs[0].get("trainer"))
         log(f"{name}: {out[side]['seconds_per_step']:.3f} s/step, "
             f"{out[side]['tokens_per_s']:.0f} completion tokens/s "
             f"({out[side]['tokens_per_cpu_s']:.0f} per CPU second), "
@@ -356,11 +355,24 @@ def loss_bench(a, log=print) -> list[dict]:
     return rows
 
 
+SIDES = {"opd": "auto", "opd-hf": "hf", "trl": None}  # side -> opd's sampling.backend
+
+
+def side_name(side: str, trl: str | None = None, trainer: str | None = None) -> str:
+    if side == "trl":
+        return f"TRL {trl} `{trainer}`"
+    return "opd" if side == "opd" else "opd, sampling.backend=hf (Hugging Face generate)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opd bench speed", description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=12, help="training steps per process")
     p.add_argument("--skip", type=int, default=2, help="first steps left out (warm-up)")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per side, alternating")
+    p.add_argument("--sides", nargs="+", choices=sorted(SIDES), default=["opd", "trl"],
+                   help="what to run: opd (default decoding), opd-hf (opd with Hugging Face "
+                   "generate), trl")
+    p.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--beta", type=float, default=1.0, help="generalized JSD β of both sides")

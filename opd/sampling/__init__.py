@@ -1,6 +1,12 @@
 """Prefix sources (who writes the completions) and generation backends."""
 
-from opd.sampling.backends import GenerationBackend, GenerationParams, HFBackend
+from opd.sampling.backends import (
+    FastBackend,
+    GenerationBackend,
+    GenerationParams,
+    HFBackend,
+    make_backend,
+)
 from opd.sampling.prefix import Prefix, prefix
 from opd.sampling.replay import Replay, replay
 from opd.sampling.sources import (
@@ -29,6 +35,8 @@ __all__ = [
     "GenerationBackend",
     "GenerationParams",
     "HFBackend",
+    "FastBackend",
+    "make_backend",
     "PrefixSource",
     "RolloutContext",
     "DatasetPrefixes",

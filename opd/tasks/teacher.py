@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from opd.errors import ConfigError
@@ -119,8 +119,9 @@ def generate_completions(
 ) -> list[str]:
     """Greedy completions of plain-text prompts, batched with left padding.
 
-    Decoding uses the KV cache and stops each row at the tokenizer's eos; special tokens
-    are dropped from the returned text. The model's train/eval mode is restored after.
+    Decoding (`opd.sampling.make_backend("auto")`) uses a KV cache and stops each row at the
+    tokenizer's eos; special tokens are dropped from the returned text. The model's
+    train/eval mode is restored after.
 
     Args:
       model: a causal LM.
@@ -132,32 +133,14 @@ def generate_completions(
     Returns:
       One completion string per prompt, in order.
     """
-    was_training, old_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    from opd.sampling import GenerationParams, make_backend
+
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    completions = make_backend("auto", batch_size).generate(
+        model, ids, GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0),
+        pad_id=tokenizer.pad_token_id, stop_ids=[tokenizer.eos_token_id],
     )
-    device = next(model.parameters()).device
-    texts: list[str] = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(
-                prompts[start : start + batch_size],
-                add_special_tokens=False,
-                padding=True,
-                return_tensors="pt",
-            ).to(device)
-            out_BT = model.generate(**enc, generation_config=config)
-            new_BT = out_BT[:, enc["input_ids"].shape[1] :]
-            texts += tokenizer.batch_decode(new_BT, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-        tokenizer.padding_side = old_side
-    return texts
+    return tokenizer.batch_decode(completions, skip_special_tokens=True)
 
 
 def evaluate_accuracy(
