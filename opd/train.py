@@ -143,9 +143,11 @@ def rollout_kl(method, srows, tscores, values_N, sctx):
 
 def micro_step(method, models, rollout, sctx, device):
     """Loss of one micro-batch and its logged numbers (loss not yet divided by grad_accum)."""
+    # The teacher first: its forward's activations are freed before the student's, which
+    # autograd keeps for the backward, are allocated (a lower peak than the other order).
+    tscores = method.teacher.score(models.teacher, rollout, models.vocab_size)
     s_dec, s_head, _ = decoder_and_head(models.student, verify=False)
     srows = student_rows(s_dec, s_head[: models.vocab_size], rollout, device)
-    tscores = method.teacher.score(models.teacher, rollout, models.vocab_size)
     sctx = dataclasses.replace(sctx, rollout=rollout)
     values_N = method.signal(srows, tscores, sctx)
     w_N = torch.ones_like(values_N)

@@ -102,13 +102,14 @@ class _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         self.w_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
         self.b_qkv = _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj)
-        self.o_proj = attn.o_proj
+        self.w_o, self.b_o = attn.o_proj.weight, attn.o_proj.bias
         self.q_norm = getattr(attn, "q_norm", None)  # qwen3 normalises q and k per head
         self.k_norm = getattr(attn, "k_norm", None)
         self.w_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
         self.b_gate_up = _cat_bias(mlp.gate_proj, mlp.up_proj)
-        self.down = mlp.down_proj
-        self.act = mlp.act_fn
+        self.w_down, self.b_down = mlp.down_proj.weight, mlp.down_proj.bias
+        # SiLU (every supported family's default) without the module call
+        self.act = F.silu if type(mlp.act_fn).__name__ in ("SiLUActivation", "SiLU") else mlp.act_fn
         self.norm1 = (layer.input_layernorm.weight, _eps(layer.input_layernorm))
         self.norm2 = (layer.post_attention_layernorm.weight, _eps(layer.post_attention_layernorm))
 
@@ -118,7 +119,7 @@ def _eps(norm) -> float:
 
 
 def _rms_norm(x, weight_eps):
-    """transformers' Llama RMSNorm: normalise in float32, cast back, scale."""
+    """transformers' Llama RMSNorm: w · x / sqrt(mean(x²) + eps), normalised in float32."""
     weight, eps = weight_eps
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
@@ -163,7 +164,7 @@ class _Decoder:
             q, self.k[i][:, :, :end], self.v[i][:, :, :end], attn_mask=mask_B1QK,
             scale=self.scaling, enable_gqa=nq != nkv,
         )
-        return lay.o_proj(out.transpose(1, 2).reshape(B, S, nq * d))
+        return F.linear(out.transpose(1, 2).reshape(B, S, nq * d), lay.w_o, lay.b_o)
 
     def forward(self, ids_BS, positions_BS, mask_B1QK):
         """Hidden states after the final norm of the new positions; appends them to the cache."""
@@ -172,7 +173,7 @@ class _Decoder:
         for i, lay in enumerate(self.layers):
             h = h + self._attention(lay, i, _rms_norm(h, lay.norm1), cos, sin, mask_B1QK)
             gate, up = F.linear(_rms_norm(h, lay.norm2), lay.w_gate_up, lay.b_gate_up).chunk(2, -1)
-            h = h + lay.down(lay.act(gate) * up)
+            h = h + F.linear(lay.act(gate) * up, lay.w_down, lay.b_down)
         self.length += ids_BS.shape[1]
         return _rms_norm(h, self.final_norm)
 
