@@ -170,3 +170,32 @@ def test_a_model_whose_logits_differ_falls_back_to_generate(caplog):
     expected = HFBackend().generate(model, PROMPTS, params, pad_id=0, stop_ids=[2])
     torch.manual_seed(0)
     assert backend.generate(model, PROMPTS, params, pad_id=0, stop_ids=[2]) == expected
+
+
+def test_training_runs_are_identical_with_either_backend(tmp_path, prompt_file, tok):
+    """The same on-policy run, decoded by the lean loop or by `generate`: same losses."""
+    from opd.build import finish_models
+    from opd.config import load_config
+    from opd.logs import read_metrics
+    from opd.tiny import tiny_llama
+    from opd.train import distill
+
+    losses = {}
+    for backend in ("auto", "hf"):
+        cfg = load_config(None, [
+            f"output_dir={tmp_path / backend}", f"data.train={prompt_file}",
+            f"data.eval={prompt_file}", "data.eval_count=4", "data.chat_template=false",
+            "sampling.max_new_tokens=8", "train.batch_size=4", "train.progress=false",
+            "train.lr=3e-3", "train.steps=3", "method.recipe=on_policy_rkl",
+            f"sampling.backend={backend}",
+        ])  # fmt: skip
+        models = finish_models(tiny_llama(len(tok), hidden=64, layers=3, seed=11),
+                               tiny_llama(len(tok), hidden=48, layers=2, seed=12), tok)
+        assert FastBackend().reason(models.student) is None  # "auto" really is the lean loop
+        res = distill(cfg, models=models, log=lambda *_: None)
+        losses[backend] = [r["loss"] for r in res.metrics if "loss" in r]
+        rows = read_metrics(res.run_dir / "metrics.jsonl")
+        losses[backend + "_kl"] = [r["heldout_kl"] for r in rows if "heldout_kl" in r]
+    assert losses["auto"] == pytest.approx(losses["hf"], rel=1e-5, abs=1e-7)
+    assert losses["auto_kl"] == pytest.approx(losses["hf_kl"], rel=1e-5, abs=1e-7)
+    assert len(losses["auto"]) == 3 and len(losses["auto_kl"]) == 2
