@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from opd.errors import ConfigError
-from opd.losses import DIVERGENCES, chunked_divergence, divergence
+from opd.losses import DIVERGENCES, chunked_divergence, chunked_weighted_divergence, divergence
 from opd.losses.mixture import chunked_mixture_divergence, mixture_logits
 from opd.schedules import resolve_params
 from opd.types import StudentRows, TeacherScores
@@ -119,6 +119,21 @@ class Divergence:
             temperature=tau,
             chunk_size=ctx.chunk_size,
             **params,
+        )
+
+    def weighted_loss(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext,
+                      coef_N: torch.Tensor):
+        """(Σ_n c_n · D_n, values_N) in one pass over the heads (gradient taken in the forward,
+        `chunked_weighted_divergence`), or None where that path does not apply (ensembles,
+        the materialized reference path). Equal to (self(...) · coef_N).sum() in value and
+        gradient."""
+        if teacher.members or ctx.materialize:
+            return None
+        dtype = student.hidden_ND.dtype
+        return chunked_weighted_divergence(
+            self.name, student.hidden_ND, student.head_VD, teacher.hidden_ND.to(dtype),
+            teacher.head_VD.to(dtype), coef_N, temperature=self.temperature,
+            chunk_size=ctx.chunk_size, **resolve_params(self.params, ctx.progress),
         )
 
     def describe(self) -> str:

@@ -149,19 +149,46 @@ def micro_step(method, models, rollout, sctx, device):
     s_dec, s_head, _ = decoder_and_head(models.student, verify=False)
     srows = student_rows(s_dec, s_head[: models.vocab_size], rollout, device)
     sctx = dataclasses.replace(sctx, rollout=rollout)
-    values_N = method.signal(srows, tscores, sctx)
-    w_N = torch.ones_like(values_N)
-    for weight in method.weights:
-        w_N = w_N * weight(values_N, srows, tscores, rollout, sctx)
     mask_BT = rollout.completion_mask_BT.to(device).bool()
-    if rollout.token_weight_BT is not None:
-        w_N = w_N * rollout.token_weight_BT.to(device)[mask_BT]
-    weighted_BT = torch.zeros(mask_BT.shape, dtype=values_N.dtype, device=device)
-    weighted_BT[mask_BT] = (w_N * values_N).to(weighted_BT.dtype)
     reduce = token_mean if method.reduction == "token_mean" else sequence_mean
-    loss = reduce(weighted_BT, mask_BT.to(values_N.dtype))
+    fused = one_pass_loss(method, srows, tscores, sctx, rollout, mask_BT, reduce)
+    if fused is not None:
+        loss, values_N = fused
+    else:
+        values_N = method.signal(srows, tscores, sctx)
+        w_N = torch.ones_like(values_N)
+        for weight in method.weights:
+            w_N = w_N * weight(values_N, srows, tscores, rollout, sctx)
+        if rollout.token_weight_BT is not None:
+            w_N = w_N * rollout.token_weight_BT.to(device)[mask_BT]
+        weighted_BT = torch.zeros(mask_BT.shape, dtype=values_N.dtype, device=device)
+        weighted_BT[mask_BT] = (w_N * values_N).to(weighted_BT.dtype)
+        loss = reduce(weighted_BT, mask_BT.to(values_N.dtype))
     kl_N = rollout_kl(method, srows, tscores, values_N, sctx)
     return loss, kl_N, rollout
+
+
+def one_pass_loss(method, srows, tscores, sctx, rollout, mask_BT, reduce):
+    """The loss in one pass over the heads, when every token's coefficient is known first.
+
+    Applies when the signal offers `weighted_loss` (full-vocabulary divergences) and the
+    method has no token weights (they may depend on the values). The reduction is linear in
+    the weighted values, so each token's coefficient c_n = ∂ reduce / ∂ value_n (times the
+    sampler's importance weight) is read off with autograd on a zero probe; the loss is then
+    Σ c_n · D_n with its gradient taken in the forward pass (`chunked_weighted_divergence`),
+    equal in value and gradient to the two-pass path below it. Returns None otherwise.
+    """
+    weighted_loss = getattr(method.signal, "weighted_loss", None)
+    if weighted_loss is None or method.weights or not sctx.chunk_size:
+        return None
+    dtype = torch.promote_types(srows.hidden_ND.dtype, torch.float32)
+    probe_BT = torch.zeros(mask_BT.shape, dtype=dtype, device=mask_BT.device, requires_grad=True)
+    with torch.enable_grad():
+        (coef_BT,) = torch.autograd.grad(reduce(probe_BT, mask_BT.to(dtype)), probe_BT)
+    coef_N = coef_BT[mask_BT]
+    if rollout.token_weight_BT is not None:
+        coef_N = coef_N * rollout.token_weight_BT.to(coef_N.device)[mask_BT].to(dtype)
+    return weighted_loss(srows, tscores, sctx, coef_N)
 
 
 def distill(

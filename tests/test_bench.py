@@ -129,7 +129,7 @@ def test_speed_trl_side_two_steps():
     assert math.isfinite(out["tokens_per_s"]) and out["tokens_per_s"] > 0
 
 
-@pytest.mark.parametrize("mode", ["opd_chunked", "trl_chunked"])
+@pytest.mark.parametrize("mode", ["opd_chunked", "opd_one_pass", "trl_chunked"])
 def test_loss_paths_agree_with_materialized(monkeypatch, tmp_path, mode):
     if mode == "trl_chunked":
         pytest.importorskip("trl")

@@ -286,3 +286,54 @@ def test_a_divergence_registered_later_works_chunked():
             torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10)
     finally:
         DIVERGENCES.pop("_test_squared")
+
+
+# ---------------------------------------------------------------- one-pass weighted loss
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+@pytest.mark.parametrize("chunk_size", [8, 64])
+def test_weighted_loss_matches_two_pass_reference(name, chunk_size):
+    """Σ c_n D_n with the gradient taken in the forward equals the chunked path's weighted sum."""
+    from opd.losses import chunked_weighted_divergence
+
+    params = PARAMS.get(name, {})
+    student, teacher = _inputs(torch.float64, seed=5)
+    coef = torch.rand(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    h, w = (t.requires_grad_() for t in student.values())
+    ref = (chunked_divergence(name, h, w, **teacher, chunk_size=chunk_size, **params) * coef).sum()
+    ref_grads = torch.autograd.grad(ref, (h, w))
+    loss, values = chunked_weighted_divergence(name, h, w, teacher["teacher_hidden"],
+                                               teacher["teacher_head"], coef,
+                                               chunk_size=chunk_size, **params)
+    grads = torch.autograd.grad(3.0 * loss, (h, w))  # the upstream gradient is applied
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-10)
+    assert not values.requires_grad and values.shape == (N,)
+    torch.testing.assert_close(
+        values, chunked_divergence(name, h, w, **teacher, chunk_size=chunk_size, **params).detach()
+    )
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, 3.0 * want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "generalized_jsd", "skew_forward_kl"])  # no stop-grads
+def test_weighted_loss_gradcheck_and_errors(name):
+    from opd.losses import chunked_weighted_divergence
+
+    student, teacher = _inputs(torch.float64, n=5, seed=3)
+    coef = torch.tensor([0.1, 0.0, 1.0, 0.5, 2.0], dtype=torch.float64)
+    h, w = (t.requires_grad_() for t in student.values())
+    t_h, t_w = teacher["teacher_hidden"], teacher["teacher_head"]
+
+    def f(hh, ww):
+        return chunked_weighted_divergence(name, hh, ww, t_h, t_w, coef, chunk_size=2,
+                                           **PARAMS.get(name, {}))[0]
+
+    assert torch.autograd.gradcheck(f, (h, w), fast_mode=True)
+    with pytest.raises(ValueError, match=r"coef_N must be \(N,\) = \(5,\), got \(4,\)"):
+        chunked_weighted_divergence(name, h, w, t_h, t_w, coef[:4])
+    empty, _ = _inputs(torch.float32, n=0)
+    loss, values = chunked_weighted_divergence(
+        "reverse_kl", empty["student_hidden"], empty["student_head"].requires_grad_(),
+        torch.zeros(0, D_T), torch.randn(V, D_T), torch.zeros(0))
+    assert float(loss) == 0.0 and values.shape == (0,)

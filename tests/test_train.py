@@ -236,3 +236,49 @@ def test_rollout_kl_reuses_the_signal_only_when_it_is_reverse_kl(tmp_path, promp
     # same seed, same models: the same first rollout, so the reused and the recomputed KL
     # agree (later steps differ: the two losses update the student differently)
     assert logged[1.0][0] == pytest.approx(logged[0.5][0], rel=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["on_policy_rkl", "supervised_kd", "gkd"])
+def test_one_pass_loss_is_taken_and_equals_the_two_pass_loss(tmp_path, prompt_file, tok,
+                                                             recipe, monkeypatch):
+    """Divergence recipes without token weights take the one-pass loss; the run (losses and
+    the final student) is the same as with the two-pass path."""
+    from opd import train as train_mod
+
+    real = train_mod.one_pass_loss
+    taken = []
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        taken.append(out is not None)
+        return out
+
+    runs = {}
+    for mode in ("one_pass", "two_pass"):
+        monkeypatch.setattr(train_mod, "one_pass_loss",
+                            spy if mode == "one_pass" else (lambda *a, **k: None))
+        cfg = tiny_cfg(tmp_path, prompt_file, "train.steps=3", f"method.recipe={recipe}",
+                       name=f"{recipe}-{mode}")
+        res = distill(cfg, models=fresh_models(tok), evaluate=False, log=lambda *_: None)
+        runs[mode] = ([r["loss"] for r in res.metrics if "loss" in r],
+                      [r["teacher_kl"] for r in res.metrics if "loss" in r],
+                      {k: v.clone() for k, v in res.models.student.state_dict().items()})
+    assert taken and all(taken)
+    assert runs["one_pass"][0] == pytest.approx(runs["two_pass"][0], rel=1e-5, abs=1e-8)
+    assert runs["one_pass"][1] == pytest.approx(runs["two_pass"][1], rel=1e-5, abs=1e-8)
+    for k, v in runs["two_pass"][2].items():
+        torch.testing.assert_close(runs["one_pass"][2][k], v, atol=1e-5, rtol=1e-4)
+
+
+def test_methods_with_token_weights_keep_the_two_pass_loss():
+    """A weight may depend on the values, so such methods never take the one-pass path."""
+    import dataclasses
+
+    from opd import train as train_mod
+    from opd.recipes import get_recipe
+    from opd.weights import SpecialTokenMask
+
+    plain = get_recipe("gkd").build()
+    weighted = dataclasses.replace(plain, weights=(SpecialTokenMask(),))
+    assert train_mod.one_pass_loss(weighted, None, None, None, None, None, None) is None
+    assert get_recipe("revisiting_opd").build().weights  # a shipped recipe with weights

@@ -27,8 +27,10 @@
 
 2. Loss microbenchmark. One forward + backward of a per-token generalized JSD (β = 0.5 by
    default) at V = 49,152, D = 576 (SmolLM2's sizes) and N ∈ {512, 2048, 4096} rows:
-   opd's chunked path (`chunked_divergence`, row chunks of 1024), opd's materialized path
-   (the (N, V) logits, `divergence`), and TRL's `ChunkedDivergenceFunction` (its CPU tile
+   opd's chunked path (`chunked_divergence`, row chunks of 1024; its backward recomputes
+   both heads' logits), opd's one-pass path (`chunked_weighted_divergence` with c_n = 1/N,
+   the trainer's path for unweighted divergence recipes: the gradient is taken in the
+   forward pass), opd's materialized path (the (N, V) logits, `divergence`), and TRL's `ChunkedDivergenceFunction` (its CPU tile
    path: 4096-row × 32,768-column tiles). Memory is measured as in
    `benchmarks/bench_chunked.py`: a fresh process per configuration, the peak-RSS counter
    reset after the inputs exist (`/proc/self/clear_refs`), peak − baseline reported. The
@@ -243,7 +245,7 @@ def worker_trl(a) -> dict:
 def worker_loss(a) -> dict:
     import torch
 
-    from opd.losses import chunked_divergence, divergence
+    from opd.losses import chunked_divergence, chunked_weighted_divergence, divergence
 
     torch.set_num_threads(a.threads)
     gen = torch.Generator().manual_seed(0)
@@ -253,6 +255,13 @@ def worker_loss(a) -> dict:
     w_t_VD = torch.randn(VOCAB, HIDDEN, generator=gen) / HIDDEN**0.5
 
     def step(hs, ht):
+        if a.mode == "opd_one_pass":  # the trainer's path: Σ c_n D_n, gradient in the forward
+            coef_N = torch.full((hs.shape[0],), 1.0 / hs.shape[0])
+            loss, values_N = chunked_weighted_divergence(
+                "generalized_jsd", hs, w_s_VD, ht, w_t_VD, coef_N, chunk_size=a.chunk_size,
+                beta=a.beta)
+            loss.backward()
+            return values_N
         if a.mode == "opd_chunked":
             values_N = chunked_divergence("generalized_jsd", hs, w_s_VD, ht, w_t_VD,
                                           chunk_size=a.chunk_size, beta=a.beta)
@@ -336,7 +345,8 @@ def step_bench(a, log=print) -> dict:
 def loss_bench(a, log=print) -> list[dict]:
     import torch
 
-    modes = ["opd_materialized", "opd_chunked"] + (["trl_chunked"] if trl_version() else [])
+    modes = ["opd_materialized", "opd_chunked", "opd_one_pass"] + (
+        ["trl_chunked"] if trl_version() else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in a.loss_n:

@@ -23,6 +23,7 @@ from opd.losses.adaptive import (
 )
 from opd.losses.chunked import (
     chunked_divergence,
+    chunked_weighted_divergence,
     chunked_token_logprobs,
     chunked_topk,
     token_logprobs,
@@ -49,6 +50,7 @@ __all__ = [
     "akl_weights",
     "bridge",
     "chunked_divergence",
+    "chunked_weighted_divergence",
     "chunked_token_logprobs",
     "chunked_topk",
     "divergence",
