@@ -23,9 +23,9 @@ from opd.losses.adaptive import (
 )
 from opd.losses.chunked import (
     chunked_divergence,
-    chunked_weighted_divergence,
     chunked_token_logprobs,
     chunked_topk,
+    chunked_weighted_divergence,
     token_logprobs,
 )
 from opd.losses.divergences import (
