@@ -105,9 +105,11 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate held-out KL every N steps (0 = only before/after)", ge=0)
     checkpoint_every: int = _f(0, "save a checkpoint every N steps (0 = only at the end)", ge=0)
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", ge=1)
-    # 512 rows × V=49,152 × 4 B = 101 MB per logits block; at N=4,096 the chunked peak is
-    # about ⅐ of the materialized one (benchmarks/results_chunked.md), 1024 gives about ¼.
-    chunk_size: int = _f(512, "rows per chunk in the memory-lean divergence", ge=1)
+    # 256 rows × V=49,152 × 4 B = 50 MB per logits block. At N=4,096 the chunked peak is
+    # about ⅐ of the materialized one with 512-row chunks, ¼ with 1024
+    # (benchmarks/results_chunked.md); 256 rows cut the speed benchmark's peak at V=49,152
+    # from 851 to 519 MB at the same step time (benchmarks/results_speed.md).
+    chunk_size: int = _f(256, "rows per chunk in the memory-lean divergence", ge=1)
     loss_path: str = _f(
         "chunked",
         "'chunked' (memory-lean) or 'materialized' (reference)",

@@ -9,6 +9,11 @@ For each optimizer step and each of `grad_accum` micro-batches:
     loss     = reduce(w_N · values_N)   (token mean over the micro-batch) / grad_accum
 
 then clip, AdamW step, warm-up + cosine schedule. Only completion rows reach an lm_head.
+The teacher scores the rollout before the student's forward (its activations are freed
+before autograd keeps the student's). When the signal is a full-vocabulary divergence and the
+method has no token weights, every token's coefficient in the reduction is known before the
+values, so `one_pass_loss` computes Σ c_n · D_n with its gradient taken in the forward pass
+(no logits recomputed in the backward); it equals the general path in value and gradient.
 Logged per step: loss, KL(q_student ‖ p_teacher) on the rollout, completion length, tokens/s,
 grad norm, lr. The loop never branches on the method's name.
 

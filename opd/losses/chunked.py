@@ -34,9 +34,17 @@ generic: every divergence in `DIVERGENCES`, including ones registered later (e.g
 The teacher is a constant: gradients flow to the student's hidden states, lm_head weight and
 bias only. Teacher tensors that require grad get no gradient (they are detached).
 
+One pass instead of two. When each row's loss coefficient c_n is known before the call (the
+trainer's token-mean reduction of an unweighted divergence), `chunked_weighted_divergence`
+returns Σ c_n · D_n and reduces each chunk's dZ_CV = c ⊙ ∂D/∂Z into grad_h and grad_W during
+the forward pass; the backward only scales them. No logits are recomputed (one head matmul
+per model instead of two), at the cost of holding grad_W (V × D) and grad_h (N × D) from the
+forward pass to the backward.
+
 Reference twins (the tests check agreement in value and gradient):
 
     chunked_divergence(name, h_s, W_s, h_t, W_t)  ==  divergence(name, h_s @ W_s.T, h_t @ W_t.T)
+    chunked_weighted_divergence(..., c)[0]       ==  (chunked_divergence(...) * c).sum()
     chunked_token_logprobs(h, W, ids)            ==  token_logprobs(h @ W.T, ids)
     chunked_topk(h, W, k)                        ==  log_softmax(h @ W.T / τ).topk(k)
 """
