@@ -238,10 +238,19 @@ def chunked_divergence(
             f"student_hidden has N = {student_hidden.shape[0]} rows but teacher_hidden has "
             f"N = {teacher_hidden.shape[0]}"
         )
+    row_fn = _teacher_row_fn(fn, params, temperature, teacher_hidden, teacher_head, teacher_bias)
+    out_dtype = _value_dtype(student_hidden.dtype, teacher_hidden.dtype)
+    return _ChunkedHeadFunction.apply(
+        student_hidden, student_head, student_bias, row_fn, chunk_size, out_dtype
+    )
+
+
+def _teacher_row_fn(fn, params, temperature, teacher_hidden, teacher_head, teacher_bias) -> RowFn:
+    """row_fn(student_logits_CV, start, end) = fn(student, teacher logits of rows start:end);
+    the teacher is a constant (detached), its logits formed one chunk at a time."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    teacher_hidden = teacher_hidden.detach()
-    teacher_head = teacher_head.detach()
+    teacher_hidden, teacher_head = teacher_hidden.detach(), teacher_head.detach()
     teacher_bias = None if teacher_bias is None else teacher_bias.detach()
 
     def row_fn(student_logits_CV: Tensor, start: int, end: int) -> Tensor:
@@ -249,10 +258,7 @@ def chunked_divergence(
             teacher_logits_CV = _project(teacher_hidden[start:end], teacher_head, teacher_bias)
         return fn(student_logits_CV, teacher_logits_CV, temperature, **params)
 
-    out_dtype = _value_dtype(student_hidden.dtype, teacher_hidden.dtype)
-    return _ChunkedHeadFunction.apply(
-        student_hidden, student_head, student_bias, row_fn, chunk_size, out_dtype
-    )
+    return row_fn
 
 
 class _EagerChunkedLossFunction(torch.autograd.Function):
@@ -353,15 +359,7 @@ def chunked_weighted_divergence(
         student_hidden.shape[0] != teacher_hidden.shape[0]
     ):
         raise ValueError("student and teacher must have the same rows N and vocabulary V")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    teacher_hidden, teacher_head = teacher_hidden.detach(), teacher_head.detach()
-
-    def row_fn(student_logits_CV: Tensor, start: int, end: int) -> Tensor:
-        with torch.no_grad():
-            teacher_logits_CV = _project(teacher_hidden[start:end], teacher_head, None)
-        return fn(student_logits_CV, teacher_logits_CV, temperature, **params)
-
+    row_fn = _teacher_row_fn(fn, params, temperature, teacher_hidden, teacher_head, None)
     out_dtype = _value_dtype(student_hidden.dtype, teacher_hidden.dtype)
     return _EagerChunkedLossFunction.apply(
         student_hidden, student_head, None, coef_N.detach(), row_fn, chunk_size, out_dtype
