@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,33 +54,11 @@ VOCAB, HIDDEN = 49_152, 576
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kb() -> int:
-    hwm = _status_kb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def worker(args: argparse.Namespace) -> dict:
     """One configuration in this (fresh) process; returns the measurements."""
     import torch
 
+    from opd.bench.memory import peak_kb, reset_peak
     from opd.losses import DIVERGENCES, chunked_divergence, divergence
 
     torch.set_num_threads(args.threads)
@@ -108,8 +85,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     step(h_s[:8].detach().requires_grad_(), h_t[:8])  # warm-up: kernels, thread pools
     w_s.grad = None
-    reset = _reset_peak()
-    baseline_kb = _status_kb("VmRSS") if reset else _peak_kb()
+    baseline_kb = reset_peak()
     times = []
     for i in range(args.repeats):
         w_s.grad = h_s.grad = None
@@ -117,7 +93,7 @@ def worker(args: argparse.Namespace) -> dict:
         values = step(h_s, h_t)
         times.append(time.perf_counter() - start)
         if i == 0:
-            peak_mb = (_peak_kb() - baseline_kb) / 1024
+            peak_mb = (peak_kb() - baseline_kb) / 1024
     if args.values_out:
         torch.save(values, args.values_out)  # the parent compares chunked with materialized
     return {
@@ -127,7 +103,6 @@ def worker(args: argparse.Namespace) -> dict:
         "chunk_size": args.chunk_size if args.mode == "chunked" else None,
         "peak_mb": peak_mb,  # MiB (the kernel reports kB = KiB)
         "time_s": statistics.median(times),
-        "peak_reset": reset,
     }
 
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -56,35 +55,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from opd.bench.memory import peak_kb, reset_peak
+
 VOCAB, HIDDEN = 49_152, 576
 INSTALL_HINT = "pip install 'opd[bench]'"
-
-
-# ------------------------------------------------------------------------ peak memory
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak() -> int:
-    """Reset the peak-RSS counter (Linux) and return the baseline RSS in kB."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _status_kb("VmRSS") or 0
-    except OSError:  # no reset: the peak since process start, from the same baseline
-        return _status_kb("VmRSS") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def peak_kb() -> int:
-    hwm = _status_kb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def trl_version() -> str | None:
