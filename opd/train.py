@@ -184,7 +184,7 @@ def one_pass_loss(method, srows, tscores, sctx, rollout, mask_BT, reduce):
     equal in value and gradient to the two-pass path below it. Returns None otherwise.
     """
     weighted_loss = getattr(method.signal, "weighted_loss", None)
-    if weighted_loss is None or method.weights or not sctx.chunk_size:
+    if weighted_loss is None or method.weights:
         return None
     dtype = torch.promote_types(srows.hidden_ND.dtype, torch.float32)
     probe_BT = torch.zeros(mask_BT.shape, dtype=dtype, device=mask_BT.device, requires_grad=True)

@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from opd.errors import ConfigError
+from opd.sampling import GenerationParams, make_backend
 from opd.tasks import get_task
 from opd.tasks.base import Task
 from opd.tiny import char_tokenizer, tiny_llama
@@ -133,8 +134,6 @@ def generate_completions(
     Returns:
       One completion string per prompt, in order.
     """
-    from opd.sampling import GenerationParams, make_backend
-
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     completions = make_backend("auto", batch_size).generate(
         model, ids, GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0),

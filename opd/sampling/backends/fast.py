@@ -27,6 +27,7 @@ tests check that both give the same tokens, greedy and sampled, on tiny models.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Sequence
 
 import torch
@@ -196,6 +197,35 @@ class _Decoder:
         return self.forward(ids_B[:, None], positions_B[:, None], mask)
 
 
+# model -> why its prefill logits differ from its own forward (None: they agree). The check
+# is about the architecture, not the weights, so training does not invalidate it.
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def _verify(model) -> str | None:
+    """Compare prefill logits with the model's own forward on a left-padded batch."""
+    head = model.get_output_embeddings()
+    device = head.weight.device
+    n = min(8, head.weight.shape[0])
+    ids = torch.arange(n, device=device).repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # the second row is left-padded
+    was_training = model.training
+    model.eval()
+    try:
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        dec = _Decoder(model, 2, n)
+        got = head(dec.prefill(ids, mask)[0])
+    finally:
+        model.train(was_training)
+    valid = mask.bool()
+    diff = (expected[valid].float() - got[valid].float()).abs().max().item()
+    tol = 1e-3 * expected[valid].abs().max().item() + 1e-5
+    return None if diff <= tol else f"prefill logits differ from the model's by {diff:.2e}"
+
+
 class FastBackend:
     """Batched, left-padded decoding with a static KV cache for Llama-family models.
 
@@ -211,7 +241,6 @@ class FastBackend:
         self.verify = verify
         self.strict = strict
         self.fallback = HFBackend(batch_size)
-        self._checked: dict[int, str | None] = {}  # id(model) -> reason it is not supported
 
     @torch.no_grad()
     def generate(self, model, prompts: Sequence[Sequence[int]], params: GenerationParams, *,
@@ -237,37 +266,13 @@ class FastBackend:
         """Why this backend falls back to `HFBackend` for `model` (None if it does not)."""
         reason = unsupported_reason(model, max_len)
         if reason is None and self.verify:
-            key = id(model)
-            if key not in self._checked:
-                self._checked[key] = self._verify(model)
-                if self._checked[key]:
+            if model not in _VERIFIED:  # once per model object, whichever backend asks
+                _VERIFIED[model] = _verify(model)
+                if _VERIFIED[model]:
                     log.warning("fast decoding disabled for %s: %s", type(model).__name__,
-                                self._checked[key])
-            reason = self._checked[key]
+                                _VERIFIED[model])
+            reason = _VERIFIED[model]
         return reason
-
-    @torch.no_grad()
-    def _verify(self, model) -> str | None:
-        """Compare prefill logits with the model's own forward on a left-padded batch."""
-        head = model.get_output_embeddings()
-        device = head.weight.device
-        n = min(8, head.weight.shape[0])
-        ids = torch.arange(n, device=device).repeat(2, 1)
-        mask = torch.ones_like(ids)
-        mask[1, :3] = 0  # the second row is left-padded
-        was_training = model.training
-        model.eval()
-        try:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-            dec = _Decoder(model, 2, n)
-            got = head(dec.prefill(ids, mask)[0])
-        finally:
-            model.train(was_training)
-        valid = mask.bool()
-        diff = (expected[valid].float() - got[valid].float()).abs().max().item()
-        tol = 1e-3 * expected[valid].abs().max().item() + 1e-5
-        return None if diff <= tol else f"prefill logits differ from the model's by {diff:.2e}"
 
     def _generate(self, model, prompts, params, pad_id, stop_ids):
         head = model.get_output_embeddings()
