@@ -25,7 +25,6 @@ from opd.losses.chunked import (
     chunked_divergence,
     chunked_token_logprobs,
     chunked_topk,
-    chunked_weighted_divergence,
     token_logprobs,
 )
 from opd.losses.divergences import (
@@ -41,6 +40,7 @@ from opd.losses.divergences import (
     skew_reverse_kl,
     total_variation,
 )
+from opd.losses.one_pass import chunked_weighted_divergence
 from opd.losses.reduce import sequence_mean, token_mean
 
 __all__ = [
