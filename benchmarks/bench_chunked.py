@@ -50,7 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VOCAB, HIDDEN = 49_152, 576
+VOCAB, HIDDEN = 49_152, 576  # as opd.bench.speed.loss_inputs
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,16 +59,13 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     from opd.bench.memory import peak_kb, reset_peak
+    from opd.bench.speed import loss_inputs
     from opd.losses import DIVERGENCES, chunked_divergence, divergence
 
     torch.set_num_threads(args.threads)
     params = {"k": 16} if args.divergence == "topk_reverse_kl" else {}
     assert args.divergence in DIVERGENCES, args.divergence
-    gen = torch.Generator().manual_seed(0)
-    h_s = torch.randn(args.n, HIDDEN, generator=gen).requires_grad_()
-    w_s = (torch.randn(VOCAB, HIDDEN, generator=gen) / HIDDEN**0.5).requires_grad_()
-    h_t = torch.randn(args.n, HIDDEN, generator=gen)
-    w_t = torch.randn(VOCAB, HIDDEN, generator=gen) / HIDDEN**0.5
+    h_s, w_s, h_t, w_t = loss_inputs(args.n)
 
     def step(hidden_s, hidden_t):
         if args.mode == "chunked":

@@ -216,17 +216,26 @@ def worker_trl(a) -> dict:
 # ------------------------------------------------------------------------ loss worker
 
 
+def loss_inputs(n: int, seed: int = 0):
+    """Random (student hidden, student head, teacher hidden, teacher head) at V = VOCAB,
+    D = HIDDEN, float32; the student's two require grad. Shared by the loss benchmarks."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    h_s_ND = torch.randn(n, HIDDEN, generator=gen).requires_grad_()
+    w_s_VD = (torch.randn(VOCAB, HIDDEN, generator=gen) / HIDDEN**0.5).requires_grad_()
+    h_t_ND = torch.randn(n, HIDDEN, generator=gen)
+    w_t_VD = torch.randn(VOCAB, HIDDEN, generator=gen) / HIDDEN**0.5
+    return h_s_ND, w_s_VD, h_t_ND, w_t_VD
+
+
 def worker_loss(a) -> dict:
     import torch
 
     from opd.losses import chunked_divergence, chunked_weighted_divergence, divergence
 
     torch.set_num_threads(a.threads)
-    gen = torch.Generator().manual_seed(0)
-    h_s_ND = torch.randn(a.n, HIDDEN, generator=gen).requires_grad_()
-    w_s_VD = (torch.randn(VOCAB, HIDDEN, generator=gen) / HIDDEN**0.5).requires_grad_()
-    h_t_ND = torch.randn(a.n, HIDDEN, generator=gen)
-    w_t_VD = torch.randn(VOCAB, HIDDEN, generator=gen) / HIDDEN**0.5
+    h_s_ND, w_s_VD, h_t_ND, w_t_VD = loss_inputs(a.n)
 
     def step(hs, ht):
         if a.mode == "opd_one_pass":  # the trainer's path: Σ c_n D_n, gradient in the forward
