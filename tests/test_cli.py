@@ -9,36 +9,15 @@ import sys
 import pytest
 
 from opd.cli import main
-from opd.tiny import char_tokenizer, tiny_llama
-from tests.conftest import write_prompts
+from tests.helpers import save_tiny_models, small_cli_args, write_prompts
 
 
 @pytest.fixture
 def model_dirs(tmp_path):
-    tok = char_tokenizer()
-    t = tiny_llama(len(tok), hidden=64, layers=3, seed=1)
-    s = tiny_llama(len(tok), hidden=48, layers=2, seed=2)
-    for name, m in (("teacher", t), ("student", s)):
-        m.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-    return tmp_path / "teacher", tmp_path / "student"
+    return save_tiny_models(tmp_path)
 
 
-def small_args(tmp_path, model_dirs, data, *extra):
-    t, s = model_dirs
-    return [
-        f"model.teacher={t}",
-        f"model.student={s}",
-        f"data.train={data}",
-        f"data.eval={data}",
-        "data.eval_count=4",
-        "train.steps=2",
-        "train.batch_size=2",
-        "sampling.max_new_tokens=4",
-        "train.progress=false",
-        f"output_dir={tmp_path / 'run'}",
-        *extra,
-    ]
+small_args = small_cli_args
 
 
 def run_cli(args, capsys):

@@ -14,7 +14,7 @@ from opd.losses.mixture import chunked_mixture_divergence, mixture_logits
 from opd.teachers.ensemble import TeacherEnsemble
 from opd.tiny import tiny_llama
 from opd.train import distill
-from tests.test_train import tiny_cfg
+from tests.helpers import tiny_cfg
 
 
 def test_mixture_logits_is_the_weighted_mixture():
@@ -86,7 +86,7 @@ def test_multi_teacher_recipe_runs_and_learns(tmp_path, prompt_file, tok):
 
 
 def test_multi_teacher_recipe_refuses_a_single_teacher(tmp_path, prompt_file, tok):
-    from tests.test_train import fresh_models
+    from tests.helpers import fresh_models
 
     cfg = tiny_cfg(tmp_path, prompt_file, "train.steps=1", "method.recipe=multi_teacher")
     with pytest.raises(ConfigError, match="model.teacher=PATH_A,PATH_B"):
@@ -95,7 +95,7 @@ def test_multi_teacher_recipe_refuses_a_single_teacher(tmp_path, prompt_file, to
 
 def test_ensemble_of_identical_teachers_equals_the_teacher(tmp_path, prompt_file, tok):
     """Two copies of one teacher must give exactly the single-teacher losses."""
-    from tests.test_train import fresh_models
+    from tests.helpers import fresh_models
 
     single = fresh_models(tok)
     twin = finish_models(

@@ -14,7 +14,7 @@ from opd.recipes import get_recipe
 from opd.schedules import ByProgress, Linear
 from opd.train import distill
 from opd.weights import SpecialTokenMask
-from tests.test_train import fresh_models, tiny_cfg
+from tests.helpers import fresh_models, tiny_cfg
 
 ADAPTIVE = ("todi", "akl", "entropy_aware", "veto", "taid", "paced", "revisiting_opd")
 # PACED on a tiny run: a small pool, 2 samples per pass rate, a refresh at every step

@@ -13,7 +13,7 @@ from opd.sequence_signals import GOPD, Ketchup, MiniLLMPolicyGradient, Reopold, 
 from opd.signals import SignalContext
 from opd.teachers import FullLogits, SampledLogprobs
 from opd.train import distill, micro_step
-from tests.test_train import fresh_models, tiny_cfg
+from tests.helpers import fresh_models, tiny_cfg
 
 NEW = ["sampled_rkl", "g_opd", "exopd", "minillm", "ketchup", "reopold"]
 

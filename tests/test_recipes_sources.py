@@ -13,7 +13,7 @@ from opd.recipes import RECIPES, get_recipe
 from opd.sampling import AdaSwitch, Mix, Prefix, Replay, Speculative
 from opd.schedules import ByWriter
 from opd.train import distill
-from tests.test_train import fresh_models, tiny_cfg
+from tests.helpers import fresh_models, tiny_cfg
 
 NEW = {
     "skd": Speculative,

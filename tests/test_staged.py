@@ -12,7 +12,7 @@ from opd.sampling.sources import DatasetPrefixes, StudentPrefixes
 from opd.sequence_signals import RewardWeighted
 from opd.signals import Divergence
 from opd.train import distill
-from tests.test_train import fresh_models, tiny_cfg
+from tests.helpers import fresh_models, tiny_cfg
 
 
 def test_stage_boundaries():

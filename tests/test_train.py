@@ -9,36 +9,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from opd.build import finish_models
-from opd.config import load_config
 from opd.errors import ConfigError
 from opd.logs import read_metrics
-from opd.tiny import tiny_llama
 from opd.train import distill, lr_lambda
-
-
-def tiny_cfg(tmp_path, prompt_file, *extra, name="run"):
-    return load_config(
-        None,
-        [
-            f"output_dir={tmp_path / name}",
-            f"data.train={prompt_file}",
-            f"data.eval={prompt_file}",
-            "data.eval_count=8",
-            "data.chat_template=false",
-            "sampling.max_new_tokens=6",
-            "train.batch_size=4",
-            "train.progress=false",
-            "train.lr=3e-3",
-            *extra,
-        ],
-    )
-
-
-def fresh_models(tok, seed=0):
-    teacher = tiny_llama(len(tok), hidden=64, layers=3, seed=11)
-    student = tiny_llama(len(tok), hidden=48, layers=2, seed=12 + seed)
-    return finish_models(teacher, student, tok)
+from tests.helpers import fresh_models, tiny_cfg
 
 
 def test_on_policy_rkl_lowers_heldout_kl(tmp_path, prompt_file, tok):
@@ -160,7 +134,7 @@ def test_micro_step_gradients_match_reference_float64(tok, recipe):
 
 
 def test_dataset_recipe_needs_completions(tmp_path, tok):
-    from tests.conftest import write_prompts
+    from tests.helpers import write_prompts
 
     f = write_prompts(tmp_path / "p.jsonl", completions=False)
     cfg = tiny_cfg(tmp_path, f, "train.steps=1", "method.recipe=supervised_kd")
