@@ -38,6 +38,7 @@ import math
 import os
 import re
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -161,7 +162,7 @@ class _WandB:
 
         self.wandb = wandb
         run_id = state.get("wandb_id") if resume else None
-        run_id = run_id or wandb.util.generate_id()
+        run_id = run_id or uuid.uuid4().hex[:12]
         self.run = wandb.init(
             mode=os.environ.get("WANDB_MODE") or "offline",
             dir=str(run_dir),
