@@ -132,3 +132,94 @@ def test_samples_reach_tensorboard(setup):
     table = event.tensor_proto.string_val[0].decode()
     assert event.step == 3
     assert all(json.dumps(r["prompt"])[1:-1] in table for r in rows)
+
+
+# ------------------------------------------------- end to end, without editing opd/train.py
+
+
+def wired_metrics_log(cfg, holder):
+    """A MetricsLog that also mirrors rows to the trackers and writes samples: the wiring
+    the loop is meant to get (see docs/tracking.md), put in by monkeypatching."""
+    from opd.config import to_dict
+    from opd.logs import MetricsLog
+
+    class Wired(MetricsLog):
+        def __init__(self, path, resume_step=None):
+            super().__init__(path, resume_step=resume_step)
+            self.run_dir = path.parent
+            if resume_step is not None:
+                truncate_samples(self.run_dir, resume_step)
+            self.trackers = open_trackers(
+                cfg.train.log_to,
+                self.run_dir,
+                to_dict(cfg),
+                resume_step is not None,
+                resume_step=resume_step,
+            )
+
+        def write(self, row):
+            super().write(row)
+            self.trackers.log(row)
+            if "event" not in row and sample_due(row["step"], cfg.train.sample_every):
+                write_samples(
+                    self.run_dir,
+                    row["step"],
+                    holder["models"],
+                    holder["examples"],
+                    max_new_tokens=cfg.sampling.max_new_tokens,
+                    count=cfg.train.sample_count,
+                    trackers=self.trackers,
+                )
+
+        def close(self):
+            super().close()
+            self.trackers.close()
+
+    return Wired
+
+
+def test_distill_end_to_end_with_trackers_and_samples(tmp_path, tok, prompt_file, monkeypatch):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    import opd.train as train
+    from opd.logs import read_metrics
+
+    extra = ("train.steps=4", "train.eval_every=2", "train.seed=3")
+    plain = train.distill(
+        tiny_cfg(tmp_path, prompt_file, *extra, name="plain"),
+        models=fresh_models(tok),
+        log=lambda *a: None,
+    )
+
+    cfg = tiny_cfg(
+        tmp_path,
+        prompt_file,
+        *extra,
+        "train.log_to=tensorboard",
+        "train.sample_every=2",
+        "train.sample_count=2",
+        name="tracked",
+    )
+    holder = {"examples": build_data(cfg, tok).eval}
+    monkeypatch.setattr(train, "MetricsLog", wired_metrics_log(cfg, holder))
+    holder["models"] = fresh_models(tok)
+    train.distill(cfg, models=holder["models"], stop_after=3, log=lambda *a: None)
+    holder["models"] = fresh_models(tok)
+    res = train.distill(cfg, models=holder["models"], resume=True, log=lambda *a: None)
+
+    assert res.losses == plain.losses  # samples and trackers do not change training
+    run_dir = res.run_dir
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in metrics if "event" not in r] == [1, 2, 3, 4]
+    samples = read_samples(run_dir)
+    assert [r["step"] for r in samples] == [2, 2, 4, 4]
+    assert samples[0]["prompt"] == samples[2]["prompt"]  # the same prompts at every point
+
+    acc = event_accumulator.EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    for key, event in (("loss", None), ("grad_norm", None), ("heldout_kl", "eval")):
+        want = {r["step"]: r[key] for r in metrics if r.get("event") == event}
+        got = acc.Scalars(key if event is None else f"{event}/{key}")
+        assert len(got) == len(want)
+        assert {e.step: e.value for e in got} == pytest.approx(want, rel=1e-6)
+    assert [e.step for e in acc.Tensors("samples/text_summary")] == [2, 4]
