@@ -45,8 +45,9 @@ from pathlib import Path
 from opd.errors import ConfigError
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
-# The import each tracker needs, and the pip extra that installs it.
-_NEEDS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+# The imports each tracker needs; the pip extra `opd[NAME]` installs them.
+_NEEDS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+_MLFLOW_LOCAL_STORE = ("sqlalchemy", "alembic")  # the SQLite store in the run folder
 STATE_FILE = "tracking.json"
 REDACTED = "<redacted>"
 _SECRET_NAME = re.compile(r"key|token|secret|password", re.IGNORECASE)
@@ -66,9 +67,13 @@ def parse_log_to(text: str) -> tuple[str, ...]:
                 f"train.log_to: unknown tracker {raw.strip()!r}; valid names are "
                 f"{', '.join(TRACKERS)} (comma-separated; empty = none)"
             )
-        if importlib.util.find_spec(_NEEDS[name]) is None:
+        needs = _NEEDS[name]
+        if name == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+            needs += _MLFLOW_LOCAL_STORE
+        missing = [m for m in needs if importlib.util.find_spec(m) is None]
+        if missing:
             raise ConfigError(
-                f"train.log_to: {name} needs the '{_NEEDS[name]}' package, which is not "
+                f"train.log_to: {name} needs the '{missing[0]}' package, which is not "
                 f"installed; install it with: pip install 'opd[{name}]'"
             )
         if name not in names:

@@ -366,3 +366,15 @@ def test_secrets_from_the_environment_are_never_written(offline, monkeypatch):
         data = p.read_bytes()
         for secret in [*SECRETS.values(), in_config]:
             assert secret.encode() not in data, f"{secret} written to {p}"
+
+
+def test_mlflow_local_store_needs_sqlalchemy_remote_does_not(monkeypatch):
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(
+        tracking.importlib.util, "find_spec", lambda n: None if n == "sqlalchemy" else real(n)
+    )
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match=r"'sqlalchemy' package.*pip install 'opd\[mlflow\]'"):
+        parse_log_to("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert parse_log_to("mlflow") == ("mlflow",)
