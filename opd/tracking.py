@@ -22,8 +22,9 @@ after the checkpoint's step (`purge_step`), as MetricsLog drops those rows.
 
 Secrets: credentials (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN / _PASSWORD, HF_TOKEN) are read by
 the tracker libraries from the environment only. The config sent to a tracker has every
-key matching *KEY*, *TOKEN*, *SECRET* or *PASSWORD* replaced by "<redacted>", and any string
-containing the value of such an environment variable redacted as well.
+key with a word KEY, TOKEN, SECRET or PASSWORD in its name (`api_key`, `hfToken`; not
+`max_new_tokens`) replaced by "<redacted>", and any string containing the value of such an
+environment variable (8+ characters) redacted as well.
 
 A tracker failing in the middle of a run (a network error, a full disk) is turned off with a
 warning; training goes on, since metrics.jsonl has every row.
@@ -50,7 +51,12 @@ _NEEDS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "mlflow": ("mlfl
 _MLFLOW_LOCAL_STORE = ("sqlalchemy", "alembic")  # the SQLite store in the run folder
 STATE_FILE = "tracking.json"
 REDACTED = "<redacted>"
-_SECRET_NAME = re.compile(r"key|token|secret|password", re.IGNORECASE)
+# A name is secret when one of its words (split at non-alphanumerics and camelCase) is one
+# of these: `api_key`, `HF_TOKEN`, `clientSecret`, `db_password` are; `max_new_tokens` is not.
+_SECRET_WORDS = frozenset(
+    "key token secret password passwd apikey secretkey accesskey accesstoken authtoken".split()
+)
+_WORD_SPLIT = re.compile(r"[^A-Za-z0-9]+|(?<=[a-z0-9])(?=[A-Z])")
 _SECRET_ENV = ("WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN")
 
 
@@ -84,9 +90,14 @@ def parse_log_to(text: str) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------ secrets
 
 
+def is_secret_name(name) -> bool:
+    """Whether a config key or environment variable name looks like a credential."""
+    return any(w.lower() in _SECRET_WORDS for w in _WORD_SPLIT.split(str(name)))
+
+
 def _secret_values() -> list[str]:
     """Values of secret-looking environment variables (8+ characters), to scrub strings."""
-    keys = set(_SECRET_ENV) | {k for k in os.environ if _SECRET_NAME.search(k)}
+    keys = set(_SECRET_ENV) | {k for k in os.environ if is_secret_name(k)}
     return [os.environ[k] for k in keys if len(os.environ.get(k, "")) >= 8]
 
 
@@ -95,8 +106,7 @@ def redact(config, _secrets: list[str] | None = None):
     secrets = _secret_values() if _secrets is None else _secrets
     if isinstance(config, dict):
         return {
-            k: (REDACTED if _SECRET_NAME.search(str(k)) else redact(v, secrets))
-            for k, v in config.items()
+            k: (REDACTED if is_secret_name(k) else redact(v, secrets)) for k, v in config.items()
         }
     if isinstance(config, (list, tuple)):
         return [redact(v, secrets) for v in config]
