@@ -117,6 +117,18 @@ class TrainConfig:
     )
     threads: int = _f(0, "torch CPU threads (0 = torch default)", ge=0)
     progress: bool = _f(True, "show a progress bar")
+    log_to: str = _f(
+        "",
+        "experiment trackers mirroring metrics.jsonl, comma-separated: tensorboard, wandb, "
+        "mlflow (empty = none); see docs/tracking.md",
+    )
+    sample_every: int = _f(
+        0,
+        "every N steps, write held-out prompts with student and teacher greedy completions "
+        "to samples.jsonl and the trackers (0 = off)",
+        ge=0,
+    )
+    sample_count: int = _f(3, "held-out prompts per sample point (train.sample_every)", ge=1)
 
 
 @dataclass
