@@ -217,3 +217,19 @@ def test_bench_modules_import_one_way_at_module_level():
 
     for mod in graph:
         visit(mod, [])
+
+
+@pytest.mark.slow
+def test_spawned_loss_worker_runs_through_python_m_opd_bench(tmp_path):
+    # The speed benchmark's fresh processes: `python -m opd.bench speed --worker loss ...`.
+    out = speed._spawn(["loss", "--mode", "opd_chunked", "--n", "2", "--beta", "0.5",
+                        "--chunk-size", "2", "--threads", "1",
+                        "--values-out", str(tmp_path / "v.pt")])  # fmt: skip
+    assert out["mode"] == "opd_chunked" and out["n"] == 2 and out["seconds"] > 0
+    assert torch.load(tmp_path / "v.pt").shape == (2,)
+
+
+def test_python_m_opd_bench_names_the_benchmarks(capsys):
+    from opd.bench.__main__ import main
+
+    assert main([]) == 2 and "{quality,speed}" in capsys.readouterr().err

@@ -349,6 +349,3 @@ def main(argv: list[str] | None = None) -> int:
                     out / task if len(tasks) > 1 else out)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,7 +8,7 @@
    generalized JSD at SmolLM2's sizes through opd's chunked, one-pass and materialized paths
    and TRL's chunked kernel; peak memory, seconds and agreement with the materialized values.
 
-Each measurement runs in a fresh process (`python -m opd.bench.speed --worker ...`), so
+Each measurement runs in a fresh process (`python -m opd.bench speed --worker ...`), so
 peak memory is that configuration's alone. The workers' modules state what is measured and
 the deviations; `opd.bench.plots.speed_markdown` renders the tables.
 """
@@ -50,7 +50,7 @@ def _spawn(args: list[str]) -> dict:
         "TQDM_DISABLE": "1",
     }
     out = subprocess.run(
-        [sys.executable, "-m", "opd.bench.speed", "--worker", *args],
+        [sys.executable, "-m", "opd.bench", "speed", "--worker", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -239,7 +239,3 @@ def main(argv: list[str] | None = None) -> int:
         (Path(a.out) / "speed.md").write_text(speed_markdown(result) + "\n")
         print(f"wrote {Path(a.out) / 'speed.json'} and speed.md")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
