@@ -55,7 +55,7 @@ def switch_decode(
     params = ctx.params
     state = {"switched": None, "history": []}
 
-    def pick(t, z_s, z_t):
+    def pick(z_s, z_t):
         B = z_s.shape[0]
         if state["switched"] is None:
             state["switched"] = torch.zeros(B, dtype=torch.bool, device=z_s.device)

@@ -1,7 +1,7 @@
 """Token-level interleaved decoding: the student and the teacher decode side by side.
 
 `decode` left-pads the prompts, runs both models step by step with their KV caches, and lets
-a rule `pick(t, logits_s_BV, logits_t_BV)` choose each next token from the two next-token
+a rule `pick(logits_s_BV, logits_t_BV)` choose each next token from the two next-token
 distributions q (student) and p (teacher). The rules built on it are the prefix sources
 `token_mix` and `speculative` (`opd.sampling.token_level`) and `adaswitch`
 (`opd.sampling.adaswitch`); `decode_with_records` also keeps per-token records of the rule
@@ -34,8 +34,9 @@ from opd.sampling.backends.base import GenerationParams
 from opd.sampling.backends.hf import cut_at_stop, left_pad
 from opd.sampling.sources import RolloutContext
 
-Pick = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
-"""pick(t, logits_s_BV, logits_t_BV) -> next token ids (B,); float32 logits, shared V."""
+Pick = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""pick(logits_s_BV, logits_t_BV) -> next token ids (B,); float32 logits, shared V. A rule
+that depends on the position keeps its own state (called once per position, in order)."""
 
 
 def warp(logits_BV: torch.Tensor, params: GenerationParams) -> torch.Tensor:
@@ -113,7 +114,7 @@ def decode(ctx: RolloutContext, prompts: Sequence[Sequence[int]], pick: Pick) ->
     Args:
       ctx: the rollout context (both models, pad and stop ids, generation params).
       prompts: B token lists (left-padded here).
-      pick: `pick(t, logits_s_BV, logits_t_BV) -> ids_B` at each completion position t,
+      pick: `pick(logits_s_BV, logits_t_BV) -> ids_B` at each completion position t, in order,
         with both models' next-token logits given the same prefix (float32, shared V).
 
     Returns:
@@ -134,7 +135,7 @@ def decode(ctx: RolloutContext, prompts: Sequence[Sequence[int]], pick: Pick) ->
         z_s, z_t = student.step(ids_BP, mask_BL), teacher.step(ids_BP, mask_BL)
         for t in range(ctx.params.max_new_tokens):
             V = min(z_s.shape[-1], z_t.shape[-1])
-            next_B = pick(t, z_s[:, :V], z_t[:, :V].to(z_s.device)).cpu()
+            next_B = pick(z_s[:, :V], z_t[:, :V].to(z_s.device)).cpu()
             next_B = torch.where(done_B, torch.full_like(next_B, ctx.pad_id), next_B)
             steps.append(next_B)
             done_B |= torch.isin(next_B, stops)
@@ -168,8 +169,8 @@ class Decoded:
 def decode_with_records(ctx, prompts, pick, names) -> Decoded:
     log = {n: [] for n in names}  # name -> list over t of (B,) tensors
 
-    def recording_pick(t, z_s, z_t):
-        next_B, rec = pick(t, z_s, z_t)
+    def recording_pick(z_s, z_t):
+        next_B, rec = pick(z_s, z_t)
         for n in names:
             log[n].append(rec[n].detach().float().cpu())
         return next_B

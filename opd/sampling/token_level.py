@@ -47,7 +47,7 @@ def mixture_decode(ctx, prompts, alpha: float, clip: float | None) -> Decoded:
     """MiniLLM teacher-mixed sampling; records the importance weight "weight" per token."""
     params = ctx.params
 
-    def pick(t, z_s, z_t):
+    def pick(z_s, z_t):
         q_BV, p_BV = sample_probs(z_s, params), sample_probs(z_t, params)
         mix_BV = alpha * p_BV + (1.0 - alpha) * q_BV  # α=0 is exactly q, α=1 exactly p
         y_B = draw(mix_BV, params.greedy)
@@ -63,7 +63,7 @@ def speculative_decode(ctx, prompts, k: int) -> Decoded:
     """SKD interleaved sampling; records "by_student" (1 = proposal kept) and "proposal"."""
     params = ctx.params
 
-    def pick(t, z_s, z_t):
+    def pick(z_s, z_t):
         proposal_B = draw(sample_probs(z_s, params), params.greedy)
         topk_BK = z_t.topk(min(k, z_t.shape[-1]), dim=-1).indices
         kept_B = (topk_BK == proposal_B[:, None]).any(dim=-1)
