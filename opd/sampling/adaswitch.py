@@ -32,11 +32,10 @@ from opd.sampling.interleaved import (
     Decoded,
     decode_with_records,
     draw,
-    prompts_answers,
     sample_probs,
     share,
 )
-from opd.sampling.sources import RolloutContext, make_rollout
+from opd.sampling.sources import RolloutContext, answers_of, make_rollout, prompts_of
 
 
 def switch_decode(
@@ -110,7 +109,7 @@ class AdaSwitch:
             raise ConfigError(f"adaswitch: 'window' must be >= 1, got {self.window}")
 
     def rollout(self, examples, ctx: RolloutContext):
-        prompts, answers = prompts_answers(examples)
+        prompts, answers = prompts_of(examples), answers_of(examples)
         dec = switch_decode(ctx, prompts, float(self.tau), self.divergence, self.scale, self.window)
         by_student = dec.records["by_student"]
         info = {

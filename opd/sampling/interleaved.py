@@ -187,8 +187,3 @@ def share(flags: list) -> float:
     """The fraction of true flags over all rows' tokens (0 for no tokens)."""
     n = sum(len(r) for r in flags)
     return sum(sum(r) for r in flags) / n if n else 0.0
-
-
-def prompts_answers(examples):
-    """(prompt token lists, answers) of a batch of `opd.data.Example`s."""
-    return [ex.prompt_ids for ex in examples], [ex.answer for ex in examples]

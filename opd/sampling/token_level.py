@@ -36,11 +36,10 @@ from opd.sampling.interleaved import (
     Decoded,
     decode_with_records,
     draw,
-    prompts_answers,
     sample_probs,
     share,
 )
-from opd.sampling.sources import RolloutContext, make_rollout
+from opd.sampling.sources import RolloutContext, answers_of, make_rollout, prompts_of
 
 
 def mixture_decode(ctx, prompts, alpha: float, clip: float | None) -> Decoded:
@@ -92,7 +91,7 @@ class TokenMix:
             raise ConfigError(f"token_mix: 'clip' must be None or in [0, 1), got {self.clip}")
 
     def rollout(self, examples, ctx: RolloutContext):
-        prompts, answers = prompts_answers(examples)
+        prompts, answers = prompts_of(examples), answers_of(examples)
         dec = mixture_decode(ctx, prompts, self.alpha, self.clip)
         weights = dec.records["weight"]
         n = sum(len(w) for w in weights)
@@ -125,7 +124,7 @@ class Speculative:
             raise ConfigError(f"speculative: 'k' must be a positive integer, got {self.k}")
 
     def rollout(self, examples, ctx: RolloutContext):
-        prompts, answers = prompts_answers(examples)
+        prompts, answers = prompts_of(examples), answers_of(examples)
         dec = speculative_decode(ctx, prompts, int(self.k))
         info = {"student_share": share(dec.records["by_student"])}
         return make_rollout(prompts, dec.completions, ctx.pad_id, "speculative", answers, info)
