@@ -189,7 +189,7 @@ def parts() -> list[Part]:
                 or not stages_of(cls)
             ):
                 continue
-            found[name] = Part(
+            found[cls] = Part(  # keyed by class: a re-export is found once
                 name=name,
                 module=_public_module(cls, modules),
                 stages=stages_of(cls),
@@ -197,7 +197,7 @@ def parts() -> list[Part]:
                 access=_access(cls),
                 summary=_summary(cls),
             )
-    return sorted(found.values(), key=lambda p: p.name.lower())
+    return sorted(found.values(), key=lambda p: (p.name.lower(), p.module))
 
 
 def _cell(text: str) -> str:
