@@ -50,7 +50,6 @@ import tempfile
 import time
 from pathlib import Path
 
-VOCAB, HIDDEN = 49_152, 576  # as opd.bench.speed.loss_inputs
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,8 +57,8 @@ def worker(args: argparse.Namespace) -> dict:
     """One configuration in this (fresh) process; returns the measurements."""
     import torch
 
+    from opd.bench.loss_worker import loss_inputs
     from opd.bench.memory import peak_kb, reset_peak
-    from opd.bench.speed import loss_inputs
     from opd.losses import DIVERGENCES, chunked_divergence, divergence
 
     torch.set_num_threads(args.threads)
@@ -101,12 +100,6 @@ def worker(args: argparse.Namespace) -> dict:
         "peak_mb": peak_mb,  # MiB (the kernel reports kB = KiB)
         "time_s": statistics.median(times),
     }
-
-
-def machine() -> str:
-    from opd.bench import machine as describe
-
-    return describe()
 
 
 def run_one(
@@ -164,7 +157,9 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT))  # run as a script from a checkout (lazy imports: after this)
+    from opd.bench.environment import machine
+    from opd.bench.loss_worker import HIDDEN, VOCAB
     from opd.losses import DIVERGENCES
 
     names = sorted(DIVERGENCES) if args.divergences == ["all"] else args.divergences

@@ -23,7 +23,9 @@ from opd.sampling import (
     teacher,
     token_mix,
 )
-from opd.sampling.token_level import speculative_decode, switch_decode, warp
+from opd.sampling.adaswitch import switch_decode
+from opd.sampling.interleaved import warp
+from opd.sampling.token_level import speculative_decode
 
 GREEDY = GenerationParams(max_new_tokens=6, temperature=0.0)
 # Every warper on; explicit top_k because HF `generate` turns top_k=None into its default 50.

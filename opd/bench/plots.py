@@ -4,6 +4,8 @@ Numbers are the mean ± sample standard deviation over seeds (± 0 with one seed
 figures put each method's curve on the compute axis after the shared warm-up (GFLOPs,
 counted as in `opd.bench.quality`), starting from the warm-up checkpoint at 0. matplotlib is
 optional (`pip install 'opd[plots]'`); without it the figures are skipped with a note.
+This module imports no benchmark: only their shared names (method labels, speed sides and
+sizes), so the benchmarks import it and not the other way round.
 """
 
 from __future__ import annotations
@@ -12,19 +14,9 @@ import math
 import statistics
 from pathlib import Path
 
-_BETA_NAMES = {0.0: "KL(p_teacher ‖ q_student)", 0.5: "JSD", 1.0: "KL(q_student ‖ p_teacher)"}
-
-
-def label(method: str) -> str:
-    """A readable name: 'gkd:lmbda=1.0,beta=0.0' -> 'gkd λ=1 β=0: KL(p_teacher ‖ q_student)'."""
-    from opd.bench.quality import parse_method
-
-    recipe, args = parse_method(method)
-    if recipe != "gkd" or not args:
-        return method
-    text = f"gkd λ={args.get('lmbda', 0.5):g} β={args.get('beta', 0.5):g}"
-    name = _BETA_NAMES.get(float(args.get("beta", 0.5)))
-    return f"{text}: {name}" if name else text
+from opd.bench.loss_worker import HIDDEN, VOCAB
+from opd.bench.methods import label
+from opd.bench.step_workers import SIDES, side_name
 
 
 def _pm(mean, std, scale: float = 1.0, digits: int = 1) -> str:
@@ -155,7 +147,6 @@ def write_report(result: dict, out_dir: Path, log=print) -> Path:
 
 def speed_markdown(result: dict) -> str:
     """The markdown tables of a speed run (`opd.bench.speed`)."""
-    from opd.bench.speed import HIDDEN, SIDES, VOCAB, side_name
     a, lines = result["settings"], []
     for step in result["step"]:
         lines += [

@@ -17,26 +17,16 @@ completions on the teacher's held-out prompts (the task's verifier) and the held
 token-mean KL(q_student ‖ p_teacher) on greedy student completions (`heldout_kl`); the
 summary is mean ± sample std over seeds at the end of the budget.
 
-How compute is counted (estimated FLOPs, the 2N / 6N rule of Kaplan et al. 2020). A
-micro-batch with P prompt and C completion tokens (padding excluded) costs
-
-    generation   2 · N_writer  · (P + C)     prefill + one decode step per token (KV cache)
-    teacher      2 · N_teacher · (P + C)     one scoring forward
-    student      6 · N_student · (P + C)     forward + backward
-
-N is a model's parameter count without its input embedding table (a lookup; the lm_head
-counts). N_writer is 0 for dataset completions, N_student on-policy, N_teacher for seqkd,
-λ·N_student + (1−λ)·N_other for GKD's mixture (per step, from the logged `student_share`),
-N_student + N_teacher for token-level interleaved sources (both models decode).
+How compute is counted: `opd.bench.flops` (estimated FLOPs, the 2N / 6N rule of Kaplan
+et al. 2020, with N_writer the parameters that decode each completion token).
 
 Equal compute. The budget B is `budget_gflop`, or by default the estimated cost of `steps`
 on-policy steps. Each method gets round(B / its estimated step cost) steps, estimated with C
 = the mean reference completion length; the FLOPs actually spent are counted from the logged
 completion tokens and reported beside B. The shared warm-up is counted apart.
 
-Deviations and limits: P per step is the training pool's mean prompt length; attention's L²
-term is ignored (sequences < 64 tokens); extra forwards some recipes make (reference
-models, verifiers) are not counted; FLOPs are not seconds (generating with tiny models is
+Deviations and limits: P per step is the training pool's mean prompt length; the limits of
+the FLOP count are in `opd.bench.flops`; FLOPs are not seconds (generating with tiny models is
 latency bound, so on-policy steps cost more wall time than their FLOPs say; seconds are
 reported too). Reference: Agarwal et al., ICLR 2024 (GKD), who also start from a
 supervised checkpoint.
@@ -47,13 +37,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing as mp
 import shutil
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from opd.bench.environment import machine
+from opd.bench.flops import flop_params, microbatch_flops, writer_params
+from opd.bench.methods import parse_method, prefixes_of, slug
+from opd.bench.plots import summarize, write_report
+from opd.build import Models, finish_models
+from opd.config import load_config
+from opd.data import encode_rows, load_rows
+from opd.evaluate import heldout_kl
+from opd.tasks import get_task
+from opd.tasks.teacher import EVAL_SEED, evaluate_accuracy, train_task_teacher
+from opd.tiny import tiny_llama
+from opd.train import distill
 
 METHODS = ("supervised_kd", "seqkd", "gkd:lmbda=1.0,beta=0.0", "gkd:lmbda=1.0,beta=0.5",
            "gkd:lmbda=1.0,beta=1.0", "on_policy_rkl")
@@ -97,58 +105,6 @@ class Settings:
     teacher_preset: object = _f(None, "an opd.tasks.teacher.TeacherPreset (tests)", cli=False)
 
 
-# ------------------------------------------------------------------------ compute accounting
-
-
-def flop_params(model) -> int:
-    """Parameters that cost multiply-adds: all of them except the input embedding table."""
-    total = sum(p.numel() for p in model.parameters())  # tied weights counted once
-    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    return total if emb is head else total - emb.numel()
-
-
-def microbatch_flops(*, n_student: float, n_teacher: float, n_writer: float,
-                     prompt_tokens: float, completion_tokens: float) -> float:
-    """Estimated FLOPs of one micro-batch: generation + teacher scoring + student training.
-
-    Example: N_s = 100, N_t = 300, on-policy (N_writer = N_s), P = 10, C = 5:
-    2·100·15 + 2·300·15 + 6·100·15 = 3,000 + 9,000 + 9,000 = 21,000.
-    """
-    tokens = prompt_tokens + completion_tokens
-    return 2 * n_writer * tokens + 2 * n_teacher * tokens + 6 * n_student * tokens
-
-
-def writer_params(prefixes, n_student: float, n_teacher: float, student_share=None) -> float:
-    """N_writer of a prefix source: the parameters that decode each completion token."""
-    from opd.sampling.sources import DatasetPrefixes, Mix, StudentPrefixes, TeacherPrefixes
-
-    if isinstance(prefixes, Mix):
-        share = prefixes.student if student_share is None else student_share
-        return share * n_student + (1 - share) * (0.0 if prefixes.other == "dataset" else n_teacher)
-    if isinstance(prefixes, DatasetPrefixes):
-        return 0.0
-    if isinstance(prefixes, StudentPrefixes):
-        return n_student
-    if isinstance(prefixes, TeacherPrefixes):
-        return n_teacher
-    return n_student + n_teacher if getattr(prefixes, "needs_teacher_model", False) else n_student
-
-
-def parse_method(text: str) -> tuple[str, dict]:
-    """'gkd:lmbda=1.0,beta=0.5' -> ('gkd', {'lmbda': 1.0, 'beta': 0.5}); values read as YAML."""
-    from opd.config import parse_override
-
-    recipe, _, rest = text.partition(":")
-    return recipe.strip(), dict(parse_override(kv) for kv in rest.split(",") if kv.strip())
-
-
-def _prefixes(method: str):
-    from opd.recipes import get_recipe
-
-    recipe, args = parse_method(method)
-    return get_recipe(recipe).build(**args).prefixes
-
-
 # ------------------------------------------------------------------------ the task and models
 
 
@@ -169,9 +125,6 @@ class TaskSetup:
 
 def prepare_task(s: Settings, out_dir: Path) -> TaskSetup:
     """Train (or load) the teacher and write the student's train / held-out prompt files."""
-    from opd.tasks import get_task
-    from opd.tasks.teacher import EVAL_SEED, train_task_teacher
-
     kwargs = dict(seed=s.teacher_seed, cache_dir=s.cache_dir, progress=s.progress,
                   steps=s.teacher_steps, preset=s.teacher_preset, num_threads=s.threads)
     _, tok, info = train_task_teacher(s.task, **kwargs)
@@ -195,12 +148,6 @@ def prepare_task(s: Settings, out_dir: Path) -> TaskSetup:
 
 
 def _models(setup: TaskSetup, s: Settings, seed: int, student_dir: Path | None):
-    from transformers import AutoModelForCausalLM
-
-    from opd.build import finish_models
-    from opd.tasks.teacher import train_task_teacher
-    from opd.tiny import tiny_llama
-
     teacher, tok, _ = train_task_teacher(setup.task, **setup.teacher_kwargs)  # cached
     if student_dir is None:
         student = tiny_llama(len(tok), hidden=s.student_hidden, layers=s.student_layers,
@@ -212,8 +159,6 @@ def _models(setup: TaskSetup, s: Settings, seed: int, student_dir: Path | None):
 
 def _config(s: Settings, setup: TaskSetup, run_dir: Path, method: str, steps: int, seed: int,
             lr: float, ramp: int, min_lr_ratio: float):
-    from opd.config import load_config
-
     recipe, args = parse_method(method)
     return load_config(None, [
         f"output_dir={run_dir}", f"data.train={setup.train_file}", f"data.eval={setup.eval_file}",
@@ -228,10 +173,6 @@ def _config(s: Settings, setup: TaskSetup, run_dir: Path, method: str, steps: in
 
 def evaluate_student(models, setup: TaskSetup, s: Settings) -> dict:
     """Greedy exact-match accuracy and held-out KL(q_student ‖ p_teacher)."""
-    from opd.data import encode_rows, load_rows
-    from opd.evaluate import heldout_kl
-    from opd.tasks.teacher import evaluate_accuracy
-
     rows = [json.loads(line) for line in Path(setup.eval_file).read_text().splitlines()]
     acc = evaluate_accuracy(models.student, models.tokenizer, setup.task, rows,
                             max_new_tokens=setup.max_new_tokens)
@@ -253,16 +194,13 @@ def run_method(s: Settings, setup: TaskSetup, method: str, seed: int, steps: int
     Training runs in segments that end at the eval points (`distill(stop_after=...)`, then
     `resume=True`), so the curve comes from one run with one learning-rate schedule.
     """
-    from opd.train import distill
-
     _quiet()
     torch.set_num_threads(s.threads)
     runs = Path(setup.out_dir) / "runs"
-    label = "warmup" if warmup else method.replace(":", "_").replace(",", "_").replace("=", "")
-    run_dir = runs / f"{label}-seed{seed}"
+    run_dir = runs / f"{'warmup' if warmup else slug(method)}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     models = _models(setup, s, seed, None if warmup else runs / f"warmup-seed{seed}" / "student")
-    prefixes = _prefixes(method)
+    prefixes = prefixes_of(method)
     n_s, n_t = flop_params(models.student), flop_params(models.teacher)
     points = [0, steps] if warmup else sorted({max(1, round(f * steps)) for f in s.eval_points})
     points = points if points[-1] == steps else [*points, steps]
@@ -295,8 +233,6 @@ def run_method(s: Settings, setup: TaskSetup, method: str, seed: int, steps: int
 
 def _quiet() -> None:
     """No library progress bars or advisory warnings inside the sweep's own display."""
-    import transformers
-
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
@@ -313,9 +249,6 @@ def run_jobs(jobs: list[dict], workers: int, bar) -> list[dict]:
     """
     if workers <= 1:
         return [run_method(**job, report=bar.update) for job in jobs]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, wait
-
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         queue = manager.Queue()
@@ -333,11 +266,6 @@ def run_jobs(jobs: list[dict], workers: int, bar) -> list[dict]:
 
 def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
     """The whole sweep for one task; writes `quality.json`, `results.md` and the plot."""
-    from tqdm import tqdm
-
-    from opd.bench import machine
-    from opd.bench.plots import summarize, write_report
-
     t0, started_on = time.perf_counter(), machine()
     _quiet()
     torch.set_num_threads(s.threads)
@@ -349,7 +277,7 @@ def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
     probe = _models(setup, s, 0, None)
     n_s, n_t = flop_params(probe.student), flop_params(probe.teacher)
     step_cost = {m: microbatch_flops(  # estimated FLOPs of one step, C = reference length
-        n_student=n_s, n_teacher=n_t, n_writer=writer_params(_prefixes(m), n_s, n_t),
+        n_student=n_s, n_teacher=n_t, n_writer=writer_params(prefixes_of(m), n_s, n_t),
         prompt_tokens=s.batch_size * setup.prompt_tokens,
         completion_tokens=s.batch_size * setup.completion_tokens,
     ) for m in (*s.methods, "on_policy_rkl")}
@@ -367,8 +295,7 @@ def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
     for r in runs:
         log(f"[{s.task}] {r['method']} seed {r['seed']}: accuracy {r['final']['accuracy']:.3f}, "
             f"KL {r['final']['teacher_kl']:.4f}, {r['seconds']:.0f} s")
-    from opd.build import Models  # the teacher scored as if it were the student: its accuracy
-
+    # The teacher scored as if it were the student: its accuracy.
     as_student = Models(probe.teacher, probe.teacher, probe.tokenizer, probe.vocab_size)
     settings = {k: v for k, v in dataclasses.asdict(s).items() if k != "teacher_preset"}
     result = {
@@ -422,6 +349,3 @@ def main(argv: list[str] | None = None) -> int:
                     out / task if len(tasks) > 1 else out)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

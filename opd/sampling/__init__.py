@@ -1,5 +1,6 @@
 """Prefix sources (who writes the completions) and generation backends."""
 
+from opd.sampling.adaswitch import AdaSwitch, adaswitch
 from opd.sampling.backends import (
     FastBackend,
     GenerationBackend,
@@ -22,14 +23,7 @@ from opd.sampling.sources import (
     student,
     teacher,
 )
-from opd.sampling.token_level import (
-    AdaSwitch,
-    Speculative,
-    TokenMix,
-    adaswitch,
-    speculative,
-    token_mix,
-)
+from opd.sampling.token_level import Speculative, TokenMix, speculative, token_mix
 
 __all__ = [
     "GenerationBackend",

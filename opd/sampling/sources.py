@@ -88,11 +88,13 @@ def make_rollout(
     )
 
 
-def _prompts(examples) -> list[tuple[int, ...]]:
+def prompts_of(examples) -> list[tuple[int, ...]]:
+    """The prompt token ids of a batch of `opd.data.Example`s."""
     return [ex.prompt_ids for ex in examples]
 
 
-def _answers(examples) -> list:
+def answers_of(examples) -> list:
+    """The reference answers (None where a row has none) of a batch of examples."""
     return [ex.answer for ex in examples]
 
 
@@ -112,7 +114,9 @@ class DatasetPrefixes:
                     "(or a final assistant message) in every row"
                 )
             comps.append(ex.completion_ids[: ctx.params.max_new_tokens])
-        return make_rollout(_prompts(examples), comps, ctx.pad_id, "dataset", _answers(examples))
+        return make_rollout(
+            prompts_of(examples), comps, ctx.pad_id, "dataset", answers_of(examples)
+        )
 
     def describe(self) -> str:
         return "dataset: the rows' reference completions"
@@ -128,8 +132,10 @@ class TeacherPrefixes:
     def rollout(self, examples, ctx: RolloutContext) -> Rollout:
         if ctx.teacher is None:
             raise ConfigError("the 'teacher' prefix source needs a local teacher model")
-        comps = ctx.generate(ctx.teacher, _prompts(examples))
-        return make_rollout(_prompts(examples), comps, ctx.pad_id, "teacher", _answers(examples))
+        comps = ctx.generate(ctx.teacher, prompts_of(examples))
+        return make_rollout(
+            prompts_of(examples), comps, ctx.pad_id, "teacher", answers_of(examples)
+        )
 
     def describe(self) -> str:
         return "teacher: the teacher samples y"
@@ -143,8 +149,10 @@ class StudentPrefixes:
     needs_teacher_model: bool = False
 
     def rollout(self, examples, ctx: RolloutContext) -> Rollout:
-        comps = ctx.generate(ctx.student, _prompts(examples))
-        return make_rollout(_prompts(examples), comps, ctx.pad_id, "student", _answers(examples))
+        comps = ctx.generate(ctx.student, prompts_of(examples))
+        return make_rollout(
+            prompts_of(examples), comps, ctx.pad_id, "student", answers_of(examples)
+        )
 
     def describe(self) -> str:
         return "student: the student samples y (on-policy)"

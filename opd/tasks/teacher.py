@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -259,6 +260,10 @@ def _train(task: Task, settings: dict, preset: TeacherPreset, progress: bool):
         model.parameters(), lr=preset.lr, betas=(0.9, 0.98), weight_decay=preset.weight_decay
     )
 
+    # Not `opd.train.lr_lambda`, whose semantics differ: its warm-up is (step+1)/(warmup+1),
+    # reaching the peak one step later (at step `warmup`, here at `warmup`−1), and no shift of
+    # its arguments reproduces this schedule after the warm-up. Every cached teacher and the
+    # PRESETS' tuned accuracies come from this schedule; changing it would retrain them all.
     def lr_factor(step: int) -> float:
         if step < preset.warmup:
             return (step + 1) / preset.warmup
@@ -268,8 +273,6 @@ def _train(task: Task, settings: dict, preset: TeacherPreset, progress: bool):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=preset.steps, desc=f"teacher {task.name}", leave=False)
     model.train()
     start = time.perf_counter()
