@@ -32,12 +32,13 @@ from opd.errors import ModelError
 
 _SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
 _REDOWNLOAD = "re-save, re-download or re-convert it"
+_access = os.access  # one name for the permission check (tests emulate a non-root user)
 
 
 def readable(path: Path) -> bool:
     """Whether this process may read ``path`` (and list it, for a folder)."""
     mode = os.R_OK | (os.X_OK if path.is_dir() else 0)
-    return os.access(path, mode)
+    return _access(path, mode)
 
 
 def unreadable_error(path: Path, what: str) -> ModelError:
