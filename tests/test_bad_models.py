@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import PhiConfig, PhiForCausalLM
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from opd.tiny import char_tokenizer, tiny_llama
+from opd.tiny import char_tokenizer, tiny_gguf, tiny_llama
 from tests.helpers import (
     assert_clean_error,
     run_opd,
@@ -27,7 +26,6 @@ from tests.helpers import (
     small_cli_args,
     write_prompts,
 )
-from tests.test_models import _write_llama_gguf
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +33,7 @@ def pristine(tmp_path_factory):
     """Saved teacher/student folders, a valid GGUF, a biased-head model, another tokenizer."""
     root = tmp_path_factory.mktemp("pristine")
     teacher, student = save_tiny_models(root)
-    byte_chars = bytes_to_unicode()
-    tokens = ["<pad>", "<s>", "</s>"] + [byte_chars[b] for b in range(256)] + ["ab"]
-    _write_llama_gguf(tiny_llama(len(tokens)), root / "tiny.gguf", tokens)
+    tiny_gguf(root / "tiny.gguf")
     tok = char_tokenizer()
     torch.manual_seed(0)
     cfg = PhiConfig(
