@@ -310,3 +310,17 @@ def test_resolve_device():
     else:
         with pytest.raises(ConfigError, match="index must be in"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_damaged_embedded_cache_says_how_to_rebuild(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPD_CACHE_DIR", str(tmp_path))
+    tok = char_tokenizer()
+    cache = tmp_path / "smollm2-135m-instruct"
+    tiny_llama(len(tok)).save_pretrained(cache)
+    tok.save_pretrained(cache)
+    weights = cache / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelError) as err:
+        load_model("embedded")
+    assert f"'{weights}' is truncated" in str(err.value)
+    assert f"delete '{cache}' to rebuild it" in str(err.value)

@@ -67,7 +67,11 @@ def load_model(
         pad token.
     """
     if str(spec) == embedded.EMBEDDED:
-        model, tok = load_folder(embedded.embedded_cache(), dtype, allow_pickle=False)
+        cache = embedded.embedded_cache()
+        try:
+            model, tok = load_folder(cache, dtype, allow_pickle=False)
+        except ModelError as e:  # a damaged cache: rebuilding it from the GGUF fixes it
+            raise ModelError(f"{e} (embedded teacher: delete '{cache}' to rebuild it)") from e
         embedded.check_embedded_tokenizer(tok)
     else:
         path = Path(spec).expanduser()
