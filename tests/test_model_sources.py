@@ -324,3 +324,13 @@ def test_damaged_embedded_cache_says_how_to_rebuild(tmp_path, monkeypatch):
         load_model("embedded")
     assert f"'{weights}' is truncated" in str(err.value)
     assert f"delete '{cache}' to rebuild it" in str(err.value)
+
+
+def test_partial_hub_snapshot_is_named(tmp_path, monkeypatch, no_download):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    tok = char_tokenizer()
+    snapshot = _into_hub_cache(tiny_llama(len(tok)), tok, tmp_path / "hub")
+    (snapshot / "config.json").unlink()
+    with pytest.raises(ModelError, match="only partly in the Hugging Face cache") as err:
+        load_model(REPO)
+    assert str(snapshot) in str(err.value) and "model.allow_download=true" in str(err.value)

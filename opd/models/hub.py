@@ -68,7 +68,7 @@ def repo_cache_dir(repo_id: str, cache: Path | None = None) -> Path:
 
 
 def cached_snapshot(repo_id: str, revision: str = "main", cache: Path | None = None):
-    """The cached snapshot folder of ``repo_id`` at ``revision`` (holding config.json), or None."""
+    """The cached snapshot folder of ``repo_id`` at ``revision``, or None (complete or not)."""
     storage = repo_cache_dir(repo_id, cache)
     commit = revision
     if not _COMMIT.match(revision):
@@ -82,7 +82,7 @@ def cached_snapshot(repo_id: str, revision: str = "main", cache: Path | None = N
                 f"cannot read '{ref}' in the Hugging Face cache: {e.strerror or e}"
             ) from None
     snapshot = storage / "snapshots" / commit
-    return snapshot if (snapshot / "config.json").exists() else None
+    return snapshot if snapshot.is_dir() else None
 
 
 def resolve_hub_model(spec: str, allow_download: bool = False) -> Path:
@@ -95,8 +95,13 @@ def resolve_hub_model(spec: str, allow_download: bool = False) -> Path:
     repo_id, revision = split_hub_id(spec)
     cache = hub_cache_dir()
     snapshot = cached_snapshot(repo_id, revision, cache)
-    if snapshot is not None:
+    if snapshot is not None and (snapshot / "config.json").exists():
         return snapshot
+    if snapshot is not None and not allow_download:
+        raise ModelError(
+            f"Hub model {repo_id} is only partly in the Hugging Face cache: '{snapshot}' has no "
+            f"config.json (an interrupted download?); set model.allow_download=true to complete it"
+        )
     if not allow_download:
         at = "" if revision == "main" else f" at revision {revision}"
         raise ModelError(
