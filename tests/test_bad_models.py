@@ -24,6 +24,7 @@ from tests.helpers import (
     run_opd,
     save_tiny_models,
     small_cli_args,
+    tree_digest,
     write_prompts,
 )
 
@@ -240,3 +241,20 @@ def test_bad_model_input(case, pristine, tmp_path, monkeypatch):
                 path.chmod(0o755 if path.is_dir() else 0o644)
     assert_clean_error(res, *needles)
     assert not (tmp_path / "run").exists()  # failed before creating the run folder
+
+
+def test_resume_with_a_damaged_teacher_changes_nothing(tmp_path):
+    """An earlier run, then its teacher file is cut: --resume refuses and the run is untouched."""
+    teacher, student = save_tiny_models(tmp_path / "models")
+    data = write_prompts(tmp_path / "prompts.jsonl", n=8)
+    args = small_cli_args(tmp_path, (teacher, student), data, "train.checkpoint_every=1")
+    first = run_opd(["distill", *args, "--no-report"])
+    assert first.code == 0, first.err + str(first.traceback)
+    run_dir = tmp_path / "run"
+    before = tree_digest(run_dir)
+    assert any("checkpoint" in name for name in before)
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    res = run_opd(["distill", "--resume", str(run_dir)])
+    assert_clean_error(res, str(weights), "truncated")
+    assert tree_digest(run_dir) == before
