@@ -154,6 +154,21 @@ def _missing_shard(p, tmp):
     return t, _copy(p, "student", tmp), [], ["model-00002-of-00002.safetensors", "missing"]
 
 
+def _weights_of_another_model(p, tmp):
+    t = _copy(p, "teacher", tmp)
+    shutil.copy(p / "student" / "model.safetensors", t / "model.safetensors")  # 48 wide, 2 deep
+    return t, _copy(p, "student", tmp), [], [str(t), "do not match its config.json"]
+
+
+def _weights_missing_tensors(p, tmp):
+    from safetensors.torch import load_file, save_file
+
+    t = _copy(p, "teacher", tmp)
+    tensors = load_file(t / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".layers.2." not in k}, t / "model.safetensors")
+    return t, _copy(p, "student", tmp), [], [str(t), "lack", "model.layers.2."]
+
+
 def _not_a_model_file(p, tmp):
     f = tmp / "weights.txt"
     f.write_text("hello")
@@ -211,6 +226,8 @@ CASES = {
     "no-tokenizer": _without({"tokenizer.json", "tokenizer_config.json"}, "no tokenizer"),
     "config-json-invalid": _bad_config_json,
     "missing-shard": _missing_shard,
+    "weights-of-another-model": _weights_of_another_model,
+    "weights-missing-tensors": _weights_missing_tensors,
     "not-a-model-file": _not_a_model_file,
     "different-tokenizers": _other_tokenizer,
     "biased-lm-head": _biased_head,

@@ -52,9 +52,10 @@ def tiny_gpt2(vocab: int, layers: int = 3) -> GPT2LMHeadModel:
 # --- load_model -------------------------------------------------------------------------------
 
 
-def test_load_folder_round_trip(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_load_folder_round_trip(tmp_path, tied):
     tok = char_tokenizer()
-    model = tiny_llama(len(tok)).eval()
+    model = tiny_llama(len(tok), tie_embeddings=tied).eval()
     _save(model, tok, tmp_path / "m")
     loaded, loaded_tok = load_model(tmp_path / "m")
     ids_BT, mask_BT = _ids(len(tok))

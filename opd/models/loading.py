@@ -144,16 +144,40 @@ def load_folder(path: Path, dtype: torch.dtype, allow_pickle: bool):
     files.check_weight_files(path)
     common = {"local_files_only": True, "trust_remote_code": False}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=has_safetensors, **common
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            use_safetensors=has_safetensors,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, naming the folder
+            **common,
         )
     except _LOAD_ERRORS as e:
         raise ModelError(f"cannot load the model in folder '{path}': {_first_line(e)}") from e
+    _check_loading_info(info, path)
     try:
         tok = AutoTokenizer.from_pretrained(path, **common)
     except _LOAD_ERRORS as e:
         raise ModelError(f"cannot load the tokenizer in folder '{path}': {_first_line(e)}") from e
     return model, tok
+
+
+def _check_loading_info(info: dict, path: Path) -> None:
+    """Weights that do not fit config.json would be left randomly initialised: refuse."""
+    mismatched = list(info.get("mismatched_keys") or [])
+    missing = sorted(info.get("missing_keys") or [])
+    if mismatched:
+        name, got, want = mismatched[0]
+        raise ModelError(
+            f"weights in model folder '{path}' do not match its config.json: {len(mismatched)} "
+            f"tensors have other shapes, e.g. {name} is {tuple(got)} in the weights but "
+            f"{tuple(want)} in the model the config describes"
+        )
+    if missing:
+        raise ModelError(
+            f"weights in model folder '{path}' lack {len(missing)} tensors its config.json "
+            f"needs, e.g. {missing[0]} (they would be random); re-save or re-download the model"
+        )
 
 
 def load_gguf(path: Path, dtype: torch.dtype):
