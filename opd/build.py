@@ -13,7 +13,14 @@ import torch
 from opd.config import RunConfig
 from opd.data import encode_rows, end_of_turn_ids, load_rows
 from opd.errors import ConfigError
-from opd.models import decoder_and_head, load_model, shared_vocab_size, student_from_teacher
+from opd.models import (
+    check_head,
+    decoder_and_head,
+    load_model,
+    num_decoder_layers,
+    shared_vocab_size,
+    student_from_teacher,
+)
 from opd.stream import split_rows
 from opd.teachers.ensemble import TeacherEnsemble
 
@@ -40,16 +47,30 @@ class Models:
 
 
 def resolve_device(spec: str) -> torch.device:
+    """``model.device``: 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:i' or 'mps'."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    valid = "valid: auto, cpu, cuda, cuda:0, mps"
     try:
         dev = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(
-            f"model.device: not a device: {spec!r} (valid: auto, cpu, cuda, cuda:0)"
-        ) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("model.device: 'cuda' was asked for but no CUDA device is available")
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"model.device: not a device: {spec!r} ({valid})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"model.device={spec}: no CUDA device is available (use model.device=cpu or auto)"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(
+                f"model.device={spec}: only {count} CUDA device(s), so the index must be in "
+                f"[0, {count - 1}]"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"model.device={spec}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise ConfigError(f"model.device: {spec!r} is not supported ({valid})")
     return dev
 
 
@@ -68,36 +89,61 @@ def _parse_weights(text: str, k: int) -> list[float] | None:
 
 
 def build_models(cfg: RunConfig) -> Models:
-    """Load the teacher(s) and the student (or prune one from the teacher); check vocabularies."""
+    """Load the teacher(s) and the student (or prune one from the teacher); check vocabularies.
+
+    Each model is checked as soon as it is loaded (`check_head`), so errors name its path.
+    """
     dtype = DTYPES[cfg.model.dtype]
     device = resolve_device(cfg.model.device)
     specs = [x.strip() for x in cfg.model.teacher.split(",") if x.strip()]
     if not specs:
-        raise ConfigError("model.teacher: empty; give 'embedded', a folder or a .gguf file")
-    loaded = [load_model(spec, dtype=dtype, device=device) for spec in specs]
+        raise ConfigError(
+            "model.teacher: empty; give 'embedded', a folder, a .gguf file or a Hub id (org/name)"
+        )
+    weights = _parse_weights(cfg.model.teacher_weights, len(specs)) if len(specs) > 1 else None
+    if len(specs) == 1 and cfg.model.teacher_weights:
+        raise ConfigError("model.teacher_weights: set, but model.teacher names only one teacher")
+
+    def load(spec):
+        model, tok = load_model(
+            spec, dtype=dtype, device=device, allow_download=cfg.model.allow_download
+        )
+        check_head(model, spec)
+        return model, tok
+
+    loaded = [load(spec) for spec in specs]
     teacher, tok = loaded[0]
     if cfg.model.student:
-        student, stok = load_model(cfg.model.student, dtype=dtype, device=device)
+        student, stok = load(cfg.model.student)
     else:
-        student, stok = student_from_teacher(teacher, layers=cfg.model.student_layers), tok
+        student, stok = _pruned_student(teacher, cfg.model.student_layers, specs[0]), tok
     if len(loaded) > 1:
         for member, mtok in loaded[1:]:
             shared_vocab_size(student, stok, member, mtok)  # each member must share the vocabulary
-        weights = _parse_weights(cfg.model.teacher_weights, len(loaded))
         teacher = TeacherEnsemble([m for m, _ in loaded], weights)
-    elif cfg.model.teacher_weights:
-        raise ConfigError("model.teacher_weights: set, but model.teacher names only one teacher")
     return finish_models(teacher, student, tok, stok)
 
 
+def _pruned_student(teacher, layers: int, teacher_spec: str):
+    """``model.student`` unset: keep ``model.student_layers`` evenly spaced teacher layers."""
+    total = num_decoder_layers(teacher)
+    if not 1 <= layers <= total:
+        raise ConfigError(
+            f"model.student_layers={layers} is out of range: model.student is not set, so the "
+            f"student is pruned from the teacher '{teacher_spec}', which has {total} decoder "
+            f"layers; set model.student_layers in [1, {total}] or give model.student=PATH"
+        )
+    return student_from_teacher(teacher, layers, option="model.student_layers")
+
+
 def finish_models(teacher, student, tok, student_tok=None) -> Models:
-    """Freeze the teacher(s), check vocabularies, and bundle the pair."""
+    """Freeze the teacher(s), check heads and vocabularies, and bundle the pair."""
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     student.train()
     members = list(teacher.members) if isinstance(teacher, TeacherEnsemble) else [teacher]
-    for model in (*members, student):  # fail now, not at step 1, if logits are post-processed
+    for model in (*members, student):  # fail now, not at step 1: a biased or processed head
         decoder_and_head(model, verify=True)
     vocab = min(shared_vocab_size(student, student_tok or tok, m, tok) for m in members)
     return Models(teacher=teacher, student=student, tokenizer=tok, vocab_size=vocab)

@@ -44,6 +44,11 @@ class ModelConfig:
         "float32", "parameter dtype of both models", choices=("float32", "bfloat16", "float16")
     )
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda[:i]'")
+    allow_download: bool = _f(
+        False,
+        "download a teacher/student given as a Hugging Face Hub id (org/name) when it is not "
+        "in the local Hugging Face cache (HF_HUB_CACHE or HF_HOME); false = cache only",
+    )
 
 
 @dataclass

