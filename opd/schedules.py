@@ -6,14 +6,20 @@
   boundary, then the next: the divergence schedule (FKL first, RKL after) of PACED and the
   survey's staged budget (off-policy warm-up, on-policy, reward-guided).
 - `ByWriter(parts)`: pick the signal by who wrote the completions (DistiLLM-2: skew forward
-  KL on teacher outputs, skew reverse KL on student outputs).
+  KL on teacher outputs, skew reverse KL on student outputs), per row of the batch.
+- `Paired(sources)`: every source writes a completion for every prompt of the batch, and
+  the rollout holds all of them (B·len(sources) rows, `Rollout.row_writers` says whose):
+  DistiLLM-2's pair of the teacher's and the student's response to the same prompt.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import torch
 
 from opd.errors import ConfigError
+from opd.sampling.sources import make_rollout
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,11 @@ class ByProgress:
 
     # --- checkpointing: stages with state (e.g. a replay buffer) are saved and restored ------
     def state_dict(self) -> dict:
-        return {str(i): p.state_dict() for i, (_, p) in enumerate(self.stages) if hasattr(p, "state_dict")}
+        return {
+            str(i): p.state_dict()
+            for i, (_, p) in enumerate(self.stages)
+            if hasattr(p, "state_dict")
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for i, (_, p) in enumerate(self.stages):
@@ -109,7 +119,12 @@ class ByProgress:
 
 @dataclass(frozen=True)
 class ByWriter:
-    """A signal chosen by `rollout.writer` ("student", "teacher", "dataset")."""
+    """A signal chosen by who wrote each row: `rollout.row_writers` when the rows of a batch
+    have different writers (a `Paired` rollout), else `rollout.writer` for the whole batch.
+
+    Each signal runs on the tokens of its own rows only (a sub-rollout), so per-row
+    signals see consistent row indices; the values are put back in token order.
+    """
 
     parts: tuple  # ((writer, signal), ...)
 
@@ -118,15 +133,93 @@ class ByWriter:
         reqs = {getattr(s, "requires", None) for _, s in self.parts} - {None}
         return "full_logits" if "full_logits" in reqs else next(iter(reqs), None)
 
-    def __call__(self, student, teacher, ctx):
-        writer = ctx.rollout.writer
+    def signal_for(self, writer: str):
         for w, sig in self.parts:
             if w == writer:
-                return sig(student, teacher, ctx)
+                return sig
         raise ConfigError(
             f"ByWriter: no signal for completions written by {writer!r}; "
             f"have {', '.join(w for w, _ in self.parts)}"
         )
 
+    def __call__(self, student, teacher, ctx):
+        rollout = ctx.rollout
+        if not rollout.row_writers:
+            return self.signal_for(rollout.writer)(student, teacher, ctx)
+        writers = rollout.row_writers
+        pieces = []  # (token index, values)
+        for writer in dict.fromkeys(writers):  # each writer once, in order of appearance
+            signal = self.signal_for(writer)
+            rows = [b for b, w in enumerate(writers) if w == writer]
+            row_map_B = torch.full((len(writers),), -1, dtype=torch.long)
+            row_map_B[rows] = torch.arange(len(rows))
+            row_map_B = row_map_B.to(student.row_index_N.device)
+            new_row_N = row_map_B[student.row_index_N]
+            index_N = (new_row_N >= 0).nonzero()[:, 0]
+            sub_ctx = replace(ctx, rollout=rollout.take_rows(rows))
+            values = signal(
+                student.take(index_N, new_row_N[index_N]), teacher.take(index_N), sub_ctx
+            )
+            pieces.append((index_N, values))
+        dtype = pieces[0][1].dtype
+        for _, values in pieces[1:]:
+            dtype = torch.promote_types(dtype, values.dtype)
+        out_N = torch.zeros(student.row_index_N.shape[0], dtype=dtype, device=pieces[0][1].device)
+        for index_N, values in pieces:
+            out_N = out_N.index_put((index_N,), values.to(dtype))
+        return out_N
+
     def describe(self) -> str:
         return "by writer: " + "; ".join(f"{w}: {s.describe()}" for w, s in self.parts)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Every source writes one completion per prompt; the rollout holds them all.
+
+    For B prompts and sources (s_1, ..., s_k) the rollout has k·B rows: rows [0, B) written
+    by s_1, [B, 2B) by s_2, and so on (`Rollout.row_writers` names each row's writer), so a
+    `ByWriter` signal can pair a loss on the teacher's response with another on the
+    student's response to the same prompt (DistiLLM-2).
+    """
+
+    sources: tuple  # prefix sources, e.g. (teacher(), student())
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ConfigError("Paired: needs at least one prefix source")
+
+    @property
+    def needs_completions(self) -> bool:
+        return any(getattr(p, "needs_completions", False) for p in self.sources)
+
+    @property
+    def needs_teacher_model(self) -> bool:
+        return any(getattr(p, "needs_teacher_model", False) for p in self.sources)
+
+    def rollout(self, examples, ctx):
+        prompts, completions, writers, answers = [], [], [], []
+        info: dict = {}
+        for source in self.sources:
+            ro = source.rollout(examples, ctx)
+            if ro.token_weight_BT is not None:
+                raise ConfigError(
+                    f"Paired: source {source.describe()!r} returns sampler token weights, "
+                    "which a paired rollout cannot carry; use sources without them"
+                )
+            mask_BT = ro.completion_mask_BT.bool()
+            for b in range(ro.input_ids_BL.shape[0]):
+                prompt_ids = ro.input_ids_BL[b, : ro.prompt_len][
+                    ro.attention_mask_BL[b, : ro.prompt_len].bool()
+                ]
+                prompts.append(prompt_ids.tolist())
+                completions.append(ro.completion_ids_BT[b][mask_BT[b]].tolist())
+                writers.append(ro.writer_of_row(b))
+            answers += list(ro.answers) if ro.answers else [None] * ro.input_ids_BL.shape[0]
+            info.update(ro.info)
+        merged = make_rollout(prompts, completions, ctx.pad_id, "paired", answers, info)
+        merged.info["student_share"] = writers.count("student") / max(1, len(writers))
+        return replace(merged, row_writers=tuple(writers))
+
+    def describe(self) -> str:
+        return "paired: " + " and ".join(p.describe() for p in self.sources) + " on each prompt"
