@@ -59,12 +59,16 @@ class Divergence:
       name: a key of `opd.losses.DIVERGENCES` (forward_kl, reverse_kl, generalized_jsd, ...).
       params: the divergence's parameters, e.g. {"beta": 0.5}.
       temperature: τ applied to both models' logits before the softmax.
+      tau_squared: multiply the values by τ² (Hinton et al. 2015: keeps the gradient's scale
+        comparable across temperatures). Off by default, as in GKD, DistiLLM, MiniLLM and TRL;
+        on in the `supervised_kd` recipe.
     """
 
     name: str = "reverse_kl"
     params: dict = field(default_factory=dict)
     temperature: float = 1.0
     requires: str = "full_logits"
+    tau_squared: bool = False
 
     def __post_init__(self):
         if self.name not in DIVERGENCES:
@@ -81,18 +85,31 @@ class Divergence:
             raise ConfigError(f"divergence {self.name!r}: {err}") from None
 
     def __hash__(self):
-        return hash((self.name, tuple(sorted(self.params.items(), key=str)), self.temperature))
+        items = tuple(sorted(self.params.items(), key=str))
+        return hash((self.name, items, self.temperature, self.tau_squared))
+
+    @property
+    def scale(self) -> float:
+        """The factor on every value: τ² with `tau_squared`, else 1."""
+        return self.temperature**2 if self.tau_squared else 1.0
 
     def is_reverse_kl(self, progress: float) -> bool:
         """True when this signal is exactly KL(q_student ‖ p_teacher) at temperature 1 now:
         `reverse_kl`, or generalized JSD with β = 1 (special-cased to that KL)."""
         if self.temperature != 1.0:
-            return False
+            return False  # (so τ² = 1 too)
         if self.name == "reverse_kl":
             return True
-        return self.name == "generalized_jsd" and resolve_params(self.params, progress).get("beta") == 1.0
+        return (
+            self.name == "generalized_jsd"
+            and resolve_params(self.params, progress).get("beta") == 1.0
+        )
 
     def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext):
+        values_N = self._values(student, teacher, ctx)
+        return values_N * self.scale if self.scale != 1.0 else values_N
+
+    def _values(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext):
         params = resolve_params(self.params, ctx.progress)
         tau = self.temperature
         dtype = student.hidden_ND.dtype
@@ -103,8 +120,14 @@ class Divergence:
                 logits_s_NV = student.hidden_ND @ student.head_VD.T
                 return divergence(self.name, logits_s_NV, mix_NV, temperature=tau, **params)
             return chunked_mixture_divergence(
-                self.name, student.hidden_ND, student.head_VD, pairs, teacher.member_weights,
-                temperature=tau, chunk_size=ctx.chunk_size, **params,
+                self.name,
+                student.hidden_ND,
+                student.head_VD,
+                pairs,
+                teacher.member_weights,
+                temperature=tau,
+                chunk_size=ctx.chunk_size,
+                **params,
             )
         if ctx.materialize:
             logits_s_NV = student.hidden_ND @ student.head_VD.T
@@ -121,8 +144,9 @@ class Divergence:
             **params,
         )
 
-    def weighted_loss(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext,
-                      coef_N: torch.Tensor):
+    def weighted_loss(
+        self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext, coef_N: torch.Tensor
+    ):
         """(Σ_n c_n · D_n, values_N) in one pass over the heads (gradient taken in the forward,
         `chunked_weighted_divergence`), or None where that path does not apply (ensembles,
         the materialized reference path). Equal to (self(...) · coef_N).sum() in value and
@@ -130,13 +154,26 @@ class Divergence:
         if teacher.members or ctx.materialize:
             return None
         dtype = student.hidden_ND.dtype
-        return chunked_weighted_divergence(
-            self.name, student.hidden_ND, student.head_VD, teacher.hidden_ND.to(dtype),
-            teacher.head_VD.to(dtype), coef_N, temperature=self.temperature,
-            chunk_size=ctx.chunk_size, **resolve_params(self.params, ctx.progress),
+        if self.scale != 1.0:
+            coef_N = coef_N * self.scale
+        loss = chunked_weighted_divergence(
+            self.name,
+            student.hidden_ND,
+            student.head_VD,
+            teacher.hidden_ND.to(dtype),
+            teacher.head_VD.to(dtype),
+            coef_N,
+            temperature=self.temperature,
+            chunk_size=ctx.chunk_size,
+            **resolve_params(self.params, ctx.progress),
         )
+        if self.scale == 1.0:
+            return loss
+        total, values_N = loss
+        return total, values_N * self.scale
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.params.items())
         t = f", temperature={self.temperature}" if self.temperature != 1.0 else ""
+        t += " × τ²" if self.tau_squared else ""
         return f"{self.name}({args}{t})"

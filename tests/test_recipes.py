@@ -55,3 +55,58 @@ def test_bad_divergence_and_reduction():
         Divergence("kl")
     with pytest.raises(ConfigError, match="reduction"):
         Method(prefixes=student(), reduction="sum")
+
+
+def _rows(seed=0, n=6, d=4, v=9):
+    import torch
+
+    from opd.types import StudentRows, TeacherScores
+
+    g = torch.Generator().manual_seed(seed)
+    student = StudentRows(
+        torch.randn(n, d, generator=g, dtype=torch.float64).requires_grad_(),
+        torch.randn(v, d, generator=g, dtype=torch.float64),
+        torch.zeros(n, dtype=torch.long),
+        torch.zeros(n, dtype=torch.long),
+    )
+    teacher = TeacherScores(
+        torch.randn(n, d, generator=g, dtype=torch.float64),
+        torch.randn(v, d, generator=g, dtype=torch.float64),
+    )
+    return student, teacher
+
+
+@pytest.mark.parametrize("materialize", [False, True])
+def test_tau_squared_scales_the_loss_by_tau_squared_exactly(materialize):
+    import torch
+
+    from opd.signals import SignalContext
+
+    student, teacher = _rows()
+    ctx = SignalContext(chunk_size=4, materialize=materialize)
+    tau = 2.5
+    plain = Divergence("forward_kl", {}, tau)
+    scaled = Divergence("forward_kl", {}, tau, tau_squared=True)
+    v_plain, v_scaled = plain(student, teacher, ctx), scaled(student, teacher, ctx)
+    torch.testing.assert_close(v_scaled, tau**2 * v_plain, atol=1e-13, rtol=1e-13)
+    (g_plain,) = torch.autograd.grad(v_plain.sum(), student.hidden_ND)
+    (g_scaled,) = torch.autograd.grad(v_scaled.sum(), student.hidden_ND)
+    torch.testing.assert_close(g_scaled, tau**2 * g_plain, atol=1e-13, rtol=1e-12)
+    if not materialize:  # the one-pass path scales the same way
+        coef_N = torch.linspace(0.1, 1.0, 6, dtype=torch.float64)
+        loss, values = scaled.weighted_loss(student, teacher, ctx, coef_N)
+        torch.testing.assert_close(loss, (coef_N * v_scaled).sum(), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(values, v_scaled.detach(), atol=1e-12, rtol=1e-12)
+        (g_one,) = torch.autograd.grad(loss, student.hidden_ND)
+        v_again = scaled(student, teacher, ctx)
+        (g_two,) = torch.autograd.grad((coef_N * v_again).sum(), student.hidden_ND)
+        torch.testing.assert_close(g_one, g_two, atol=1e-12, rtol=1e-10)
+
+
+def test_tau_squared_defaults_per_recipe():
+    # Hinton's recipe multiplies by τ²; the recipes that follow GKD/DistiLLM/MiniLLM/TRL don't.
+    assert get_recipe("supervised_kd").build(temperature=2.0).signal.tau_squared
+    assert not get_recipe("supervised_kd").build(tau_squared=False).signal.tau_squared
+    for name in ("gkd", "distillm", "seqkd", "on_policy_rkl"):
+        assert not get_recipe(name).build().signal.tau_squared, name
+    assert "τ²" in get_recipe("supervised_kd").build(temperature=2.0).signal.describe()
