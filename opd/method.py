@@ -13,10 +13,15 @@ from dataclasses import dataclass
 
 from opd.errors import ConfigError
 from opd.sampling.sources import PrefixSource
+from opd.schedules import leaf_parts, requirements
 from opd.signals import Divergence
 from opd.teachers import FullLogits, TeacherAccess
 
 REDUCTIONS = ("token_mean", "sequence_mean")
+
+
+def _names(items) -> str:
+    return ", ".join(repr(x) for x in sorted(items)) or "nothing"
 
 
 @dataclass(frozen=True)
@@ -44,21 +49,26 @@ class Method:
     prompts: object = None
 
     def __post_init__(self):
-        needs = getattr(self.signal, "requires", None)
-        provides = getattr(self.teacher, "provides", frozenset())
-        if needs is not None and needs not in provides:
-            raise ConfigError(
-                f"method {self.name!r}: signal {self.signal.describe()} needs the teacher's "
-                f"{needs!r}, but teacher access {self.teacher.describe()} provides only "
-                f"{sorted(provides)}; use a teacher access that provides {needs!r} or a signal "
-                f"that needs one of {sorted(provides)}"
-            )
-        for w in self.weights:
-            w_needs = getattr(w, "requires", None)
-            if w_needs is not None and w_needs not in provides:
+        provides = frozenset(getattr(self.teacher, "provides", frozenset()))
+        access = self.teacher.describe()
+        # Every stage of a scheduled signal (ByProgress, ByWriter, nested) is checked now,
+        # so a teacher that cannot serve a later stage is refused here, not midway.
+        for label, part in leaf_parts(self.signal):
+            missing = requirements(part) - provides
+            if missing:
+                where = f" {label}" if label else ""
                 raise ConfigError(
-                    f"method {self.name!r}: token weight {w.describe()} needs {w_needs!r}, "
-                    f"teacher access provides {sorted(provides)}"
+                    f"method {self.name!r}: signal{where} {part.describe()} needs the teacher's "
+                    f"{_names(missing)}, but teacher access {access} provides only "
+                    f"{_names(provides)}; use a teacher access that provides {_names(missing)} "
+                    f"or a signal that needs only {_names(provides)}"
+                )
+        for w in self.weights:
+            missing = requirements(w) - provides
+            if missing:
+                raise ConfigError(
+                    f"method {self.name!r}: token weight {w.describe()} needs {_names(missing)}, "
+                    f"teacher access {access} provides {_names(provides)}"
                 )
         if self.reduction not in REDUCTIONS:
             raise ConfigError(

@@ -37,6 +37,29 @@ class Linear:
         return f"linear({self.start}→{self.end})"
 
 
+def requirements(part) -> frozenset:
+    """What a part needs from the teacher, as a frozenset (a plain string is one element;
+    no `requires` attribute, or None, is the empty set)."""
+    req = getattr(part, "requires", None)
+    if req is None:
+        return frozenset()
+    if isinstance(req, str):
+        return frozenset({req})
+    return frozenset(req)
+
+
+def leaf_parts(part, label: str = "") -> list:
+    """[(label, part)] for every leaf part of a combinator (stages of stages, recursively);
+    a part without `labelled_parts` is its own single leaf."""
+    children = getattr(part, "labelled_parts", None)
+    if children is None:
+        return [(label, part)]
+    out = []
+    for child_label, child in children():
+        out += leaf_parts(child, f"{label}, {child_label}" if label else child_label)
+    return out
+
+
 def resolve_params(params: dict, progress: float) -> dict:
     """Evaluate scheduled parameter values at `progress`."""
     return {k: (v.at(progress) if hasattr(v, "at") else v) for k, v in params.items()}
@@ -75,11 +98,17 @@ class ByProgress:
 
     # --- as a signal -------------------------------------------------------------------
     @property
-    def requires(self):
-        reqs = {getattr(p, "requires", None) for _, p in self.stages} - {None}
-        if len(reqs) > 1:  # Method checks one requirement; all stages must be servable
-            return sorted(reqs)[0] if "full_logits" not in reqs else "full_logits"
-        return next(iter(reqs), None)
+    def requires(self) -> frozenset:
+        """Every teacher output some stage needs (the union over the stages)."""
+        return frozenset().union(*(requirements(p) for _, p in self.stages))
+
+    def labelled_parts(self) -> tuple:
+        """((label, part), ...): each stage with its progress range, for checks and errors."""
+        out, lo = [], 0.0
+        for until, part in self.stages:
+            out.append((f"stage [{lo:.0%}–{until:.0%})", part))
+            lo = until
+        return tuple(out)
 
     def __call__(self, student, teacher, ctx):
         return self.part_at(self._progress(ctx))(student, teacher, ctx)
@@ -129,9 +158,12 @@ class ByWriter:
     parts: tuple  # ((writer, signal), ...)
 
     @property
-    def requires(self):
-        reqs = {getattr(s, "requires", None) for _, s in self.parts} - {None}
-        return "full_logits" if "full_logits" in reqs else next(iter(reqs), None)
+    def requires(self) -> frozenset:
+        """Every teacher output some writer's signal needs (the union)."""
+        return frozenset().union(*(requirements(s) for _, s in self.parts))
+
+    def labelled_parts(self) -> tuple:
+        return tuple((f"writer {w!r}", sig) for w, sig in self.parts)
 
     def signal_for(self, writer: str):
         for w, sig in self.parts:

@@ -78,6 +78,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -105,7 +106,9 @@ def student_token_logprobs(student: StudentRows, ctx: SignalContext) -> Tensor:
 
 
 @torch.no_grad()
-def teacher_token_logprobs(teacher: TeacherScores, student: StudentRows, ctx: SignalContext) -> Tensor:
+def teacher_token_logprobs(
+    teacher: TeacherScores, student: StudentRows, ctx: SignalContext
+) -> Tensor:
     """(N,) log p(y_t): the sampled scores if given, else computed from full-logits rows."""
     if teacher.token_logprobs_N is not None:
         return teacher.token_logprobs_N.detach()
@@ -229,7 +232,7 @@ class SampledRKL:
     """
 
     discount: float = 0.0
-    requires: str = "token_logprobs"
+    requires: ClassVar[frozenset] = frozenset({"token_logprobs"})
 
     def __post_init__(self):
         _check_unit("SampledRKL: discount", self.discount)
@@ -261,7 +264,7 @@ class GOPD:
     kl_coef: float = 1.0
     discount: float = 0.0
     reference: object = field(default=None, compare=False, repr=False)
-    requires: str = "token_logprobs"
+    requires: ClassVar[frozenset] = frozenset({"token_logprobs"})
     _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self):
@@ -282,7 +285,9 @@ class GOPD:
             return self.reference
         if "model" not in self._cache:
             if ctx.models is None:
-                raise ConfigError("GOPD needs a reference model: pass reference= or run via distill")
+                raise ConfigError(
+                    "GOPD needs a reference model: pass reference= or run via distill"
+                )
             ref = copy.deepcopy(ctx.models.student).eval()  # the student before any update
             ref.requires_grad_(False)
             self._cache["model"] = ref
@@ -297,7 +302,9 @@ class GOPD:
             if ctx.rollout is None:
                 raise ConfigError("GOPD with lam != kl_coef needs ctx.rollout to run the reference")
             ref = self.reference_model(ctx)
-            scores = SampledLogprobs(ctx.chunk_size).score(ref, ctx.rollout, student.head_VD.shape[0])
+            scores = SampledLogprobs(ctx.chunk_size).score(
+                ref, ctx.rollout, student.head_VD.shape[0]
+            )
             logr_N = scores.token_logprobs_N.to(logq_N.dtype)
             a_N = self.lam * (logp_N - logr_N) - self.kl_coef * (logq_N.detach() - logr_N)
         if self.discount > 0:
@@ -325,7 +332,7 @@ class MiniLLMPolicyGradient:
     whiten: bool = True
     clip: float = 0.2
     single_step: bool = True
-    requires: str = "full_logits"
+    requires: ClassVar[frozenset] = frozenset({"full_logits"})
 
     def __post_init__(self):
         _check_unit("MiniLLM: discount", self.discount)
@@ -341,8 +348,12 @@ class MiniLLMPolicyGradient:
         logp_N = teacher_token_logprobs(teacher, student, ctx).to(logq_N.dtype)
         r_N = logp_N - logq_N.detach()
         adv_N = future_returns(
-            r_N, student.row_index_N, self.discount, self.horizon,
-            exclude_current=True, length_norm=self.length_norm,
+            r_N,
+            student.row_index_N,
+            self.discount,
+            self.horizon,
+            exclude_current=True,
+            length_norm=self.length_norm,
         )
         if self.whiten:
             adv_N = whiten(adv_N)
@@ -396,7 +407,7 @@ class Reopold:
     lam: float = 0.2
     top_entropy: float = 0.2
     refine_after: float = 1.0
-    requires: str = "token_logprobs"
+    requires: ClassVar[frozenset] = frozenset({"token_logprobs"})
 
     def __post_init__(self):
         if not 0.0 < self.lam < 1.0:
@@ -451,8 +462,8 @@ class RewardWeighted:
             raise ConfigError(f"RewardWeighted: beta must be >= 0, got {self.beta}")
 
     @property
-    def requires(self) -> str:
-        return "full_logits" if self.kl == "full" else "token_logprobs"
+    def requires(self) -> frozenset:
+        return frozenset({"full_logits" if self.kl == "full" else "token_logprobs"})
 
     def rewards(self, ctx: SignalContext, device) -> Tensor:
         """(B,) 1.0 where the verifier accepts row b's decoded completion, else 0.0."""
@@ -481,4 +492,6 @@ class RewardWeighted:
         return pg_N + self.beta * kl_N
 
     def describe(self) -> str:
-        return f"verifier reward policy gradient + {self.beta}·KL(q_student ‖ p_teacher) ({self.kl})"
+        return (
+            f"verifier reward policy gradient + {self.beta}·KL(q_student ‖ p_teacher) ({self.kl})"
+        )

@@ -13,6 +13,7 @@ twin the tests compare against.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -67,7 +68,7 @@ class Divergence:
     name: str = "reverse_kl"
     params: dict = field(default_factory=dict)
     temperature: float = 1.0
-    requires: str = "full_logits"
+    requires: ClassVar[frozenset] = frozenset({"full_logits"})
     tau_squared: bool = False
 
     def __post_init__(self):

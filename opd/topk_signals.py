@@ -32,6 +32,7 @@ renormalised form.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -125,7 +126,7 @@ class TopKDivergence:
     k: int | None = None
     temperature: float = 1.0
     params: dict = field(default_factory=dict)
-    requires: str = "topk_logprobs"
+    requires: ClassVar[frozenset] = frozenset({"topk_logprobs"})
 
     def __post_init__(self):
         if self.name not in DIVERGENCES:
@@ -143,9 +144,13 @@ class TopKDivergence:
             raise ConfigError(f"divergence {self.name!r}: {err}") from None
 
     def __hash__(self):
-        return hash((self.name, self.k, self.temperature, tuple(sorted(self.params.items(), key=str))))
+        return hash(
+            (self.name, self.k, self.temperature, tuple(sorted(self.params.items(), key=str)))
+        )
 
-    def teacher_buckets(self, teacher: TeacherScores, ctx: SignalContext, dtype) -> tuple[Tensor, Tensor]:
+    def teacher_buckets(
+        self, teacher: TeacherScores, ctx: SignalContext, dtype
+    ) -> tuple[Tensor, Tensor]:
         """(ids_NK of the k tokens, (N, k + 1) teacher bucket log-probabilities)."""
         if teacher.topk_logprobs_NK is not None:
             k_teacher = teacher.topk_logprobs_NK.shape[1] - 1
@@ -160,7 +165,10 @@ class TopKDivergence:
         if self.k is None:
             raise ConfigError("TopKDivergence with a full-logits teacher needs an explicit k")
         ids_NK1, logprobs_NK1 = teacher_topk_buckets(
-            teacher.hidden_ND.to(dtype), teacher.head_VD.to(dtype), self.k, self.temperature,
+            teacher.hidden_ND.to(dtype),
+            teacher.head_VD.to(dtype),
+            self.k,
+            self.temperature,
             ctx.chunk_size,
         )
         return ids_NK1[:, :-1], logprobs_NK1

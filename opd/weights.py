@@ -4,7 +4,7 @@ The loop computes `values_N = method.signal(...)` and then, for each weight in
 `method.weights`, `w_N *= weight(values_N, student, teacher, rollout, ctx)`; the loss is
 reduce(w_N · values_N). A weight is a frozen dataclass that returns a detached (N,) tensor on
 the device and in the dtype of `values_N`; it never reduces and never carries a gradient.
-A weight that needs the teacher's logits says so with `requires = "full_logits"`, and `Method`
+A weight that needs the teacher's logits says so with `requires = frozenset({"full_logits"})`, and `Method`
 checks that against the teacher access at construction.
 
     SpecialTokenMask(ids, keep_stop)   w_t = 0 where the target y_t is a special/template token.
@@ -63,6 +63,8 @@ from torch import Tensor
 
 from opd.errors import ConfigError
 from opd.types import Rollout, StudentRows, TeacherScores
+
+FULL_LOGITS = frozenset({"full_logits"})
 
 SCORES = ("signal", "hellinger")
 
@@ -187,7 +189,7 @@ class SpecialTokenMask:
 
     ids: tuple | None = None
     keep_stop: bool = True
-    requires: ClassVar[str | None] = None
+    requires: ClassVar[frozenset] = frozenset()
 
     def __post_init__(self):
         if self.ids is not None:
@@ -250,7 +252,7 @@ class AdaKD:
 
     @property
     def requires(self):
-        return "full_logits" if self.metric == "hellinger" else None
+        return FULL_LOGITS if self.metric == "hellinger" else frozenset()
 
     def __call__(self, values_N, student, teacher, rollout, ctx):
         s_N = _scores(self.metric, values_N, student, teacher, ctx)
@@ -287,7 +289,7 @@ class SelecTKD:
 
     @property
     def requires(self):
-        return "full_logits" if self.by == "hellinger" else None
+        return FULL_LOGITS if self.by == "hellinger" else frozenset()
 
     def __call__(self, values_N, student, teacher, rollout, ctx):
         s_N = _scores(self.by, values_N, student, teacher, ctx)
@@ -314,7 +316,7 @@ class SelecTKDVerify:
     k: int = 5
     reject_weight: float = 0.0
     proposal: str = "written"
-    requires: ClassVar[str] = "full_logits"
+    requires: ClassVar[frozenset] = FULL_LOGITS
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 1:
@@ -373,7 +375,7 @@ class EntropyBand:
     low: float = 0.0
     high: float = math.inf
     temperature: float = 1.0
-    requires: ClassVar[str] = "full_logits"
+    requires: ClassVar[frozenset] = FULL_LOGITS
 
     def __post_init__(self):
         if not 0.0 <= self.low <= self.high:

@@ -153,7 +153,7 @@ def test_two_stage_kl_switches_direction():
     assert sched.part_at(0.29).name == "forward_kl"
     assert sched.part_at(0.3).name == "reverse_kl"
     assert sched.part_at(1.0).name == "reverse_kl"
-    assert sched.requires == "full_logits"
+    assert sched.requires == frozenset({"full_logits"})
     for bad in (0.0, 1.0):
         with pytest.raises(ConfigError, match="split"):
             two_stage_kl(bad)

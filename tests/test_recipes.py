@@ -110,3 +110,56 @@ def test_tau_squared_defaults_per_recipe():
     for name in ("gkd", "distillm", "seqkd", "on_policy_rkl"):
         assert not get_recipe(name).build().signal.tau_squared, name
     assert "τ²" in get_recipe("supervised_kd").build(temperature=2.0).signal.describe()
+
+
+def test_requires_is_a_frozenset_on_every_part():
+    from opd.schedules import ByProgress, ByWriter
+    from opd.sequence_signals import GOPD, Reopold, RewardWeighted, SampledRKL
+    from opd.topk_signals import TopKDivergence
+    from opd.weights import AdaKD, EntropyBand, SpecialTokenMask
+
+    parts = [
+        Divergence(),
+        SampledRKL(),
+        GOPD(),
+        Reopold(),
+        RewardWeighted(),
+        TopKDivergence(k=2),
+        AdaKD(),
+        SpecialTokenMask(),
+        EntropyBand(0, 1),
+    ]
+    for part in parts:
+        assert isinstance(part.requires, frozenset), part
+    staged = ByProgress(((0.5, SampledRKL()), (1.0, TopKDivergence(k=2))))
+    assert staged.requires == frozenset({"token_logprobs", "topk_logprobs"})
+    by_writer = ByWriter((("teacher", Divergence()), ("student", SampledRKL())))
+    assert by_writer.requires == frozenset({"full_logits", "token_logprobs"})
+    for name in RECIPES:
+        method = get_recipe(name).build()
+        assert isinstance(method.signal.requires, frozenset), name
+        assert method.signal.requires <= method.teacher.provides, name
+
+
+def test_method_checks_every_stage_of_a_scheduled_signal():
+    from opd.schedules import ByProgress, ByWriter
+    from opd.sequence_signals import SampledRKL
+    from opd.teachers import TopK
+    from opd.topk_signals import TopKDivergence
+
+    # The first stage is servable by top-k access; the later one needs full logits.
+    staged = ByProgress(((0.5, TopKDivergence(k=4)), (1.0, Divergence("reverse_kl"))))
+    with pytest.raises(ConfigError) as err:
+        Method(prefixes=student(), teacher=TopK(k=4), signal=staged)
+    message = str(err.value)
+    assert "stage [50%–100%)" in message and "reverse_kl" in message
+    assert "'full_logits'" in message and TopK(k=4).describe() in message
+    # Both stages servable: accepted. Nested combinators are walked too.
+    Method(
+        prefixes=student(),
+        teacher=TopK(k=4),
+        signal=ByProgress(((0.5, TopKDivergence(k=4)), (1.0, SampledRKL()))),
+    )
+    nested = ByWriter((("student", staged),))
+    with pytest.raises(ConfigError, match=r"writer 'student', stage \[50%–100%\)"):
+        Method(prefixes=student(), teacher=TopK(k=4), signal=nested)

@@ -307,7 +307,7 @@ def test_reward_weighted_uses_the_verifier_and_the_kl(tok):
     kl = divergence("reverse_kl", rows.hidden_ND @ rows.head_VD.T, teacher.hidden_ND @ teacher.head_VD.T)
     torch.testing.assert_close(values, -(R - R.mean())[rows.row_index_N] * logq + 0.5 * kl)
     assert ro.info["reward_mean"] == pytest.approx(2 / 3)
-    assert RewardWeighted(kl="sampled").requires == "token_logprobs"
+    assert RewardWeighted(kl="sampled").requires == frozenset({"token_logprobs"})
     sampled = RewardWeighted(beta=0.5, kl="sampled")(rows, teacher, ctx)
     logits_t = teacher.hidden_ND @ teacher.head_VD.T
     logp = logits_t.log_softmax(-1).gather(-1, rows.target_ids_N[:, None])[:, 0]

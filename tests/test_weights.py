@@ -106,7 +106,8 @@ def test_adakd_equal_distributions_give_uniform_weights_and_hellinger_needs_logi
     same = TeacherScores(hidden_ND=s.hidden_ND, head_VD=s.head_VD)
     w = call(AdaKD(), [1.0] * 5, s, same)
     assert w.tolist() == [1.0] * 5
-    assert AdaKD().requires == "full_logits" and AdaKD(metric="signal").requires is None
+    assert AdaKD().requires == frozenset({"full_logits"})
+    assert AdaKD(metric="signal").requires == frozenset()
     with pytest.raises(ConfigError, match="focus"):
         AdaKD(focus=0.0)
 
