@@ -58,7 +58,7 @@ class Method:
             if missing:
                 where = f" {label}" if label else ""
                 raise ConfigError(
-                    f"method {self.name!r}: signal{where} {part.describe()} needs the teacher's "
+                    f"{self._label}: signal{where} {part.describe()} needs the teacher's "
                     f"{_names(missing)}, but teacher access {access} provides only "
                     f"{_names(provides)}; use a teacher access that provides {_names(missing)} "
                     f"or a signal that needs only {_names(provides)}"
@@ -67,13 +67,17 @@ class Method:
             missing = requirements(w) - provides
             if missing:
                 raise ConfigError(
-                    f"method {self.name!r}: token weight {w.describe()} needs {_names(missing)}, "
+                    f"{self._label}: token weight {w.describe()} needs {_names(missing)}, "
                     f"teacher access {access} provides {_names(provides)}"
                 )
         if self.reduction not in REDUCTIONS:
             raise ConfigError(
-                f"method {self.name!r}: reduction must be one of {REDUCTIONS}, got {self.reduction!r}"
+                f"{self._label}: reduction must be one of {REDUCTIONS}, got {self.reduction!r}"
             )
+
+    @property
+    def _label(self) -> str:
+        return "method" if self.name == "custom" else f"method {self.name!r}"
 
     def describe(self) -> str:
         lines = [

@@ -64,7 +64,10 @@ authors' code, microsoft/LMOps minillm/; no code copied):
   the analytic single-step term unweighted, uses γ = 0.95, divides rewards by 0.5 and clips
   them at ±100, runs 4 PPO epochs per rollout batch and adds a pre-training LM loss; we keep
   its whitening (default on) and clip range ε = 0.2, and omit the rest (one pass per rollout,
-  so ρ = w in value).
+  so ρ = w in value). Whitening uses the mean and (biased) standard deviation over the
+  counted tokens of the micro-batch only, never padding.
+- SampledRKL: opd's loop takes the token mean of the per-token losses; tinker sums them
+  (same direction, gradient scale differs by the number of counted tokens).
 - KETCHUP: we could not verify the paper's exact K-step target (it induces the return from
   the Bellman optimality equation, possibly with a teacher-derived bootstrap value at t+K);
   this is the plain truncated K-step sum of MiniLLM rewards, no bootstrap. Default k unverified.

@@ -1,7 +1,7 @@
 """Signals: the per-token quantity the student minimises on the rollout.
 
 A signal maps (student rows, teacher scores) to a per-token tensor (N,), never reduced.
-`Divergence` covers every full-vocabulary divergence in `opd.losses` (METHODS.md §1–2):
+`Divergence` covers every full-vocabulary divergence in `opd.losses` (docs/methods.md §1–2):
 
     D_t = D( p_teacher(. | x, y<t), q_student(. | x, y<t) )    for each counted token t
 

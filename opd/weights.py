@@ -1,4 +1,4 @@
-"""Token weights: per-token multipliers w_t on any signal (METHODS.md §3).
+"""Token weights: per-token multipliers w_t on any signal (docs/methods.md §3).
 
 The loop computes `values_N = method.signal(...)` and then, for each weight in
 `method.weights`, `w_N *= weight(values_N, student, teacher, rollout, ctx)`; the loss is
@@ -38,15 +38,15 @@ authors' public code; each point says what is and is not verified):
 - AdaKD: the paper's difficulty metric is the Hellinger distance (verified) and its LATF module
   keeps the hardest tokens, with the kept fraction adapted from the loss's stability; we keep
   a fixed (or scheduled: `focus` may be an `opd.schedules.Linear`) fraction. Within the kept
-  tokens we weight proportionally to difficulty, normalised to mean 1 (the METHODS.md "first
-  form"; the paper's code weights kept tokens equally). The paper's Inverse Difficulty
+  tokens we weight proportionally to difficulty, normalised to mean 1 (the "first form" of
+  the equation sheet opd was specified from; the paper's code weights kept tokens equally). The paper's Inverse Difficulty
   Temperature Scaling (a per-token temperature inside the divergence) is not a token weight
   and is not implemented. The survey's "low student confidence" upweighting is not a separate
   term in the paper: a low-confidence student has a large Hellinger distance.
 - SelecTKD: the paper selects by propose-and-verify (`SelecTKDVerify`): the student proposes
   a token, the teacher accepts it if it is in its top-k; rejected tokens get weight β (0 =
   masked). Its default k and β, and the non-greedy Spec-k variant, are not verified / not
-  implemented. `SelecTKD(rho)` is the survey's and METHODS.md's description ("keep the fraction
+  implemented. `SelecTKD(rho)` is the survey's description (docs/methods.md §3) ("keep the fraction
   ρ with the highest learning value"), kept as its own weight.
 - Ties at a selection boundary are broken by `torch.topk` (stable for a fixed input).
 """

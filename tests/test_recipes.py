@@ -163,3 +163,73 @@ def test_method_checks_every_stage_of_a_scheduled_signal():
     nested = ByWriter((("student", staged),))
     with pytest.raises(ConfigError, match=r"writer 'student', stage \[50%–100%\)"):
         Method(prefixes=student(), teacher=TopK(k=4), signal=nested)
+
+
+def test_recipe_arguments_are_checked_against_their_types():
+    with pytest.raises(ConfigError, match=r"method\.args\.beta expects a number.*'abc'"):
+        get_recipe("gkd").build(beta="abc")
+    with pytest.raises(ConfigError, match=r"method\.args\.whiten expects true or false"):
+        get_recipe("minillm").build(whiten="maybe")
+    with pytest.raises(ConfigError, match=r"method\.args\.capacity expects an integer"):
+        get_recipe("distillm").build(capacity=2.5)
+    with pytest.raises(ConfigError, match=r"method\.args\.lmbda expects a finite number"):
+        get_recipe("gkd").build(lmbda=float("nan"))
+    with pytest.raises(ConfigError, match=r"method\.args\.prefixes expects text"):
+        get_recipe("akl").build(prefixes=3)
+    # Strings that spell a value of the right type are accepted.
+    assert get_recipe("gkd").build(beta="0.25").signal.params == {"beta": 0.25}
+    assert get_recipe("minillm").build(whiten="false").signal.whiten is False
+    assert get_recipe("minillm").build(whiten="True").signal.whiten is True
+    assert get_recipe("distillm").build(capacity=8.0).prefixes.capacity == 8
+    assert get_recipe("gkd").build(beta=1).signal.params == {"beta": 1}  # an int is a number
+
+
+def test_unknown_recipe_and_argument_suggest_the_nearest_names():
+    with pytest.raises(ConfigError, match=r"unknown recipe 'distilm'; did you mean 'distillm'"):
+        get_recipe("distilm")
+    with pytest.raises(ConfigError, match=r"no argument 'lambda'; did you mean lmbda"):
+        get_recipe("gkd").build(**{"lambda": 0.5})
+
+
+def test_recipe_name_is_written_once():
+    import inspect
+    import sys
+
+    for name, info in RECIPES.items():
+        assert info.build().name == name
+        assert info.fn().name == name  # calling the function directly names it too
+        source = inspect.getsource(sys.modules[info.fn.__module__])
+        assert f'name="{name}"' not in source, name
+
+
+def test_every_recipe_declares_its_deviations_and_the_docs_list_them():
+    from pathlib import Path
+
+    from opd.recipes.registry import deviations_markdown
+
+    for name, info in RECIPES.items():
+        assert info.deviations.strip(), f"{name}: no 'Deviations:' paragraph in its docstring"
+    docs = (Path(__file__).parents[1] / "docs" / "methods.md").read_text(encoding="utf-8")
+    start, end = "<!-- deviations:start -->\n", "<!-- deviations:end -->"
+    listed = docs[docs.index(start) + len(start) : docs.index(end)].strip()
+    assert listed == deviations_markdown(), "regenerate the list in docs/methods.md"
+    assert "METHODS.md" not in docs
+
+
+def test_smaller_differences_are_documented():
+    # issue 9 item 7: tinker sums, DistiLLM's LM term, MiniLLM's whitening statistics.
+    assert "tinker sums" in get_recipe("sampled_rkl").deviations
+    assert "language-modelling loss" in get_recipe("distillm").deviations
+    assert "whitened" in get_recipe("minillm").deviations
+    assert "counted completion tokens" in get_recipe("minillm").deviations
+    assert "SKL + SRKL" in get_recipe("distillm2").deviations
+    assert "τ²" not in get_recipe("gkd").deviations  # only supervised_kd scales by τ²
+
+
+def test_opd_recipes_name_prints_the_deviations():
+    from tests.helpers import run_opd
+
+    res = run_opd(["recipes", "sampled_rkl"])
+    assert res.code == 0, res.err
+    assert "deviations from the paper:" in res.out
+    assert "tinker sums the per-token losses" in res.out

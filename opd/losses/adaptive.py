@@ -40,18 +40,18 @@ not their method sections or code; each point says what is and is not verified.
 
 - entropy_aware: the paper's abstract describes "augmenting the standard reverse KL objective
   with forward KL when teacher entropy is high"; we could not read its exact gate. We use the
-  convex, continuous gate a_t = clamp(H/h_max, 0, 1) of METHODS.md §2. If the paper adds FKL
+  convex, continuous gate a_t = clamp(H/h_max, 0, 1) of docs/methods.md §2. If the paper adds FKL
   on top of RKL above an entropy threshold (as "augmenting" suggests), its loss is
   RKL + 1[H > h]·FKL, which differs from ours in scale and in having a step.
 - taid: the paper's intermediate target is, per the summaries, "a softmax interpolation of
   detached student logits and teacher logits", r = softmax((1−λ)·z_S.detach() + λ·z_T),
   which is exactly `bridge(γ=λ)`. That is our default (`space="logit"`, computed by
-  `bridge`). METHODS.md states a probability mixture
+  `bridge`). The probability mixture (docs/methods.md §2)
   r = (1−λ)·q.detach() + λ·p; it is available as `space="prob"`. TAID's adaptive momentum
   update of λ is not implemented; `taid_lambda` gives the linear schedule only.
-- bridge: we could not read Veto's method section; the formula above is METHODS.md's. The
-  paper's summaries also mention a reverse-direction objective and adaptive gradient
-  clipping; neither is here.
+- bridge: we could not read Veto's method section; the formula above (docs/methods.md §2)
+  is the one opd was specified from. The paper's summaries also mention a reverse-direction
+  objective and adaptive gradient clipping; neither is here.
 - akl: the head/tail boundary follows the authors' code (the AKL repository's ratio
   function): the entry whose cumulative teacher mass crosses μ is tail, and the top-1 entry
   is always head. On p = [.4, .3, .2, .1], q = [.1, .6, .2, .1], μ = .5 this gives
@@ -364,7 +364,7 @@ def taid(
     """TAID (Shing et al., ICLR 2025): KL(r ‖ q) to a target between the student and teacher.
 
     space="logit" (the paper's): r = softmax((1−λ)·z_S.detach() + λ·z_T), i.e. `bridge(γ=λ)`.
-    space="prob" (METHODS.md):   r = (1−λ)·q.detach() + λ·p.
+    space="prob" (docs/methods.md §2): r = (1−λ)·q.detach() + λ·p.
 
     Args:
         student_logits: (..., V) student logits.

@@ -41,5 +41,4 @@ def akl(
     return Method(
         prefixes=prefix_source(prefixes, lmbda),
         signal=Divergence("akl", {"mu": mu, "boundary": boundary}, temperature),
-        name="akl",
     )

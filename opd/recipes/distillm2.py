@@ -50,12 +50,10 @@ def distillm2(
                     ("student", Divergence("skew_reverse_kl", {"alpha": alpha}, temperature)),
                 )
             ),
-            name="distillm2",
         )
     srkl = Divergence("skew_reverse_kl", {"alpha": alpha, "stop_grad_mix": True}, temperature)
     return Method(
         prefixes=Paired((teacher(), student())),
         signal=ByWriter((("teacher", skl), ("student", srkl))),
         reduction="sequence_mean",
-        name="distillm2",
     )

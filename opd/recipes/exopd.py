@@ -26,6 +26,4 @@ def exopd(lam: float = 1.25):
     """ExOPD: G-OPD with λ > 1 and the initial student as reference."""
     if not lam > 1.0:
         raise ValueError(f"exopd extrapolates: lam must be > 1 (use g_opd otherwise), got {lam}")
-    return Method(
-        prefixes=student(), teacher=SampledLogprobs(), signal=GOPD(lam=lam), name="exopd"
-    )
+    return Method(prefixes=student(), teacher=SampledLogprobs(), signal=GOPD(lam=lam))

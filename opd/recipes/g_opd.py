@@ -32,5 +32,4 @@ def g_opd(lam: float = 1.0, kl_coef: float = 1.0):
         prefixes=student(),
         teacher=SampledLogprobs(),
         signal=GOPD(lam=lam, kl_coef=kl_coef),
-        name="g_opd",
     )

@@ -29,5 +29,4 @@ def ketchup(k: int = 8, alpha: float = 0.2, clip: float = 0.2):
         prefixes=token_mix(alpha=alpha, clip=None),
         teacher=FullLogits(),
         signal=Ketchup(k=k, clip=clip),
-        name="ketchup",
     )

@@ -47,5 +47,4 @@ def paced(
         prefixes=prefix_source(prefixes, lmbda),
         signal=two_stage_kl(split, temperature),
         prompts=Paced(a=a, b=b, n=n, pool=pool, refresh_every=refresh_every),
-        name="paced",
     )

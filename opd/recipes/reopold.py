@@ -29,5 +29,4 @@ def reopold(lam: float = 0.2, top_entropy: float = 0.2, refine_after: float = 1.
         prefixes=student(),
         teacher=SampledLogprobs(),
         signal=Reopold(lam=lam, top_entropy=top_entropy, refine_after=refine_after),
-        name="reopold",
     )

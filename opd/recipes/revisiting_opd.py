@@ -41,5 +41,4 @@ def revisiting_opd(
         prefixes=prefix_source(prefixes, lmbda),
         signal=Divergence("topk_reverse_kl", {"k": k}, temperature),
         weights=(SpecialTokenMask(keep_stop=not mask_stop),),
-        name="revisiting_opd",
     )

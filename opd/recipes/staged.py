@@ -43,5 +43,4 @@ def staged(
                 (1.0, RewardWeighted(beta=beta)),
             )
         ),
-        name="staged",
     )

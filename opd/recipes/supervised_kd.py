@@ -26,5 +26,4 @@ def supervised_kd(temperature: float = 1.0, tau_squared: bool = True):
     return Method(
         prefixes=dataset(),
         signal=Divergence("forward_kl", {}, temperature, tau_squared=tau_squared),
-        name="supervised_kd",
     )

@@ -8,7 +8,7 @@ paper's form):
 with λ rising over training from λ_0 to 1, so a large teacher–student gap is crossed in small
 steps. Here λ = opd.schedules.Linear(λ_0, 1.0), evaluated at progress = step / total_steps.
 Computed by `opd.losses.taid` (`space="prob"` gives the probability mixture
-r = (1 − λ)·q.detach() + λ·p of METHODS.md instead).
+r = (1 − λ)·q.detach() + λ·p of docs/methods.md §2 instead).
 
 Deviations:
 - λ schedule: TAID's default is adaptive: λ starts at t_start = 0.4 and grows by a momentum
@@ -47,5 +47,4 @@ def taid(
     return Method(
         prefixes=prefix_source(prefixes, lmbda),
         signal=Divergence("taid", {"lam": Linear(lam0, 1.0), "space": space}, temperature),
-        name="taid",
     )

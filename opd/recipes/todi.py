@@ -36,5 +36,4 @@ def todi(
     return Method(
         prefixes=prefix_source(prefixes, lmbda),
         signal=Divergence("todi", {"beta": beta}, temperature),
-        name="todi",
     )

@@ -35,5 +35,4 @@ def veto(
     return Method(
         prefixes=prefix_source(prefixes, lmbda),
         signal=Divergence("bridge", {"gamma": gamma}, temperature),
-        name="veto",
     )
