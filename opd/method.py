@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 from opd.errors import ConfigError
 from opd.sampling.sources import PrefixSource
-from opd.schedules import leaf_parts, requirements
-from opd.signals import Divergence
+from opd.signals import Divergence, leaf_parts, requirements
 from opd.teachers import FullLogits, TeacherAccess
 
 REDUCTIONS = ("token_mean", "sequence_mean")

@@ -21,7 +21,6 @@ from opd.losses import (
     forward_kl,
     reverse_kl,
     taid,
-    taid_lambda,
     todi,
     todi_weights,
     topk_reverse_kl,
@@ -311,21 +310,6 @@ def test_taid_spaces():
     torch.testing.assert_close(taid(s, t, lam=0.4, space="prob"), _kl(log_r, log_q))
     with pytest.raises(ValueError, match="space"):
         taid(s, t, lam=0.4, space="logits")
-
-
-def test_taid_lambda_schedule():
-    assert taid_lambda(0, 100) == pytest.approx(0.1)
-    assert taid_lambda(50, 100) == pytest.approx(0.55)
-    assert taid_lambda(100, 100) == pytest.approx(1.0)
-    assert taid_lambda(500, 100) == pytest.approx(1.0)
-    assert taid_lambda(25, 100, lam0=0.0, lam1=0.8) == pytest.approx(0.2)
-    with pytest.raises(ValueError, match="total_steps"):
-        taid_lambda(0, 0)
-    with pytest.raises(ValueError, match="lam0"):
-        taid_lambda(0, 10, lam0=-0.1)
-
-
-# --- Top-k local support --------------------------------------------------------------------
 
 
 def test_topk_reverse_kl_support():

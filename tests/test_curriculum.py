@@ -9,11 +9,12 @@ from collections import Counter
 import pytest
 import torch
 
-from opd.curriculum import Paced, beta_kernel, prefix_source, two_stage_kl
+from opd.curriculum import Paced, beta_kernel
 from opd.data import Example, PromptStream
 from opd.errors import ConfigError, DataError
 from opd.sampling import GenerationParams, RolloutContext
 from opd.sampling.sources import DatasetPrefixes, Mix, StudentPrefixes, TeacherPrefixes
+from opd.signals import prefix_source, two_stage_kl
 
 N_SAMPLES = 4
 # prompt token -> number of passing samples out of N_SAMPLES (pass rate = value / 4)

@@ -113,9 +113,15 @@ def test_tau_squared_defaults_per_recipe():
 
 
 def test_requires_is_a_frozenset_on_every_part():
-    from opd.schedules import ByProgress, ByWriter
-    from opd.sequence_signals import GOPD, Reopold, RewardWeighted, SampledRKL
-    from opd.topk_signals import TopKDivergence
+    from opd.signals import (
+        GOPD,
+        ByProgress,
+        ByWriter,
+        Reopold,
+        RewardWeighted,
+        SampledRKL,
+        TopKDivergence,
+    )
     from opd.weights import AdaKD, EntropyBand, SpecialTokenMask
 
     parts = [
@@ -142,10 +148,8 @@ def test_requires_is_a_frozenset_on_every_part():
 
 
 def test_method_checks_every_stage_of_a_scheduled_signal():
-    from opd.schedules import ByProgress, ByWriter
-    from opd.sequence_signals import SampledRKL
+    from opd.signals import ByProgress, ByWriter, SampledRKL, TopKDivergence
     from opd.teachers import TopK
-    from opd.topk_signals import TopKDivergence
 
     # The first stage is servable by top-k access; the later one needs full logits.
     staged = ByProgress(((0.5, TopKDivergence(k=4)), (1.0, Divergence("reverse_kl"))))

@@ -11,7 +11,7 @@ import torch
 from opd.curriculum import Paced
 from opd.errors import ConfigError
 from opd.recipes import get_recipe
-from opd.schedules import ByProgress, Linear
+from opd.signals import ByProgress, Linear
 from opd.train import distill
 from opd.weights import SpecialTokenMask
 from tests.helpers import fresh_models, tiny_cfg

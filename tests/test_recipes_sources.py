@@ -12,8 +12,7 @@ from opd.method import Method
 from opd.recipes import RECIPES, get_recipe
 from opd.sampling import AdaSwitch, Mix, Prefix, Replay, Speculative
 from opd.sampling.sources import make_rollout
-from opd.schedules import ByWriter, Paired
-from opd.signals import Divergence, SignalContext
+from opd.signals import ByWriter, Divergence, Paired, SignalContext
 from opd.train import distill
 from opd.types import StudentRows, TeacherScores
 from tests.helpers import fresh_models, tiny_cfg

@@ -11,8 +11,7 @@ import torch
 from opd.errors import ConfigError
 from opd.method import Method
 from opd.sampling import make_rollout, student
-from opd.schedules import Linear
-from opd.signals import Divergence, SignalContext
+from opd.signals import Divergence, Linear, SignalContext
 from opd.teachers import FullLogits
 from opd.types import StudentRows, TeacherScores
 from opd.weights import (

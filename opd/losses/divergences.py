@@ -146,10 +146,10 @@ def log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
-def check_unit_interval(name: str, value: float) -> None:
-    """Raise ValueError unless 0 <= value <= 1."""
+def check_unit_interval(name: str, value: float, error: type[Exception] = ValueError) -> None:
+    """Raise `error` (ValueError by default) unless 0 <= value <= 1 (NaN is refused too)."""
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
+        raise error(f"{name} must be in [0, 1], got {value}")
 
 
 def pair_log_probs(

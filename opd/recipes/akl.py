@@ -16,10 +16,9 @@ Deviations: AKL was evaluated off-policy (dataset responses); opd defaults to st
 rollouts (`prefixes="student"`), the paper's setting is `prefixes="dataset"`.
 """
 
-from opd.curriculum import prefix_source
 from opd.method import Method
 from opd.recipes.registry import recipe
-from opd.signals import Divergence
+from opd.signals import Divergence, prefix_source
 
 
 @recipe(

@@ -23,8 +23,7 @@ Deviations:
 from opd.method import Method
 from opd.recipes.registry import recipe
 from opd.sampling import mix, student, teacher
-from opd.schedules import ByWriter, Paired
-from opd.signals import Divergence
+from opd.signals import ByWriter, Divergence, Paired
 
 
 @recipe(

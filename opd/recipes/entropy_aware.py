@@ -13,10 +13,9 @@ reverse KL with forward KL when teacher entropy is high"); we use the continuous
 docs/methods.md §2 with h_max = log V by default. See `opd.losses.adaptive` for the details.
 """
 
-from opd.curriculum import prefix_source
 from opd.method import Method
 from opd.recipes.registry import recipe
-from opd.signals import Divergence
+from opd.signals import Divergence, prefix_source
 
 
 @recipe(

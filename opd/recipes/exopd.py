@@ -10,7 +10,7 @@ was not verified); per-token form as in `g_opd`.
 from opd.method import Method
 from opd.recipes.registry import recipe
 from opd.sampling import student
-from opd.sequence_signals import GOPD
+from opd.signals import GOPD
 from opd.teachers import SampledLogprobs
 
 

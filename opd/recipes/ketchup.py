@@ -11,7 +11,7 @@ rewards (no bootstrap). The default K = 8 is ours (not verified). Otherwise as `
 from opd.method import Method
 from opd.recipes.registry import recipe
 from opd.sampling.token_level import token_mix
-from opd.sequence_signals import Ketchup
+from opd.signals import Ketchup
 from opd.teachers import FullLogits
 
 

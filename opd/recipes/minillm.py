@@ -7,7 +7,7 @@ w_t = q/(α p + (1−α) q). Per token, with r_t = log p(y_t) − log q(y_t):
     A_t = whiten(mean_{t' > t} r_t'),   ρ_t = w_t · q/sg(q)
 
 (the loop multiplies by w_t: single step weighted, PPO-clipped long-term part).
-Deviations (details in `opd.sequence_signals`):
+Deviations (details in `opd.signals.policy_gradient`):
 - R_{t+1} and the w-weighted single step follow the paper (the official code uses R_t and
   an unweighted single step).
 - γ = 1 (code: 0.95); one pass per rollout (code: 4 PPO epochs); no reward scaling or
@@ -22,7 +22,7 @@ Deviations (details in `opd.sequence_signals`):
 from opd.method import Method
 from opd.recipes.registry import recipe
 from opd.sampling.token_level import token_mix
-from opd.sequence_signals import MiniLLMPolicyGradient
+from opd.signals import MiniLLMPolicyGradient
 from opd.teachers import FullLogits
 
 

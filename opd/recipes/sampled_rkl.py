@@ -16,7 +16,7 @@ Deviations:
 from opd.method import Method
 from opd.recipes.registry import recipe
 from opd.sampling import student
-from opd.sequence_signals import SampledRKL
+from opd.signals import SampledRKL
 from opd.teachers import SampledLogprobs
 
 

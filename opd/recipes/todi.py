@@ -15,10 +15,9 @@ default prefix source is the student (`prefixes="student"`). `prefixes="dataset"
 paper's setting; "mix" is GKD-style mixing with `lmbda`.
 """
 
-from opd.curriculum import prefix_source
 from opd.method import Method
 from opd.recipes.registry import recipe
-from opd.signals import Divergence
+from opd.signals import Divergence, prefix_source
 
 
 @recipe(

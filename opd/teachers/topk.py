@@ -20,7 +20,7 @@ reading the wrong row.
 
 Nothing (N, V) is held: `opd.losses.chunked_topk` walks the teacher's hidden rows in chunks.
 The temperature τ divides the teacher logits before the softmax; use the same τ in the signal
-(`opd.topk_signals.TopKDivergence`). Like `FullLogits`, the lm_head bias is not used.
+(`opd.signals.TopKDivergence`). Like `FullLogits`, the lm_head bias is not used.
 """
 
 from __future__ import annotations

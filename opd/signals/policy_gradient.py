@@ -1,4 +1,4 @@
-"""Sampled-token and sequence-level signals: policy-gradient surrogates per completion token.
+"""Policy-gradient signals: sampled-token and sequence-level surrogates per completion token.
 
 Every signal here returns a per-token (N,) surrogate, never reduced; the loop multiplies it by
 the token weights (including the sampler's importance weights `rollout.token_weight_BT`) and
@@ -87,139 +87,26 @@ import torch
 from torch import Tensor
 
 from opd.errors import ConfigError
-from opd.losses import chunked_token_logprobs, token_logprobs
-from opd.losses.divergences import log_probs
-from opd.signals import Divergence, SignalContext
+from opd.losses.divergences import check_unit_interval as _unit
+from opd.signals.context import SignalContext
+from opd.signals.divergence import Divergence
+from opd.signals.tokens import (
+    future_returns,
+    sampler_weights,
+    student_entropy,
+    student_token_logprobs,
+    teacher_token_logprobs,
+    whiten,
+)
 from opd.teachers.sampled import SampledLogprobs
 from opd.types import StudentRows, TeacherScores
 
 _REVERSE_KL = Divergence("reverse_kl")  # KL(q_student ‖ p_teacher) over V, chunked or plain
 
 
-# --- per-token inputs ------------------------------------------------------------------------
-
-
-def student_token_logprobs(student: StudentRows, ctx: SignalContext) -> Tensor:
-    """(N,) log q(y_t), differentiable; the (N, V) reference path when ctx.materialize."""
-    if ctx.materialize:
-        return token_logprobs(student.hidden_ND @ student.head_VD.T, student.target_ids_N)
-    return chunked_token_logprobs(
-        student.hidden_ND, student.head_VD, student.target_ids_N, chunk_size=ctx.chunk_size
-    )
-
-
-@torch.no_grad()
-def teacher_token_logprobs(
-    teacher: TeacherScores, student: StudentRows, ctx: SignalContext
-) -> Tensor:
-    """(N,) log p(y_t): the sampled scores if given, else computed from full-logits rows."""
-    if teacher.token_logprobs_N is not None:
-        return teacher.token_logprobs_N.detach()
-    if teacher.hidden_ND is None:
-        raise ConfigError("this signal needs the teacher's token log-probs or full logits")
-    return chunked_token_logprobs(
-        teacher.hidden_ND, teacher.head_VD, student.target_ids_N, chunk_size=ctx.chunk_size
-    )
-
-
-@torch.no_grad()
-def student_entropy(student: StudentRows, chunk_size: int = 512) -> Tensor:
-    """(N,) H(q_t) = −Σ_v q_v log q_v of the student, in row chunks, without gradient."""
-    out_N = []
-    for start in range(0, student.hidden_ND.shape[0], chunk_size):
-        logq_CV = log_probs(student.hidden_ND[start : start + chunk_size] @ student.head_VD.T)
-        out_N.append(-(logq_CV.exp() * logq_CV).sum(-1))
-    return torch.cat(out_N) if out_N else student.hidden_ND.new_zeros(0).float()
-
-
-def sampler_weights(ctx: SignalContext, like_N: Tensor) -> Tensor:
-    """(N,) the rollout's sampler weights w_t (1 where there are none)."""
-    rollout = ctx.rollout
-    if rollout is None or rollout.token_weight_BT is None:
-        return torch.ones_like(like_N)
-    mask_BT = rollout.completion_mask_BT.to(like_N.device).bool()
-    return rollout.token_weight_BT.to(like_N.device)[mask_BT].to(like_N.dtype)
-
-
-# --- returns over the rows of a batch --------------------------------------------------------
-
-
-def pack_rows(x_N: Tensor, row_index_N: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """(N,) row-major tokens (`row_index_N` non-decreasing) -> x_BT (zeros past each row's
-    end, T = longest row), mask_BT, and the (row, position) index with x_BT[index] == x_N."""
-    n = x_N.shape[0]
-    rows_N = row_index_N.long()
-    count_B = torch.bincount(rows_N, minlength=int(rows_N.max()) + 1 if n else 0)
-    start_B = torch.cumsum(count_B, 0) - count_B
-    pos_N = torch.arange(n, device=x_N.device) - start_B[rows_N]
-    shape = (count_B.shape[0], int(count_B.max()) if n else 0)
-    x_BT = x_N.new_zeros(shape)
-    mask_BT = torch.zeros(shape, dtype=torch.bool, device=x_N.device)
-    x_BT[rows_N, pos_N] = x_N
-    mask_BT[rows_N, pos_N] = True
-    return x_BT, mask_BT, (rows_N, pos_N)
-
-
-def discounted_returns(r_BT: Tensor, discount: float = 1.0, horizon: int | None = None) -> Tensor:
-    """(B, T) R_t = Σ_{i=0}^{K−1} γ^i r_{t+i} of (B, T) rewards (0 past each end); K = horizon
-    (None = to the end)."""
-    T = r_BT.shape[1]
-    if discount == 1.0:
-        R_BT = r_BT.flip(1).cumsum(1).flip(1)
-    else:
-        acc_B, cols = torch.zeros_like(r_BT[:, 0]), []
-        for t in reversed(range(T)):
-            acc_B = r_BT[:, t] + discount * acc_B
-            cols.append(acc_B)
-        R_BT = torch.stack(cols[::-1], dim=1) if cols else r_BT.clone()
-    if horizon is not None and horizon < T:
-        # R_t = Σ_{i<K} γ^i r_{t+i} + γ^K R_{t+K}: subtract the part beyond the horizon.
-        beyond_BT = torch.zeros_like(R_BT)
-        beyond_BT[:, : T - horizon] = R_BT[:, horizon:]
-        R_BT = R_BT - discount**horizon * beyond_BT
-    return R_BT
-
-
-def future_returns(
-    r_N: Tensor,
-    row_index_N: Tensor,
-    discount: float = 1.0,
-    horizon: int | None = None,
-    exclude_current: bool = False,
-    length_norm: bool = False,
-) -> Tensor:
-    """(N,) returns of (N,) rewards within each sequence (rows from `row_index_N`).
-
-    Args:
-        discount, horizon: γ and K of `discounted_returns`.
-        exclude_current: return R_{t+1} (the future after t) instead of R_t.
-        length_norm: divide by the number of tokens the window sums (MiniLLM's R^norm);
-          an empty window gives 0.
-    """
-    if r_N.shape[0] == 0:
-        return r_N
-    r_BT, mask_BT, index = pack_rows(r_N, row_index_N)
-    R_BT = discounted_returns(r_BT, discount, horizon)
-    count_BT = discounted_returns(mask_BT.to(r_BT.dtype), 1.0, horizon) if length_norm else None
-    if exclude_current:
-        R_BT = torch.cat([R_BT[:, 1:], torch.zeros_like(R_BT[:, :1])], dim=1)
-        if count_BT is not None:
-            count_BT = torch.cat([count_BT[:, 1:], torch.zeros_like(count_BT[:, :1])], dim=1)
-    if count_BT is not None:
-        R_BT = R_BT / count_BT.clamp_min(1.0)
-    return R_BT[index]
-
-
-def whiten(x_N: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x − mean) / (std + eps) over the tokens of the micro-batch (0 for fewer than 2)."""
-    if x_N.numel() < 2:
-        return torch.zeros_like(x_N)
-    return (x_N - x_N.mean()) / (x_N.std(unbiased=False) + eps)
-
-
-def _check_unit(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be in [0, 1], got {value}")
+def check_unit_interval(name: str, value: float) -> None:
+    """`opd.losses.divergences.check_unit_interval` raising ConfigError (a user's value)."""
+    _unit(name, value, error=ConfigError)
 
 
 # --- the signals -----------------------------------------------------------------------------
@@ -238,7 +125,7 @@ class SampledRKL:
     requires: ClassVar[frozenset] = frozenset({"token_logprobs"})
 
     def __post_init__(self):
-        _check_unit("SampledRKL: discount", self.discount)
+        check_unit_interval("SampledRKL: discount", self.discount)
 
     def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext) -> Tensor:
         logq_N = student_token_logprobs(student, ctx)
@@ -273,7 +160,7 @@ class GOPD:
     def __post_init__(self):
         if self.lam < 0 or self.kl_coef < 0:
             raise ConfigError(f"GOPD: lam and kl_coef must be >= 0, got {self.lam}, {self.kl_coef}")
-        _check_unit("GOPD: discount", self.discount)
+        check_unit_interval("GOPD: discount", self.discount)
 
     def prepare(self, models) -> None:
         """Called by the loop before any update (and before a checkpoint is restored), so
@@ -338,7 +225,7 @@ class MiniLLMPolicyGradient:
     requires: ClassVar[frozenset] = frozenset({"full_logits"})
 
     def __post_init__(self):
-        _check_unit("MiniLLM: discount", self.discount)
+        check_unit_interval("MiniLLM: discount", self.discount)
         if not self.clip > 0:
             raise ConfigError(f"MiniLLM: clip must be > 0, got {self.clip}")
 
@@ -417,7 +304,7 @@ class Reopold:
             raise ConfigError(f"Reopold: lam must be in (0, 1), got {self.lam}")
         if not 0.0 < self.top_entropy <= 1.0:
             raise ConfigError(f"Reopold: top_entropy must be in (0, 1], got {self.top_entropy}")
-        _check_unit("Reopold: refine_after", self.refine_after)
+        check_unit_interval("Reopold: refine_after", self.refine_after)
 
     @property
     def floor(self) -> float:

@@ -1,4 +1,4 @@
-"""Signals: the per-token quantity the student minimises on the rollout.
+"""`Divergence`: a full-vocabulary divergence as a signal.
 
 A signal maps (student rows, teacher scores) to a per-token tensor (N,), never reduced.
 `Divergence` covers every full-vocabulary divergence in `opd.losses` (docs/methods.md §1–2):
@@ -20,36 +20,28 @@ import torch
 from opd.errors import ConfigError
 from opd.losses import DIVERGENCES, chunked_divergence, chunked_weighted_divergence, divergence
 from opd.losses.mixture import chunked_mixture_divergence, mixture_logits
-from opd.schedules import resolve_params
+from opd.signals.context import SignalContext
+from opd.signals.schedules import resolve_params
 from opd.types import StudentRows, TeacherScores
 
 
-@dataclass(frozen=True)
-class SignalContext:
-    """Run-time facts a signal or token weight may need.
+def check_divergence_spec(name: str, params: dict, temperature: float, who: str) -> None:
+    """Raise ConfigError now (not at step 1) on an unknown divergence, a temperature ≤ 0, or
+    a bad parameter name or value (probed at progress 0 on a tiny input)."""
+    if name not in DIVERGENCES:
+        raise ConfigError(f"unknown divergence {name!r}; valid: {', '.join(sorted(DIVERGENCES))}")
+    if not temperature > 0:
+        raise ConfigError(f"{who}: temperature must be > 0, got {temperature}")
+    probe = torch.zeros(1, 3)
+    try:
+        divergence(name, probe, probe, temperature=1.0, **resolve_params(params, 0.0))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"divergence {name!r}: {err}") from None
 
-    Attributes:
-      step, total_steps: the optimizer step (0-based) and the run's length; schedules read
-        `progress` = step / total_steps in [0, 1].
-      chunk_size: rows per chunk for the chunked losses.
-      materialize: use the plain (N, V) reference path instead of the chunked one.
-      rollout: the micro-batch's rollout (sequence-level signals need the row structure).
-      tokenizer: the shared tokenizer (reward signals decode completions).
-      verify: `verify(text, answer) -> bool`, the task's verifier (reward signals).
-    """
 
-    step: int = 0
-    total_steps: int = 1
-    chunk_size: int = 512
-    materialize: bool = False
-    rollout: object = None
-    tokenizer: object = None
-    verify: object = None
-    models: object = None  # opd.build.Models: for signals that need a reference model
-
-    @property
-    def progress(self) -> float:
-        return min(1.0, self.step / max(1, self.total_steps))
+def params_key(params: dict) -> tuple:
+    """A hashable form of a parameter dict (for the frozen signals' __hash__)."""
+    return tuple(sorted(params.items(), key=str))
 
 
 @dataclass(frozen=True)
@@ -72,22 +64,10 @@ class Divergence:
     tau_squared: bool = False
 
     def __post_init__(self):
-        if self.name not in DIVERGENCES:
-            raise ConfigError(
-                f"unknown divergence {self.name!r}; valid: {', '.join(sorted(DIVERGENCES))}"
-            )
-        if not self.temperature > 0:
-            raise ConfigError(f"divergence temperature must be > 0, got {self.temperature}")
-        # Fail at construction, not at step 1, on a bad parameter name or value.
-        probe = torch.zeros(1, 3)
-        try:
-            divergence(self.name, probe, probe, temperature=1.0, **resolve_params(self.params, 0.0))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"divergence {self.name!r}: {err}") from None
+        check_divergence_spec(self.name, self.params, self.temperature, "divergence")
 
     def __hash__(self):
-        items = tuple(sorted(self.params.items(), key=str))
-        return hash((self.name, items, self.temperature, self.tau_squared))
+        return hash((self.name, params_key(self.params), self.temperature, self.tau_squared))
 
     @property
     def scale(self) -> float:
