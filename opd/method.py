@@ -12,11 +12,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opd.errors import ConfigError
+from opd.parts import PromptSelector, Signal, TokenWeight, missing_members
 from opd.sampling.sources import PrefixSource
 from opd.signals import Divergence, leaf_parts, requirements
 from opd.teachers import FullLogits, TeacherAccess
 
 REDUCTIONS = ("token_mean", "sequence_mean")
+
+
+def _check_interface(label: str, role: str, part, protocol) -> None:
+    """ConfigError naming the members `part` lacks, unless it satisfies `protocol`."""
+    if isinstance(part, protocol):
+        return
+    members = missing_members(part, protocol)
+    raise ConfigError(
+        f"{label}: {role} {part!r} is not a {protocol.__name__}: it has no "
+        f"{', '.join(sorted(members)) or 'matching members'} (see opd.parts)"
+    )
 
 
 def _names(items) -> str:
@@ -41,13 +53,18 @@ class Method:
 
     prefixes: PrefixSource
     teacher: TeacherAccess = FullLogits()
-    signal: Divergence = Divergence()
+    signal: Signal = Divergence()
     weights: tuple = ()
     reduction: str = "token_mean"
     name: str = "custom"
     prompts: object = None
 
     def __post_init__(self):
+        _check_interface(self._label, "signal", self.signal, Signal)
+        for w in self.weights:
+            _check_interface(self._label, "token weight", w, TokenWeight)
+        if self.prompts is not None:
+            _check_interface(self._label, "prompts", self.prompts, PromptSelector)
         provides = frozenset(getattr(self.teacher, "provides", frozenset()))
         access = self.teacher.describe()
         # Every stage of a scheduled signal (ByProgress, ByWriter, nested) is checked now,

@@ -237,3 +237,54 @@ def test_opd_recipes_name_prints_the_deviations():
     assert res.code == 0, res.err
     assert "deviations from the paper:" in res.out
     assert "tinker sums the per-token losses" in res.out
+
+
+def test_every_recipes_parts_satisfy_the_declared_interfaces():
+    from opd.parts import (
+        OnePassSignal,
+        Preparable,
+        PromptSelector,
+        Signal,
+        Stateful,
+        TokenWeight,
+        missing_members,
+    )
+    from opd.signals import GOPD, leaf_parts
+
+    for name, info in RECIPES.items():
+        m = info.build()
+        assert isinstance(m.signal, Signal), (name, missing_members(m.signal, Signal))
+        for _, leaf in leaf_parts(m.signal):
+            assert isinstance(leaf, Signal), (name, leaf)
+            assert isinstance(leaf.requires, frozenset), (name, leaf)
+        for w in m.weights:
+            assert isinstance(w, TokenWeight), (name, missing_members(w, TokenWeight))
+        assert m.prompts is None or isinstance(m.prompts, PromptSelector), name
+        for attr in ("rollout", "describe", "needs_completions", "needs_teacher_model"):
+            assert hasattr(m.prefixes, attr), (name, attr)  # opd.parts.PrefixSource
+        for attr in ("score", "describe", "provides"):
+            assert hasattr(m.teacher, attr), (name, attr)  # opd.parts.TeacherAccess
+        for part in (m.prompts, m.prefixes, m.signal, *m.weights):
+            if hasattr(part, "state_dict"):
+                assert isinstance(part, Stateful), (name, part)
+    assert isinstance(get_recipe("gkd").build().signal, OnePassSignal)
+    assert isinstance(get_recipe("g_opd").build().signal, Preparable)
+    assert isinstance(GOPD(), Preparable) and not isinstance(Divergence(), Preparable)
+
+
+def test_method_refuses_a_part_that_is_not_its_interface():
+    class NoRequires:
+        def __call__(self, student, teacher, ctx):
+            return None
+
+        def describe(self):
+            return "no requires"
+
+    with pytest.raises(ConfigError, match=r"signal .* is not a Signal: it has no requires"):
+        Method(prefixes=student(), signal=NoRequires())
+    with pytest.raises(ConfigError, match=r"token weight .* is not a TokenWeight"):
+        Method(prefixes=student(), weights=(object(),))
+    with pytest.raises(
+        ConfigError, match=r"prompts .* is not a PromptSelector: it has no .*select"
+    ):
+        Method(prefixes=student(), prompts=object())

@@ -195,7 +195,10 @@ def test_method_rejects_weight_the_teacher_cannot_serve():
             return "sampled log-probs"
 
     class SampledSignal:
-        requires = "token_logprobs"
+        requires = frozenset({"token_logprobs"})
+
+        def __call__(self, student, teacher, ctx):
+            raise AssertionError("not called")
 
         def describe(self):
             return "sampled"
