@@ -288,3 +288,14 @@ def test_method_refuses_a_part_that_is_not_its_interface():
         ConfigError, match=r"prompts .* is not a PromptSelector: it has no .*select"
     ):
         Method(prefixes=student(), prompts=object())
+
+
+def test_cli_says_a_recipe_argument_expects_a_number(tmp_path, prompt_file):
+    from tests.helpers import assert_clean_error, run_opd, save_tiny_models, small_cli_args
+
+    dirs = save_tiny_models(tmp_path / "models")
+    args = small_cli_args(tmp_path, dirs, prompt_file, "recipe=gkd", "method.args.beta=abc")
+    res = run_opd(["distill", *args])
+    assert_clean_error(res, "method.args.beta", "expects a number", "'abc'")
+    res = run_opd(["distill", *small_cli_args(tmp_path, dirs, prompt_file, "recipe=gdk")])
+    assert_clean_error(res, "unknown recipe 'gdk'", "did you mean 'gkd'")
