@@ -6,7 +6,9 @@ student's likelihood of the teacher's responses; on the student's response: skew
 KL(q_student ‖ (1−α)·p + α·sg(q)) (SRKL with the student's share of the mixture detached, as
 in the authors' code: same value as the plain SRKL, a different gradient), which lowers the
 likelihood of its own poor ones (α = 0.1). Each response's loss is its token mean, then the
-mean over the batch's responses (`reduction="sequence_mean"`).
+mean over the batch's responses (`reduction="sequence_mean"`). `paired=False` gives opd's
+earlier form: one writer per batch (the student with probability `lmbda`), plain SRKL
+gradient, token mean; in expectation that is ½·(SKL + SRKL).
 
 Deviations:
 - The loss is the mean over the 2B responses, ½·(SKL + SRKL) per prompt; the paper's is the
@@ -16,8 +18,6 @@ Deviations:
 - The paper's curriculum-based adaptive α (which only lowers α below 0.1 per example) is not
   implemented: α is fixed.
 - The SKL's student share keeps its gradient (not verified against the authors' code).
-`paired=False` gives opd's earlier form: one writer per batch (the student with probability
-`lmbda`), plain SRKL gradient, token mean; in expectation that is ½·(SKL + SRKL).
 """
 
 from opd.method import Method
