@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_recipes(name: str | None) -> int:
+    import textwrap
+
     from opd.recipes import RECIPES, get_recipe
 
     if name is None:
@@ -90,6 +92,13 @@ def cmd_recipes(name: str | None) -> int:
     print(f"arguments:   {args}   (set with method.args.NAME=VALUE)")
     print("composition with defaults:")
     print("  " + r.build().describe().replace("\n", "\n  "))
+    print("deviations from the paper:")
+    for item in r.deviations.splitlines() or ["none stated"]:
+        print(
+            textwrap.fill(
+                item.removeprefix("- "), 96, initial_indent="  - ", subsequent_indent="    "
+            )
+        )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Curricula: which prompts the student sees, and which signal or prefix source, over training.
+"""Curricula: which prompts the student sees over training (a prompt selector).
 
 - `Paced(a, b, n, pool, refresh_every)`: PACED's pass-rate curriculum (Xu et al., "PACED:
   Distillation and On-Policy Self-Distillation at the Frontier of Student Competence", arXiv
@@ -8,10 +8,7 @@
       w(s) = s^a · (1 − s)^b + floor          a = b = 1:  w = s(1 − s) + floor, peak ¼ at s = ½
 
   Batches are drawn from the candidate pool with probability ∝ w (with replacement).
-- `two_stage_kl(split)`: PACED's divergence schedule, KL(p_teacher ‖ q_student) until
-  progress `split`, then KL(q_student ‖ p_teacher) (an `opd.schedules.ByProgress`).
-- `prefix_source(name, lmbda)`: a prefix source by name ("student", "dataset", "teacher",
-  "mix"), for recipes that expose the choice.
+- PACED's divergence schedule (FKL, then RKL) is `opd.signals.two_stage_kl`.
 
 Deviations from PACED (its method section and code were not readable here; the abstract and
 summaries were):
@@ -39,11 +36,6 @@ import math
 import torch
 
 from opd.errors import ConfigError, DataError
-from opd.sampling import dataset, mix, student, teacher
-from opd.schedules import ByProgress
-from opd.signals import Divergence
-
-PREFIX_SOURCES = ("student", "dataset", "teacher", "mix")
 
 
 def beta_kernel(s: torch.Tensor, a: float = 1.0, b: float = 1.0) -> torch.Tensor:
@@ -198,42 +190,3 @@ class Paced:
             f"pass rate from {self.n} samples; pool {self.pool}, refreshed every "
             f"{self.refresh_every} steps"
         )
-
-
-def two_stage_kl(split: float = 0.5, temperature: float = 1.0) -> ByProgress:
-    """PACED's divergence schedule: KL(p_teacher ‖ q_student), then KL(q_student ‖ p_teacher).
-
-    Args:
-      split: training progress in (0, 1) at which the signal switches to reverse KL.
-      temperature: τ for both stages.
-
-    Returns:
-      an `opd.schedules.ByProgress` signal.
-    """
-    if not 0.0 < split < 1.0:
-        raise ConfigError(f"two_stage_kl: split must be in (0, 1), got {split}")
-    return ByProgress(
-        (
-            (split, Divergence("forward_kl", {}, temperature)),
-            (1.0, Divergence("reverse_kl", {}, temperature)),
-        )
-    )
-
-
-def prefix_source(name: str = "student", lmbda: float = 0.5):
-    """A prefix source by name: "student" (on-policy), "dataset", "teacher", or "mix".
-
-    Args:
-      name: one of `PREFIX_SOURCES`.
-      lmbda: for "mix", the probability that the student writes a batch (GKD's λ); the
-        other batches use the dataset's completions.
-    """
-    if name == "student":
-        return student()
-    if name == "dataset":
-        return dataset()
-    if name == "teacher":
-        return teacher()
-    if name == "mix":
-        return mix(student=lmbda, other="dataset")
-    raise ConfigError(f"prefixes must be one of {', '.join(PREFIX_SOURCES)}; got {name!r}")

@@ -12,11 +12,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opd.errors import ConfigError
+from opd.parts import PromptSelector, Signal, TokenWeight, missing_members
 from opd.sampling.sources import PrefixSource
-from opd.signals import Divergence
+from opd.signals import Divergence, leaf_parts, requirements
 from opd.teachers import FullLogits, TeacherAccess
 
 REDUCTIONS = ("token_mean", "sequence_mean")
+
+
+def _check_interface(label: str, role: str, part, protocol) -> None:
+    """ConfigError naming the members `part` lacks, unless it satisfies `protocol`."""
+    if isinstance(part, protocol):
+        return
+    members = missing_members(part, protocol)
+    raise ConfigError(
+        f"{label}: {role} {part!r} is not a {protocol.__name__}: it has no "
+        f"{', '.join(sorted(members)) or 'matching members'} (see opd.parts)"
+    )
+
+
+def _names(items) -> str:
+    return ", ".join(repr(x) for x in sorted(items)) or "nothing"
 
 
 @dataclass(frozen=True)
@@ -37,33 +53,47 @@ class Method:
 
     prefixes: PrefixSource
     teacher: TeacherAccess = FullLogits()
-    signal: Divergence = Divergence()
+    signal: Signal = Divergence()
     weights: tuple = ()
     reduction: str = "token_mean"
     name: str = "custom"
     prompts: object = None
 
     def __post_init__(self):
-        needs = getattr(self.signal, "requires", None)
-        provides = getattr(self.teacher, "provides", frozenset())
-        if needs is not None and needs not in provides:
-            raise ConfigError(
-                f"method {self.name!r}: signal {self.signal.describe()} needs the teacher's "
-                f"{needs!r}, but teacher access {self.teacher.describe()} provides only "
-                f"{sorted(provides)}; use a teacher access that provides {needs!r} or a signal "
-                f"that needs one of {sorted(provides)}"
-            )
+        _check_interface(self._label, "signal", self.signal, Signal)
         for w in self.weights:
-            w_needs = getattr(w, "requires", None)
-            if w_needs is not None and w_needs not in provides:
+            _check_interface(self._label, "token weight", w, TokenWeight)
+        if self.prompts is not None:
+            _check_interface(self._label, "prompts", self.prompts, PromptSelector)
+        provides = frozenset(getattr(self.teacher, "provides", frozenset()))
+        access = self.teacher.describe()
+        # Every stage of a scheduled signal (ByProgress, ByWriter, nested) is checked now,
+        # so a teacher that cannot serve a later stage is refused here, not midway.
+        for label, part in leaf_parts(self.signal):
+            missing = requirements(part) - provides
+            if missing:
+                where = f" {label}" if label else ""
                 raise ConfigError(
-                    f"method {self.name!r}: token weight {w.describe()} needs {w_needs!r}, "
-                    f"teacher access provides {sorted(provides)}"
+                    f"{self._label}: signal{where} {part.describe()} needs the teacher's "
+                    f"{_names(missing)}, but teacher access {access} provides only "
+                    f"{_names(provides)}; use a teacher access that provides {_names(missing)} "
+                    f"or a signal that needs only {_names(provides)}"
+                )
+        for w in self.weights:
+            missing = requirements(w) - provides
+            if missing:
+                raise ConfigError(
+                    f"{self._label}: token weight {w.describe()} needs {_names(missing)}, "
+                    f"teacher access {access} provides {_names(provides)}"
                 )
         if self.reduction not in REDUCTIONS:
             raise ConfigError(
-                f"method {self.name!r}: reduction must be one of {REDUCTIONS}, got {self.reduction!r}"
+                f"{self._label}: reduction must be one of {REDUCTIONS}, got {self.reduction!r}"
             )
+
+    @property
+    def _label(self) -> str:
+        return "method" if self.name == "custom" else f"method {self.name!r}"
 
     def describe(self) -> str:
         lines = [

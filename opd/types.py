@@ -32,6 +32,9 @@ class Rollout:
         importance weights of a mixed sampler); None means all ones.
       answers: the reference answers of the prompts (or None), for verifiers.
       info: free-form numbers the prefix source wants logged (e.g. share of student tokens).
+      row_writers: who wrote each row, when the rows have different writers (a paired
+        rollout: the teacher's and the student's response to the same prompt); () means
+        every row was written by `writer`.
     """
 
     input_ids_BL: torch.Tensor
@@ -42,6 +45,26 @@ class Rollout:
     token_weight_BT: torch.Tensor | None = None
     answers: tuple = ()
     info: dict = field(default_factory=dict)
+    row_writers: tuple = ()
+
+    def writer_of_row(self, b: int) -> str:
+        return self.row_writers[b] if self.row_writers else self.writer
+
+    def take_rows(self, rows: list[int]) -> Rollout:
+        """The rollout restricted to batch rows `rows` (in that order); `info` is shared."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        weight = self.token_weight_BT
+        return Rollout(
+            input_ids_BL=self.input_ids_BL[index],
+            attention_mask_BL=self.attention_mask_BL[index],
+            prompt_len=self.prompt_len,
+            completion_mask_BT=self.completion_mask_BT[index],
+            writer=self.writer_of_row(rows[0]) if rows else self.writer,
+            token_weight_BT=None if weight is None else weight[index],
+            answers=tuple(self.answers[b] for b in rows) if self.answers else (),
+            info=self.info,
+            row_writers=tuple(self.row_writers[b] for b in rows) if self.row_writers else (),
+        )
 
     @property
     def completion_ids_BT(self) -> torch.Tensor:
@@ -72,6 +95,12 @@ class StudentRows:
     target_ids_N: torch.Tensor
     row_index_N: torch.Tensor
 
+    def take(self, index_N: torch.Tensor, row_index_N: torch.Tensor) -> StudentRows:
+        """The tokens `index_N` only, with their rows renumbered to `row_index_N`."""
+        return StudentRows(
+            self.hidden_ND[index_N], self.head_VD, self.target_ids_N[index_N], row_index_N
+        )
+
 
 @dataclass(frozen=True)
 class TeacherScores:
@@ -96,6 +125,22 @@ class TeacherScores:
     @property
     def has_full_logits(self) -> bool:
         return self.hidden_ND is not None or bool(self.members)
+
+    def take(self, index_N: torch.Tensor) -> TeacherScores:
+        """The scores of tokens `index_N` only (the heads are shared)."""
+
+        def rows(x):
+            return None if x is None else x[index_N.to(x.device)]
+
+        return TeacherScores(
+            hidden_ND=rows(self.hidden_ND),
+            head_VD=self.head_VD,
+            topk_ids_NK=rows(self.topk_ids_NK),
+            topk_logprobs_NK=rows(self.topk_logprobs_NK),
+            token_logprobs_N=rows(self.token_logprobs_N),
+            members=tuple(m.take(index_N) for m in self.members),
+            member_weights=self.member_weights,
+        )
 
 
 def completion_rows(hidden_BLD: torch.Tensor, rollout: Rollout) -> torch.Tensor:

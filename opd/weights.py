@@ -1,10 +1,10 @@
-"""Token weights: per-token multipliers w_t on any signal (METHODS.md §3).
+"""Token weights: per-token multipliers w_t on any signal (docs/methods.md §3).
 
 The loop computes `values_N = method.signal(...)` and then, for each weight in
 `method.weights`, `w_N *= weight(values_N, student, teacher, rollout, ctx)`; the loss is
 reduce(w_N · values_N). A weight is a frozen dataclass that returns a detached (N,) tensor on
 the device and in the dtype of `values_N`; it never reduces and never carries a gradient.
-A weight that needs the teacher's logits says so with `requires = "full_logits"`, and `Method`
+A weight that needs the teacher's logits says so with `requires = frozenset({"full_logits"})`, and `Method`
 checks that against the teacher access at construction.
 
     SpecialTokenMask(ids, keep_stop)   w_t = 0 where the target y_t is a special/template token.
@@ -37,16 +37,16 @@ authors' public code; each point says what is and is not verified):
   scores it meaningfully. `keep_stop=False` masks those too (the literal "all special tokens").
 - AdaKD: the paper's difficulty metric is the Hellinger distance (verified) and its LATF module
   keeps the hardest tokens, with the kept fraction adapted from the loss's stability; we keep
-  a fixed (or scheduled: `focus` may be an `opd.schedules.Linear`) fraction. Within the kept
-  tokens we weight proportionally to difficulty, normalised to mean 1 (the METHODS.md "first
-  form"; the paper's code weights kept tokens equally). The paper's Inverse Difficulty
+  a fixed (or scheduled: `focus` may be an `opd.signals.Linear`) fraction. Within the kept
+  tokens we weight proportionally to difficulty, normalised to mean 1 (the "first form" of
+  the equation sheet opd was specified from; the paper's code weights kept tokens equally). The paper's Inverse Difficulty
   Temperature Scaling (a per-token temperature inside the divergence) is not a token weight
   and is not implemented. The survey's "low student confidence" upweighting is not a separate
   term in the paper: a low-confidence student has a large Hellinger distance.
 - SelecTKD: the paper selects by propose-and-verify (`SelecTKDVerify`): the student proposes
   a token, the teacher accepts it if it is in its top-k; rejected tokens get weight β (0 =
   masked). Its default k and β, and the non-greedy Spec-k variant, are not verified / not
-  implemented. `SelecTKD(rho)` is the survey's and METHODS.md's description ("keep the fraction
+  implemented. `SelecTKD(rho)` is the survey's description (docs/methods.md §3) ("keep the fraction
   ρ with the highest learning value"), kept as its own weight.
 - Ties at a selection boundary are broken by `torch.topk` (stable for a fixed input).
 """
@@ -54,7 +54,6 @@ authors' public code; each point says what is and is not verified):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -62,34 +61,16 @@ import torch
 from torch import Tensor
 
 from opd.errors import ConfigError
+from opd.signals.schedules import resolve
+from opd.signals.tokens import row_entropy, row_stat
 from opd.types import Rollout, StudentRows, TeacherScores
+
+FULL_LOGITS = frozenset({"full_logits"})
 
 SCORES = ("signal", "hellinger")
 
 # ---------------------------------------------------------------------------------------------
 # Row-chunked statistics of the logits (no grad, no (N, V) tensor)
-
-
-@torch.no_grad()
-def _row_stat(fn: Callable[..., Tensor], chunk_size: int, *pairs: tuple[Tensor, Tensor]) -> Tensor:
-    """fn(logits_CV, ...) per row chunk, for one or more (hidden_ND, head_VD) pairs.
-
-    Returns:
-      (N,) float32 (float64 for float64 inputs) values, concatenated in row order.
-    """
-    n = pairs[0][0].shape[0]
-    dtype = torch.float64 if pairs[0][0].dtype == torch.float64 else torch.float32
-    # upcast each head once (a bf16 teacher head is converted here, not once per chunk)
-    pairs = [(h, w.to(device=h.device, dtype=dtype)) for h, w in pairs]
-    step = max(1, chunk_size)
-    out = []
-    for start in range(0, n, step):
-        end = min(n, start + step)
-        logits = [h[start:end].to(dtype) @ w.T for h, w in pairs]  # (C, V) per model
-        out.append(fn(*logits, start, end))
-    if not out:
-        return torch.zeros(0, dtype=dtype, device=pairs[0][0].device)
-    return torch.cat(out)
 
 
 def teacher_entropy(
@@ -106,11 +87,7 @@ def teacher_entropy(
       (N,) entropies, detached; 0 for a one-hot teacher, log V for a uniform one.
     """
 
-    def entropy(logits_CV, _start, _end):
-        log_p = torch.log_softmax(logits_CV / temperature, dim=-1)
-        return -(log_p.exp() * log_p).sum(-1)
-
-    return _row_stat(entropy, chunk_size, (teacher.hidden_ND, teacher.head_VD))
+    return row_entropy(teacher.hidden_ND, teacher.head_VD, temperature, chunk_size)
 
 
 def hellinger_distance(
@@ -129,7 +106,7 @@ def hellinger_distance(
         sqrt_p = torch.softmax(logits_t / temperature, dim=-1).sqrt()
         return ((sqrt_p - sqrt_q).pow(2).sum(-1) / 2).clamp(0.0, 1.0).sqrt()
 
-    return _row_stat(
+    return row_stat(
         hellinger,
         chunk_size,
         (student.hidden_ND, student.head_VD),
@@ -154,8 +131,8 @@ def _top_fraction(scores_N: Tensor, fraction: float) -> Tensor:
 
 
 def _resolve(value, ctx) -> float:
-    """A number, or a schedule (`.at(progress)`) evaluated at the context's progress."""
-    return float(value.at(ctx.progress)) if hasattr(value, "at") else float(value)
+    """A number, or a schedule evaluated at the context's progress (`opd.signals.resolve`)."""
+    return float(resolve(value, ctx.progress))
 
 
 def _check_fraction(name: str, value) -> None:
@@ -187,7 +164,7 @@ class SpecialTokenMask:
 
     ids: tuple | None = None
     keep_stop: bool = True
-    requires: ClassVar[str | None] = None
+    requires: ClassVar[frozenset] = frozenset()
 
     def __post_init__(self):
         if self.ids is not None:
@@ -234,7 +211,7 @@ class AdaKD:
 
     Attributes:
       metric: "hellinger" (needs teacher logits) or "signal".
-      focus: fraction of tokens kept, in (0, 1]; a number or a schedule (`opd.schedules.Linear`).
+      focus: fraction of tokens kept, in (0, 1]; a number or a schedule (`opd.signals.Linear`).
       proportional: weight kept tokens by s_t / mean(s) (True) or equally (False, as the
         authors' code does).
     """
@@ -250,7 +227,7 @@ class AdaKD:
 
     @property
     def requires(self):
-        return "full_logits" if self.metric == "hellinger" else None
+        return FULL_LOGITS if self.metric == "hellinger" else frozenset()
 
     def __call__(self, values_N, student, teacher, rollout, ctx):
         s_N = _scores(self.metric, values_N, student, teacher, ctx)
@@ -287,7 +264,7 @@ class SelecTKD:
 
     @property
     def requires(self):
-        return "full_logits" if self.by == "hellinger" else None
+        return FULL_LOGITS if self.by == "hellinger" else frozenset()
 
     def __call__(self, values_N, student, teacher, rollout, ctx):
         s_N = _scores(self.by, values_N, student, teacher, ctx)
@@ -314,7 +291,7 @@ class SelecTKDVerify:
     k: int = 5
     reject_weight: float = 0.0
     proposal: str = "written"
-    requires: ClassVar[str] = "full_logits"
+    requires: ClassVar[frozenset] = FULL_LOGITS
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 1:
@@ -334,7 +311,7 @@ class SelecTKDVerify:
         """Bool (N,): whether each proposal is among the teacher's k most likely tokens."""
         _needs_teacher_logits(teacher, "SelecTKDVerify")
         if self.proposal == "greedy":
-            proposal_N = _row_stat(
+            proposal_N = row_stat(
                 lambda z, *_: z.argmax(-1).to(z.dtype),
                 chunk_size,
                 (student.hidden_ND, student.head_VD),
@@ -348,7 +325,7 @@ class SelecTKDVerify:
             mine_C = logits_t.gather(-1, proposal_N[start:end, None].to(logits_t.device))[:, 0]
             return (mine_C >= kth_C).to(logits_t.dtype)
 
-        return _row_stat(in_topk, chunk_size, (teacher.hidden_ND, teacher.head_VD)).bool()
+        return row_stat(in_topk, chunk_size, (teacher.hidden_ND, teacher.head_VD)).bool()
 
     def __call__(self, values_N, student, teacher, rollout, ctx):
         ok_N = self.accepted(student, teacher, ctx.chunk_size).to(values_N.device)
@@ -373,7 +350,7 @@ class EntropyBand:
     low: float = 0.0
     high: float = math.inf
     temperature: float = 1.0
-    requires: ClassVar[str] = "full_logits"
+    requires: ClassVar[frozenset] = FULL_LOGITS
 
     def __post_init__(self):
         if not 0.0 <= self.low <= self.high:

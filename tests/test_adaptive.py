@@ -21,7 +21,6 @@ from opd.losses import (
     forward_kl,
     reverse_kl,
     taid,
-    taid_lambda,
     todi,
     todi_weights,
     topk_reverse_kl,
@@ -135,10 +134,10 @@ def test_detached_losses_have_the_gradient_of_their_frozen_twin(name, params):
 
 
 @pytest.mark.parametrize("mu", [0.0, 0.2, 0.5, 0.9, 1.0])
-def test_akl_head_is_the_smallest_prefix_holding_mu(mu):
+def test_akl_inclusive_head_is_the_smallest_prefix_holding_mu(mu):
     t = _logits(8, 20, seed=9)
     p = F.softmax(t, -1)
-    head = akl_head_mask(t, mu=mu)
+    head = akl_head_mask(t, mu=mu, boundary="inclusive")
     head_mass = torch.where(head, p, 0.0).sum(-1)
     smallest_in_head = torch.where(head, p, math.inf).min(-1).values
     assert (head_mass >= mu - 1e-12).all()
@@ -150,13 +149,56 @@ def test_akl_head_is_the_smallest_prefix_holding_mu(mu):
     assert (smallest_in_head[nonempty] >= largest_in_tail[nonempty]).all()
 
 
+@pytest.mark.parametrize("mu", [0.0, 0.2, 0.5, 0.9, 1.0])
+def test_akl_authors_head_is_the_largest_prefix_within_mu_and_never_empty(mu):
+    t = _logits(8, 20, seed=9)
+    p = F.softmax(t, -1)
+    head = akl_head_mask(t, mu=mu)  # boundary="authors" is the default
+    top1 = F.one_hot(p.argmax(-1), 20).bool()
+    assert (head & top1).any(-1).all()  # the top-1 entry is always head
+    head_mass = torch.where(head, p, 0.0).sum(-1)
+    several = head.sum(-1) > 1
+    assert (head_mass[several] <= mu + 1e-12).all()  # beyond top-1, the head stays within μ
+    largest_in_tail = torch.where(head, -math.inf, p).max(-1).values
+    smallest_in_head = torch.where(head, p, math.inf).min(-1).values
+    assert (smallest_in_head >= largest_in_tail).all()  # a prefix of p sorted descending
+    # Adding the largest tail entry would take the head above μ: the prefix is the largest.
+    has_tail = ~head.all(-1)
+    assert (head_mass[has_tail] + largest_in_tail[has_tail] > mu).all()
+
+
+def test_akl_boundary_rules_on_the_issue_example():
+    # p = [.4, .3, .2, .1], q = [.1, .6, .2, .1], μ = .5 (AKL's default). Cumulative teacher
+    # mass .4, .7, ...: the second entry crosses μ. Gaps |p − q| = .3, .3, 0, 0.
+    p = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    q = torch.tensor([0.1, 0.6, 0.2, 0.1], dtype=torch.float64)
+    fkl, rkl = forward_kl(q.log(), p.log()).item(), reverse_kl(q.log(), p.log()).item()
+    # The authors' rule: the crossing entry is tail -> head {0}, w_head = .3/.6 = ½.
+    assert akl_head_mask(p.log()).tolist() == [True, False, False, False]
+    w_head, w_tail = akl_weights(q.log(), p.log())
+    assert (w_head.item(), w_tail.item()) == pytest.approx((0.5, 0.5), abs=1e-12)
+    assert akl(q.log(), p.log()).item() == pytest.approx(0.5 * fkl + 0.5 * rkl, abs=1e-12)
+    assert akl(q.log(), p.log()).item() == pytest.approx(0.3119, abs=5e-5)
+    # The inclusive rule (opd's earlier default): head {0, 1}, w_head = 1, AKL = KL(p‖q).
+    assert akl_head_mask(p.log(), boundary="inclusive").tolist() == [True, True, False, False]
+    w_head, _ = akl_weights(q.log(), p.log(), boundary="inclusive")
+    assert w_head.item() == pytest.approx(1.0, abs=1e-12)
+    assert akl(q.log(), p.log(), boundary="inclusive").item() == pytest.approx(fkl, abs=1e-12)
+    assert fkl == pytest.approx(0.3466, abs=5e-5)
+    # Through the registry and the chunked path too.
+    assert divergence("akl", q.log(), p.log(), mu=0.5).item() == pytest.approx(0.3119, abs=5e-5)
+    with pytest.raises(ValueError, match="boundary"):
+        akl(q.log(), p.log(), boundary="exclusive")
+
+
 def test_akl_weights_hand_example():
     # p = [0.5, 0.3, 0.2], μ = 0.5: head = {0}. q = [0.3, 0.2, 0.5]:
     # g_head = |0.5 − 0.3| = 0.2, g_tail = |0.3 − 0.2| + |0.2 − 0.5| = 0.4 -> (1/3, 2/3).
     p = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     q = torch.tensor([0.3, 0.2, 0.5], dtype=torch.float64)
     assert akl_head_mask(p.log(), mu=0.5).tolist() == [True, False, False]
-    assert akl_head_mask(p.log(), mu=0.75).tolist() == [True, True, False]
+    assert akl_head_mask(p.log(), mu=0.75, boundary="inclusive").tolist() == [True, True, False]
+    assert akl_head_mask(p.log(), mu=0.75).tolist() == [True, False, False]  # .8 > .75: tail
     w_head, w_tail = akl_weights(q.log(), p.log(), mu=0.5)
     assert (w_head.item(), w_tail.item()) == pytest.approx((1 / 3, 2 / 3), abs=1e-12)
     expected = w_head * forward_kl(q.log(), p.log()) + w_tail * reverse_kl(q.log(), p.log())
@@ -268,21 +310,6 @@ def test_taid_spaces():
     torch.testing.assert_close(taid(s, t, lam=0.4, space="prob"), _kl(log_r, log_q))
     with pytest.raises(ValueError, match="space"):
         taid(s, t, lam=0.4, space="logits")
-
-
-def test_taid_lambda_schedule():
-    assert taid_lambda(0, 100) == pytest.approx(0.1)
-    assert taid_lambda(50, 100) == pytest.approx(0.55)
-    assert taid_lambda(100, 100) == pytest.approx(1.0)
-    assert taid_lambda(500, 100) == pytest.approx(1.0)
-    assert taid_lambda(25, 100, lam0=0.0, lam1=0.8) == pytest.approx(0.2)
-    with pytest.raises(ValueError, match="total_steps"):
-        taid_lambda(0, 0)
-    with pytest.raises(ValueError, match="lam0"):
-        taid_lambda(0, 10, lam0=-0.1)
-
-
-# --- Top-k local support --------------------------------------------------------------------
 
 
 def test_topk_reverse_kl_support():

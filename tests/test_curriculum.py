@@ -9,11 +9,12 @@ from collections import Counter
 import pytest
 import torch
 
-from opd.curriculum import Paced, beta_kernel, prefix_source, two_stage_kl
+from opd.curriculum import Paced, beta_kernel
 from opd.data import Example, PromptStream
 from opd.errors import ConfigError, DataError
 from opd.sampling import GenerationParams, RolloutContext
 from opd.sampling.sources import DatasetPrefixes, Mix, StudentPrefixes, TeacherPrefixes
+from opd.signals import prefix_source, two_stage_kl
 
 N_SAMPLES = 4
 # prompt token -> number of passing samples out of N_SAMPLES (pass rate = value / 4)
@@ -153,7 +154,7 @@ def test_two_stage_kl_switches_direction():
     assert sched.part_at(0.29).name == "forward_kl"
     assert sched.part_at(0.3).name == "reverse_kl"
     assert sched.part_at(1.0).name == "reverse_kl"
-    assert sched.requires == "full_logits"
+    assert sched.requires == frozenset({"full_logits"})
     for bad in (0.0, 1.0):
         with pytest.raises(ConfigError, match="split"):
             two_stage_kl(bad)

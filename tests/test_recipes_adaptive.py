@@ -11,7 +11,7 @@ import torch
 from opd.curriculum import Paced
 from opd.errors import ConfigError
 from opd.recipes import get_recipe
-from opd.schedules import ByProgress, Linear
+from opd.signals import ByProgress, Linear
 from opd.train import distill
 from opd.weights import SpecialTokenMask
 from tests.helpers import fresh_models, tiny_cfg
@@ -46,7 +46,7 @@ def test_recipe_runs_two_steps(tmp_path, prompt_file, tok, name):
 
 def test_recipes_carry_their_papers_parts():
     assert get_recipe("todi").build().signal.params == {"beta": 1.0}
-    assert get_recipe("akl").build().signal.params == {"mu": 0.5}
+    assert get_recipe("akl").build().signal.params == {"mu": 0.5, "boundary": "authors"}
     assert get_recipe("veto").build(gamma=0.7).signal.name == "bridge"
     taid = get_recipe("taid").build()
     lam = taid.signal.params["lam"]

@@ -9,8 +9,7 @@ from opd.data import Example
 from opd.errors import ConfigError
 from opd.recipes import RECIPES, get_recipe
 from opd.sampling import GenerationParams, HFBackend, RolloutContext
-from opd.sequence_signals import GOPD, Ketchup, MiniLLMPolicyGradient, Reopold, SampledRKL
-from opd.signals import SignalContext
+from opd.signals import GOPD, Ketchup, MiniLLMPolicyGradient, Reopold, SampledRKL, SignalContext
 from opd.teachers import FullLogits, SampledLogprobs
 from opd.train import distill, micro_step
 from tests.helpers import fresh_models, tiny_cfg
@@ -78,8 +77,14 @@ def test_micro_step_chunked_and_materialized_agree_float64(tok, name):
     models.teacher.double()
     method = get_recipe(name).build()
     exs = [Example((5 + i, 6, 7 + i), (8, 9, 2), "1", f"m:{i}", "") for i in range(3)]
-    ctx = RolloutContext(models.student, models.teacher, HFBackend(), GenerationParams(5, 1.0),
-                         models.pad_id, models.stop_ids)
+    ctx = RolloutContext(
+        models.student,
+        models.teacher,
+        HFBackend(),
+        GenerationParams(5, 1.0),
+        models.pad_id,
+        models.stop_ids,
+    )
     torch.manual_seed(0)
     rollout = method.prefixes.rollout(exs, ctx)
     grads, losses = [], []

@@ -20,19 +20,16 @@ from opd.evaluate import generic_verify
 from opd.losses import divergence
 from opd.models import decoder_and_head
 from opd.sampling import make_rollout
-from opd.sequence_signals import (
+from opd.signals import (
     GOPD,
     Ketchup,
     MiniLLMPolicyGradient,
     Reopold,
     RewardWeighted,
     SampledRKL,
-    discounted_returns,
-    future_returns,
-    pack_rows,
-    student_entropy,
+    SignalContext,
 )
-from opd.signals import SignalContext
+from opd.signals.tokens import discounted_returns, future_returns, pack_rows, student_entropy
 from opd.teachers import SampledLogprobs
 from opd.tiny import tiny_llama
 from opd.train import student_rows
@@ -56,7 +53,11 @@ def tabular(seed=0, same=False):
             rows.append(b)
     hidden_ND = torch.stack(feats).double()
     theta_VD = torch.randn(V, d, generator=g, dtype=torch.float64).requires_grad_()
-    phi_VD = theta_VD.detach().clone() if same else 2 * torch.randn(V, d, generator=g, dtype=torch.float64)
+    phi_VD = (
+        theta_VD.detach().clone()
+        if same
+        else 2 * torch.randn(V, d, generator=g, dtype=torch.float64)
+    )
     student = StudentRows(hidden_ND, theta_VD, torch.tensor(targets), torch.tensor(rows))
     return student, TeacherScores(hidden_ND=hidden_ND, head_VD=phi_VD), seqs
 
@@ -105,7 +106,9 @@ def brute_returns(r_BT, mask_BT, gamma, horizon, exclude, norm):
 def test_future_returns_match_brute_force(gamma, horizon, exclude, norm):
     lengths = [4, 1, 3, 5]
     row_index_N = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))
-    r_N = torch.randn(len(row_index_N), dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    r_N = torch.randn(
+        len(row_index_N), dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
     r_BT, mask_BT, index = pack_rows(r_N, row_index_N)
     assert r_BT.shape == (4, 5) and int(mask_BT.sum()) == len(r_N)
     got = future_returns(r_N, row_index_N, gamma, horizon, exclude, norm)
@@ -132,7 +135,9 @@ def test_sampled_rkl_per_token_form():
     # sampled-only scores give the same values as full-logits scores
     sampled = TeacherScores(token_logprobs_N=token_logprobs_of(student, teacher.head_VD))
     torch.testing.assert_close(SampledRKL()(student, sampled, SignalContext()), values)
-    torch.testing.assert_close(SampledRKL()(student, sampled, SignalContext(materialize=True)), values)
+    torch.testing.assert_close(
+        SampledRKL()(student, sampled, SignalContext(materialize=True)), values
+    )
 
 
 def test_sampled_rkl_is_zero_when_teacher_equals_student():
@@ -181,7 +186,9 @@ def test_ketchup_with_k_at_least_t_is_minillm_and_k1_is_one_step():
     # k = 1: the advantage is the next token's reward alone
     sig = Ketchup(k=1, whiten=False, single_step=False)
     values = sig(student, teacher, ctx)
-    r = (token_logprobs_of(student, teacher.head_VD) - token_logprobs_of(student, student.head_VD)).detach()
+    r = (
+        token_logprobs_of(student, teacher.head_VD) - token_logprobs_of(student, student.head_VD)
+    ).detach()
     r_next = torch.cat([r[1:], r[:1] * 0]).view(-1, T)
     r_next[:, -1] = 0
     torch.testing.assert_close(values.detach(), -r_next.flatten())
@@ -195,8 +202,15 @@ def test_minillm_clips_the_importance_ratio_like_ppo():
     ro = make_rollout([[1]] * B, [list(y) for y in seqs], pad_id=0, writer="student")
     sig = MiniLLMPolicyGradient(whiten=False, single_step=False, clip=0.2)
     adv = future_returns(
-        (token_logprobs_of(student, teacher.head_VD) - token_logprobs_of(student, student.head_VD)).detach(),
-        student.row_index_N, 1.0, None, exclude_current=True, length_norm=True,
+        (
+            token_logprobs_of(student, teacher.head_VD)
+            - token_logprobs_of(student, student.head_VD)
+        ).detach(),
+        student.row_index_N,
+        1.0,
+        None,
+        exclude_current=True,
+        length_norm=True,
     )
     logq = token_logprobs_of(student, student.head_VD)
     c_N = torch.rand(len(logq), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -207,7 +221,9 @@ def test_minillm_clips_the_importance_ratio_like_ppo():
         # PPO: a token's gradient vanishes when its ratio w is clipped in its advantage's direction
         clipped_N = ((w > 1.2) & (adv > 0)) | ((w < 0.8) & (adv < 0))
         coef_N = torch.where(clipped_N, torch.zeros_like(adv), -adv * w)
-        (g_ref,) = torch.autograd.grad((c_N * coef_N * logq).sum(), student.head_VD, retain_graph=True)
+        (g_ref,) = torch.autograd.grad(
+            (c_N * coef_N * logq).sum(), student.head_VD, retain_graph=True
+        )
         torch.testing.assert_close(g, g_ref)
         assert 0 < int(clipped_N.sum()) < len(adv) or w == 1.1
 
@@ -218,8 +234,12 @@ def test_minillm_clips_the_importance_ratio_like_ppo():
 def test_gopd_lambda_one_is_sampled_rkl():
     student, teacher, _ = tabular(seed=5)
     ctx = SignalContext()
-    torch.testing.assert_close(GOPD(lam=1.0)(student, teacher, ctx), SampledRKL()(student, teacher, ctx))
-    torch.testing.assert_close(GOPD(lam=1.0, discount=1.0)(student, teacher, ctx), SampledRKL(1.0)(student, teacher, ctx))
+    torch.testing.assert_close(
+        GOPD(lam=1.0)(student, teacher, ctx), SampledRKL()(student, teacher, ctx)
+    )
+    torch.testing.assert_close(
+        GOPD(lam=1.0, discount=1.0)(student, teacher, ctx), SampledRKL(1.0)(student, teacher, ctx)
+    )
 
 
 @pytest.fixture
@@ -288,8 +308,11 @@ def test_reopold_clips_rewards_from_below_and_keeps_high_entropy_tokens():
 
 def test_reward_weighted_uses_the_verifier_and_the_kl(tok):
     ro = make_rollout(
-        [[5], [6], [7]], [tok.encode("7"), tok.encode("12"), tok.encode("x")],
-        pad_id=0, writer="student", answers=("7", "12", "3"),
+        [[5], [6], [7]],
+        [tok.encode("7"), tok.encode("12"), tok.encode("x")],
+        pad_id=0,
+        writer="student",
+        answers=("7", "12", "3"),
     )
     n = ro.num_tokens
     g = torch.Generator().manual_seed(0)
@@ -304,10 +327,12 @@ def test_reward_weighted_uses_the_verifier_and_the_kl(tok):
     values = RewardWeighted(beta=0.5)(rows, teacher, ctx)
     R = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
     logq = token_logprobs_of(rows, rows.head_VD)
-    kl = divergence("reverse_kl", rows.hidden_ND @ rows.head_VD.T, teacher.hidden_ND @ teacher.head_VD.T)
+    kl = divergence(
+        "reverse_kl", rows.hidden_ND @ rows.head_VD.T, teacher.hidden_ND @ teacher.head_VD.T
+    )
     torch.testing.assert_close(values, -(R - R.mean())[rows.row_index_N] * logq + 0.5 * kl)
     assert ro.info["reward_mean"] == pytest.approx(2 / 3)
-    assert RewardWeighted(kl="sampled").requires == "token_logprobs"
+    assert RewardWeighted(kl="sampled").requires == frozenset({"token_logprobs"})
     sampled = RewardWeighted(beta=0.5, kl="sampled")(rows, teacher, ctx)
     logits_t = teacher.hidden_ND @ teacher.head_VD.T
     logp = logits_t.log_softmax(-1).gather(-1, rows.target_ids_N[:, None])[:, 0]

@@ -9,8 +9,7 @@ import pytest
 from opd.errors import ConfigError
 from opd.recipes import get_recipe
 from opd.sampling.sources import DatasetPrefixes, StudentPrefixes
-from opd.sequence_signals import RewardWeighted
-from opd.signals import Divergence
+from opd.signals import Divergence, RewardWeighted
 from opd.train import distill
 from tests.helpers import fresh_models, tiny_cfg
 

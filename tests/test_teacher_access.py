@@ -11,12 +11,11 @@ from opd.errors import ConfigError
 from opd.losses import divergence
 from opd.method import Method
 from opd.sampling import make_rollout, student
-from opd.sequence_signals import MiniLLMPolicyGradient, SampledRKL
-from opd.signals import Divergence, SignalContext
+from opd.signals import Divergence, MiniLLMPolicyGradient, SampledRKL, SignalContext
+from opd.signals.topk import TopKDivergence, bucket_logprobs, chunked_bucket_logprobs
 from opd.teachers import TAIL_ID, FullLogits, SampledLogprobs, TopK
 from opd.teachers.topk import TAIL_FLOOR, log1mexp, teacher_topk_buckets, with_tail
 from opd.tiny import tiny_llama
-from opd.topk_signals import TopKDivergence, bucket_logprobs, chunked_bucket_logprobs
 from opd.types import StudentRows, TeacherScores, completion_rows
 
 
@@ -52,9 +51,13 @@ def test_topk_scores_match_the_full_distribution(models, rollout):
     torch.testing.assert_close(scores.topk_logprobs_NK[:, :k], values, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores.topk_ids_NK[:, :k], ids)
     # the tail bucket holds the rest of the mass: the k + 1 buckets sum to 1
-    torch.testing.assert_close(scores.topk_logprobs_NK.exp().sum(-1), torch.ones(n), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        scores.topk_logprobs_NK.exp().sum(-1), torch.ones(n), atol=1e-5, rtol=0
+    )
     targets = rollout.completion_ids_BT[rollout.completion_mask_BT.bool()]
-    torch.testing.assert_close(scores.token_logprobs_N, ref_NV.gather(-1, targets[:, None])[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        scores.token_logprobs_N, ref_NV.gather(-1, targets[:, None])[:, 0], atol=1e-5, rtol=1e-5
+    )
     assert scores.hidden_ND is None  # no full logits leak through
 
 
@@ -62,7 +65,9 @@ def test_sampled_scores_are_the_written_tokens_logprobs(models, rollout):
     scores = SampledLogprobs().score(models.teacher, rollout, models.vocab_size)
     ref_NV = reference_logprobs(models.teacher, rollout, models.vocab_size)
     targets = rollout.completion_ids_BT[rollout.completion_mask_BT.bool()]
-    torch.testing.assert_close(scores.token_logprobs_N, ref_NV.gather(-1, targets[:, None])[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        scores.token_logprobs_N, ref_NV.gather(-1, targets[:, None])[:, 0], atol=1e-5, rtol=1e-5
+    )
     assert scores.hidden_ND is None and scores.topk_logprobs_NK is None
 
 
@@ -76,7 +81,11 @@ def test_tail_bucket_and_log1mexp():
     torch.testing.assert_close(full_NK[:, -1].exp(), rest)
     # k = V: the tail is empty: zero mass, yet a finite log-mass (floored, never −inf)
     tail_N = with_tail(logp_NV)[:, -1]
-    assert torch.isfinite(tail_N).all() and (tail_N >= TAIL_FLOOR).all() and (tail_N.exp() < 1e-12).all()
+    assert (
+        torch.isfinite(tail_N).all()
+        and (tail_N >= TAIL_FLOOR).all()
+        and (tail_N.exp() < 1e-12).all()
+    )
     assert (with_tail(torch.zeros(2, 1))[:, -1] == TAIL_FLOOR).all()  # top-1 of a one-token V
 
 
@@ -119,7 +128,9 @@ def _rows(n=7, d=5, v=11, seed=0, dtype=torch.float64):
 
 def test_bucket_logprobs_chunked_matches_plain_values_and_grads():
     rows, _ = _rows()
-    ids_NK = torch.stack([torch.randperm(11, generator=torch.Generator().manual_seed(i))[:4] for i in range(7)])
+    ids_NK = torch.stack(
+        [torch.randperm(11, generator=torch.Generator().manual_seed(i))[:4] for i in range(7)]
+    )
     weights = torch.randn(7, 5, dtype=torch.float64)
     outs, grads = [], []
     for chunked in (True, False):
@@ -163,8 +174,12 @@ def test_topk_divergence_paths_agree_and_bound_the_full_kl():
     g_p = torch.autograd.grad(plain.sum(), [rows.hidden_ND, rows.head_VD])
     for a, b in zip(g_c, g_p):
         torch.testing.assert_close(a, b)
-    full = divergence("forward_kl", rows.hidden_ND @ rows.head_VD.T, teacher.hidden_ND @ teacher.head_VD.T)
-    assert (chunked <= full + 1e-12).all() and (chunked >= 0).all()  # KL chain rule: coarser ≤ finer
+    full = divergence(
+        "forward_kl", rows.hidden_ND @ rows.head_VD.T, teacher.hidden_ND @ teacher.head_VD.T
+    )
+    assert (chunked <= full + 1e-12).all() and (
+        chunked >= 0
+    ).all()  # KL chain rule: coarser ≤ finer
     with pytest.raises(ConfigError, match="same k"):
         TopKDivergence("forward_kl", k=3)(rows, topk_scores, SignalContext())
 
@@ -173,6 +188,11 @@ def test_topk_divergence_runs_on_a_tiny_teacher(models, rollout):
     scores = TopK(6).score(models.teacher, rollout, models.vocab_size)
     s_logprobs_NV = reference_logprobs(models.student, rollout, models.vocab_size)
     n = rollout.num_tokens
-    rows = StudentRows(s_logprobs_NV, torch.eye(models.vocab_size), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    rows = StudentRows(
+        s_logprobs_NV,
+        torch.eye(models.vocab_size),
+        torch.zeros(n, dtype=torch.long),
+        torch.zeros(n, dtype=torch.long),
+    )
     values = TopKDivergence("reverse_kl")(rows, scores, SignalContext(chunk_size=4))
     assert values.shape == (n,) and torch.isfinite(values).all() and (values >= -1e-6).all()

@@ -11,8 +11,7 @@ import torch
 from opd.errors import ConfigError
 from opd.method import Method
 from opd.sampling import make_rollout, student
-from opd.schedules import Linear
-from opd.signals import Divergence, SignalContext
+from opd.signals import Divergence, Linear, SignalContext
 from opd.teachers import FullLogits
 from opd.types import StudentRows, TeacherScores
 from opd.weights import (
@@ -106,7 +105,8 @@ def test_adakd_equal_distributions_give_uniform_weights_and_hellinger_needs_logi
     same = TeacherScores(hidden_ND=s.hidden_ND, head_VD=s.head_VD)
     w = call(AdaKD(), [1.0] * 5, s, same)
     assert w.tolist() == [1.0] * 5
-    assert AdaKD().requires == "full_logits" and AdaKD(metric="signal").requires is None
+    assert AdaKD().requires == frozenset({"full_logits"})
+    assert AdaKD(metric="signal").requires == frozenset()
     with pytest.raises(ConfigError, match="focus"):
         AdaKD(focus=0.0)
 
@@ -195,7 +195,10 @@ def test_method_rejects_weight_the_teacher_cannot_serve():
             return "sampled log-probs"
 
     class SampledSignal:
-        requires = "token_logprobs"
+        requires = frozenset({"token_logprobs"})
+
+        def __call__(self, student, teacher, ctx):
+            raise AssertionError("not called")
 
         def describe(self):
             return "sampled"

@@ -2,25 +2,23 @@
 
 divergences  forward_kl, reverse_kl, generalized_jsd, total_variation, skew KLs;
              the DIVERGENCES registry and divergence(name, ...)
-adaptive     akl, todi, entropy_aware, bridge, taid, topk_reverse_kl (same registry)
+akl          akl: head/tail-gap weighted forward + reverse KL (same registry)
+adaptive     todi, entropy_aware, bridge, taid, topk_reverse_kl (same registry)
 chunked      the same divergences from hidden states + lm_head, in row chunks
 reduce       token_mean, sequence_mean
 """
 
-# adaptive is imported for its side effect too: it registers its entries in DIVERGENCES.
+# adaptive and akl are imported for their side effect too: they register in DIVERGENCES.
 from opd.losses.adaptive import (
-    akl,
-    akl_head_mask,
-    akl_weights,
     bridge,
     entropy_aware,
     entropy_gate,
     taid,
-    taid_lambda,
     todi,
     todi_weights,
     topk_reverse_kl,
 )
+from opd.losses.akl import akl, akl_head_mask, akl_weights
 from opd.losses.chunked import (
     chunked_divergence,
     chunked_token_logprobs,
@@ -66,7 +64,6 @@ __all__ = [
     "skew_forward_kl",
     "skew_reverse_kl",
     "taid",
-    "taid_lambda",
     "todi",
     "todi_weights",
     "token_logprobs",

@@ -1,16 +1,12 @@
-"""Adaptive divergences: per-token or per-entry mixtures of KL directions, and moving targets.
+"""Adaptive divergences: per-entry or per-token mixtures of KL directions, and moving targets.
+
+(AKL, the head/tail mixture, is in `opd.losses.akl`.)
 
 Same contract as `opd.losses.divergences`: student and teacher logits (..., V) in, per-token
 values (...) out, never reduced; p = softmax(teacher_logits/τ), q = softmax(student_logits/τ).
 Each is registered in `DIVERGENCES`, so `divergence(name, ...)` and `chunked_divergence(name,
 ...)` take it by name. All weights below are detached (constants for the gradient).
 
-    akl(μ)              Wu et al., "Rethinking Kullback-Leibler Divergence in Knowledge
-                        Distillation for Large Language Models", COLING 2025.
-                        Sort p descending; head H = the smallest prefix with Σ_H p ≥ μ.
-                        g_head = Σ_{v∈H} |p_v − q_v|,  g_tail = Σ_{v∉H} |p_v − q_v|,
-                        AKL = g_head/(g_head+g_tail) · KL(p‖q) + g_tail/(g_head+g_tail) · KL(q‖p).
-                        If g_head + g_tail = 0 (p = q) both weights are ½ (the value is 0).
     todi(β)             Jung et al., "ToDi: Token-wise Distillation via Fine-Grained Divergence
                         Control", EMNLP 2025. Per entry a_v = sigmoid(β·(log p_v − log q_v)),
                         ToDi = Σ_v [a_v·p_v(log p_v − log q_v) + (1−a_v)·q_v(log q_v − log p_v)].
@@ -27,7 +23,7 @@ Each is registered in `DIVERGENCES`, so `divergence(name, ...)` and `chunked_div
     taid(λ)             Shing et al., "TAID: Temporally Adaptive Interpolated Distillation for
                         Efficient Knowledge Transfer in Language Models", ICLR 2025. Target r
                         between the detached student and the teacher; loss KL(r ‖ q). λ = 1 is
-                        KL(p‖q); λ = 0 gives 0. `taid_lambda` is the linear schedule for λ.
+                        KL(p‖q); λ = 0 gives 0.
     topk_reverse_kl(k)  Fu et al., "Revisiting On-Policy Distillation: Empirical Failure Modes
                         and Simple Fixes", arXiv 2603.25562 (2026). S = the teacher's top-k
                         entries; p_S, q_S = p and q restricted to S and renormalised;
@@ -38,20 +34,18 @@ not their method sections or code; each point says what is and is not verified.
 
 - entropy_aware: the paper's abstract describes "augmenting the standard reverse KL objective
   with forward KL when teacher entropy is high"; we could not read its exact gate. We use the
-  convex, continuous gate a_t = clamp(H/h_max, 0, 1) of METHODS.md §2. If the paper adds FKL
+  convex, continuous gate a_t = clamp(H/h_max, 0, 1) of docs/methods.md §2. If the paper adds FKL
   on top of RKL above an entropy threshold (as "augmenting" suggests), its loss is
   RKL + 1[H > h]·FKL, which differs from ours in scale and in having a step.
 - taid: the paper's intermediate target is, per the summaries, "a softmax interpolation of
   detached student logits and teacher logits", r = softmax((1−λ)·z_S.detach() + λ·z_T),
   which is exactly `bridge(γ=λ)`. That is our default (`space="logit"`, computed by
-  `bridge`). METHODS.md states a probability mixture
+  `bridge`). The probability mixture (docs/methods.md §2)
   r = (1−λ)·q.detach() + λ·p; it is available as `space="prob"`. TAID's adaptive momentum
-  update of λ is not implemented; `taid_lambda` gives the linear schedule only.
-- bridge: we could not read Veto's method section; the formula above is METHODS.md's. The
-  paper's summaries also mention a reverse-direction objective and adaptive gradient
-  clipping; neither is here.
-- akl: written from the description above, not from the authors' code. Ties at the head
-  boundary go by the sort order.
+  update of λ is not implemented; the recipe schedules λ linearly (`opd.signals.Linear`).
+- bridge: we could not read Veto's method section; the formula above (docs/methods.md §2)
+  is the one opd was specified from. The paper's summaries also mention a reverse-direction
+  objective and adaptive gradient clipping; neither is here.
 - topk_reverse_kl: the paper also masks special tokens out of the loss; that is a token
   mask for the caller (`mask_BT`), not part of this function.
 """
@@ -74,88 +68,6 @@ from opd.losses.divergences import (
     register_divergence,
     upcast,
 )
-
-# ---------------------------------------------------------------------------------------------
-# AKL
-
-
-def _akl_head_mask_from_probs(p_V: Tensor, mu: float) -> Tensor:
-    """Bool (..., V): True on the smallest set of top-p entries holding ≥ μ of the mass."""
-    sorted_p, order = p_V.sort(dim=-1, descending=True)
-    mass_before = sorted_p.cumsum(-1) - sorted_p  # teacher mass strictly above this entry
-    head_sorted = mass_before < mu
-    return torch.zeros_like(head_sorted).scatter_(-1, order, head_sorted)
-
-
-def akl_head_mask(teacher_logits: Tensor, temperature: float = 1.0, *, mu: float = 0.5) -> Tensor:
-    """AKL's head: the smallest prefix of p sorted descending whose mass is ≥ μ.
-
-    Args:
-        teacher_logits: (..., V) teacher logits.
-        temperature: τ > 0.
-        mu: μ in [0, 1].
-
-    Returns:
-        (..., V) bool mask, True on the head entries.
-    """
-    check_unit_interval("mu", mu)
-    with torch.no_grad():
-        return _akl_head_mask_from_probs(log_probs(teacher_logits, temperature).exp(), mu)
-
-
-def _akl_weights_from_log_probs(log_q: Tensor, log_p: Tensor, mu: float) -> tuple[Tensor, Tensor]:
-    with torch.no_grad():
-        p, q = log_p.exp(), log_q.exp()
-        gap = (p - q).abs()  # (..., V)
-        head = _akl_head_mask_from_probs(p, mu)
-        g_head = torch.where(head, gap, 0.0).sum(-1)
-        g_tail = torch.where(head, 0.0, gap).sum(-1)
-        total = g_head + g_tail
-        w_head = torch.where(
-            total > 0, g_head / total.clamp_min(torch.finfo(total.dtype).tiny), 0.5
-        )
-        return w_head, 1.0 - w_head
-
-
-def akl_weights(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *, mu: float = 0.5
-) -> tuple[Tensor, Tensor]:
-    """AKL's detached weights (w_head on KL(p‖q), w_tail on KL(q‖p)); they sum to 1.
-
-    Args:
-        student_logits: (..., V) student logits.
-        teacher_logits: (..., V) teacher logits.
-        temperature: τ > 0.
-        mu: μ in [0, 1], the teacher mass the head must hold.
-
-    Returns:
-        (w_head, w_tail), each (...): g_head/(g_head+g_tail) and g_tail/(g_head+g_tail).
-    """
-    check_unit_interval("mu", mu)
-    log_q, log_p = pair_log_probs(student_logits, teacher_logits, temperature)
-    return _akl_weights_from_log_probs(log_q, log_p, mu)
-
-
-@register_divergence("akl")
-def akl(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *, mu: float = 0.5
-) -> Tensor:
-    """Adaptive KL (Wu et al., COLING 2025): w_head·KL(p‖q) + w_tail·KL(q‖p), weights detached.
-
-    Args:
-        student_logits: (..., V) student logits.
-        teacher_logits: (..., V) teacher logits.
-        temperature: τ > 0, applied to both logits.
-        mu: μ in [0, 1], the teacher mass that defines the head.
-
-    Returns:
-        (...) per-token values, ≥ 0.
-    """
-    check_unit_interval("mu", mu)
-    log_q, log_p = pair_log_probs(student_logits, teacher_logits, temperature)
-    w_head, w_tail = _akl_weights_from_log_probs(log_q, log_p, mu)
-    return w_head * kl_from_log_probs(log_p, log_q) + w_tail * kl_from_log_probs(log_q, log_p)
-
 
 # ---------------------------------------------------------------------------------------------
 # ToDi
@@ -316,14 +228,14 @@ def taid(
     """TAID (Shing et al., ICLR 2025): KL(r ‖ q) to a target between the student and teacher.
 
     space="logit" (the paper's): r = softmax((1−λ)·z_S.detach() + λ·z_T), i.e. `bridge(γ=λ)`.
-    space="prob" (METHODS.md):   r = (1−λ)·q.detach() + λ·p.
+    space="prob" (docs/methods.md §2): r = (1−λ)·q.detach() + λ·p.
 
     Args:
         student_logits: (..., V) student logits.
         teacher_logits: (..., V) teacher logits.
         temperature: τ > 0, applied to both logits.
         lam: λ in [0, 1]; 1 is KL(p_teacher ‖ q_student), 0 gives 0. Schedule it with
-            `taid_lambda`.
+            `opd.signals.Linear`.
         space: "logit" or "prob", where the interpolation happens.
 
     Returns:
@@ -337,28 +249,6 @@ def taid(
     log_q, log_p = pair_log_probs(student_logits, teacher_logits, temperature)
     log_r = log_mixture(log_p, log_q.detach(), lam)
     return kl_from_log_probs(log_r, log_q)
-
-
-def taid_lambda(step: int, total_steps: int, lam0: float = 0.1, lam1: float = 1.0) -> float:
-    """Linear TAID schedule: λ rises from lam0 at step 0 to lam1 at total_steps, then stays.
-
-    Args:
-        step: current optimizer step, ≥ 0.
-        total_steps: steps over which λ rises, > 0.
-        lam0: λ at step 0, in [0, 1].
-        lam1: λ at and after total_steps, in [0, 1].
-
-    Returns:
-        λ for this step.
-    """
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be > 0, got {total_steps}")
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    check_unit_interval("lam0", lam0)
-    check_unit_interval("lam1", lam1)
-    progress = min(step / total_steps, 1.0)
-    return lam0 + (lam1 - lam0) * progress
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ and
                         (special-cased, the GKD convention)
     total_variation     ½ Σ_v |p_v − q_v|, in [0, 1]
     skew_forward_kl(α)  KL(p ‖ α·p + (1−α)·q)      (DistiLLM SKL, α = 0.1)
-    skew_reverse_kl(α)  KL(q ‖ (1−α)·p + α·q)      (DistiLLM SRKL, α = 0.1)
+    skew_reverse_kl(α)  KL(q ‖ (1−α)·p + α·q)      (DistiLLM SRKL, α = 0.1); with
+                        stop_grad_mix, KL(q ‖ (1−α)·p + α·sg(q)) (DistiLLM-2's gradient)
 
 Note on the GKD ends: the mixture form itself tends to 0 as β → 0 or β → 1 (m → q or
 m → p), like β·KL(p ‖ q) near β = 0 and (1−β)·KL(q ‖ p) near β = 1. The ends are therefore a
@@ -145,10 +146,10 @@ def log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
-def check_unit_interval(name: str, value: float) -> None:
-    """Raise ValueError unless 0 <= value <= 1."""
+def check_unit_interval(name: str, value: float, error: type[Exception] = ValueError) -> None:
+    """Raise `error` (ValueError by default) unless 0 <= value <= 1 (NaN is refused too)."""
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
+        raise error(f"{name} must be in [0, 1], got {value}")
 
 
 def pair_log_probs(
@@ -266,24 +267,34 @@ def skew_forward_kl(
 
 @register_divergence("skew_reverse_kl")
 def skew_reverse_kl(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *, alpha: float = 0.1
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    alpha: float = 0.1,
+    stop_grad_mix: bool = False,
 ) -> Tensor:
     """Skew KL(q_student ‖ (1−α)·p_teacher + α·q), DistiLLM's SRKL (Ko et al., ICML 2024).
 
-    α = 0 is `reverse_kl`; α = 1 gives 0.
+    α = 0 is `reverse_kl`; α = 1 gives 0. With `stop_grad_mix` the student's share of the
+    mixture is a constant for the gradient, m = (1−α)·p + α·sg(q) (DistiLLM-2's code): the
+    value is unchanged, and the gradient w.r.t. the student logits z is
+    ∂/∂z_j = q_j·(d_j − Σ_v q_v d_v)/τ with d = log q − log m.
 
     Args:
         student_logits: (..., V) student logits.
         teacher_logits: (..., V) teacher logits.
         temperature: τ > 0, applied to both logits.
         alpha: α in [0, 1], the student's share of the skewed teacher.
+        stop_grad_mix: detach the student's share of the mixture.
 
     Returns:
         (...) per-token values, ≥ 0.
     """
     check_unit_interval("alpha", alpha)
     log_q, log_p = pair_log_probs(student_logits, teacher_logits, temperature)
-    return kl_from_log_probs(log_q, log_mixture(log_q, log_p, alpha))
+    log_q_in_mix = log_q.detach() if stop_grad_mix else log_q
+    return kl_from_log_probs(log_q, log_mixture(log_q_in_mix, log_p, alpha))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,7 +40,9 @@ def check_weights(weights: Sequence[float], k: int) -> list[float]:
     return [x / total for x in w]
 
 
-def mixture_logits(teacher_logits: Sequence[Tensor], weights: Sequence[float], temperature: float = 1.0) -> Tensor:
+def mixture_logits(
+    teacher_logits: Sequence[Tensor], weights: Sequence[float], temperature: float = 1.0
+) -> Tensor:
     """Logits z_mix with softmax(z_mix / τ) = Σ_k w_k softmax(z_k / τ).
 
     Args:
@@ -97,8 +99,12 @@ def chunked_mixture_divergence(
 
     def row_fn(student_logits_CV: Tensor, start: int, end: int) -> Tensor:
         with torch.no_grad():
-            mix_CV = mixture_logits([_project(h[start:end], W, None) for h, W in frozen], w, temperature)
+            mix_CV = mixture_logits(
+                [_project(h[start:end], W, None) for h, W in frozen], w, temperature
+            )
         return fn(student_logits_CV, mix_CV, temperature, **params)
 
     out_dtype = _value_dtype(student_hidden.dtype, *(h.dtype for h, _ in frozen))
-    return _ChunkedHeadFunction.apply(student_hidden, student_head, None, row_fn, chunk_size, out_dtype)
+    return _ChunkedHeadFunction.apply(
+        student_hidden, student_head, None, row_fn, chunk_size, out_dtype
+    )

@@ -6,7 +6,7 @@ teacher writes y_s, y_{s+1}, … (one switch per sequence). d_t = −log p_teach
 default, or KL(p ‖ q) at t (`divergence="forward_kl"`, the paper's metric). With `scale`=K
 the paper's adaptive threshold is added: switch also when d_t > K · mean of the previous
 `window` d's. Signal: KL(p_teacher ‖ q_student) per token over the whole mixed sequence.
-Deviations: the fixed-τ rule (METHODS.md §4) is the default instead of the paper's adaptive
+Deviations: the fixed-τ rule (docs/methods.md §4) is the default instead of the paper's adaptive
 K·moving-average threshold, whose K and window defaults could not be confirmed; the training
 divergence (forward KL) is our reading of the paper (check).
 """
@@ -39,5 +39,4 @@ def adaswitch(
             tau=tau, divergence=switch_divergence, scale=scale, window=window
         ),
         signal=Divergence("forward_kl", {}, temperature),
-        name="adaswitch",
     )

@@ -6,9 +6,12 @@ Signal: skew KL(p_teacher ‖ α·p + (1−α)·q_student) (SKL, α = 0.1), or w
 Prefix source: `replay`: with probability ρ student-generated outputs (fresh, or
 replayed from a 1000-sample buffer, the fresh share falling as ρ·(1 − progress)), else the
 dataset's completions.
-Deviations: ρ follows a linear schedule ρ_start → ρ_end over training instead of rising by 0.1
-whenever the validation loss rises (the loop feeds no validation loss to prefix sources);
-opd reports the KL itself, DistiLLM's code the cross-entropy (KL + H(p), same gradient).
+Deviations:
+- ρ follows a linear schedule ρ_start → ρ_end over training instead of rising by 0.1
+  whenever the validation loss rises (the loop feeds no validation loss to prefix sources).
+- opd reports the KL itself, DistiLLM's code the cross-entropy (KL + H(p), same gradient).
+- DistiLLM's scripts can add a language-modelling loss on a pre-training corpus to the
+  distillation loss (an optional term, off unless a corpus is given); opd has no such term.
 """
 
 from opd.method import Method
@@ -42,5 +45,4 @@ def distillm(
     return Method(
         prefixes=replay(capacity=capacity, rho_start=rho_start, rho_end=rho_end, other=other),
         signal=Divergence(divergence, {"alpha": alpha}, temperature),
-        name="distillm",
     )

@@ -10,13 +10,12 @@ all plausible continuations). The student writes y (on-policy, as in the paper).
 
 Deviations: the paper's exact gate g(H) is not verified (its abstract says it "augments
 reverse KL with forward KL when teacher entropy is high"); we use the continuous gate of
-METHODS.md §2 with h_max = log V by default. See `opd.losses.adaptive` for the details.
+docs/methods.md §2 with h_max = log V by default. See `opd.losses.adaptive` for the details.
 """
 
-from opd.curriculum import prefix_source
 from opd.method import Method
 from opd.recipes.registry import recipe
-from opd.signals import Divergence
+from opd.signals import Divergence, prefix_source
 
 
 @recipe(
@@ -38,5 +37,4 @@ def entropy_aware(
     return Method(
         prefixes=prefix_source(prefixes, lmbda),
         signal=Divergence("entropy_aware", params, temperature),
-        name="entropy_aware",
     )

@@ -10,7 +10,7 @@ was not verified); per-token form as in `g_opd`.
 from opd.method import Method
 from opd.recipes.registry import recipe
 from opd.sampling import student
-from opd.sequence_signals import GOPD
+from opd.signals import GOPD
 from opd.teachers import SampledLogprobs
 
 
@@ -26,6 +26,4 @@ def exopd(lam: float = 1.25):
     """ExOPD: G-OPD with λ > 1 and the initial student as reference."""
     if not lam > 1.0:
         raise ValueError(f"exopd extrapolates: lam must be > 1 (use g_opd otherwise), got {lam}")
-    return Method(
-        prefixes=student(), teacher=SampledLogprobs(), signal=GOPD(lam=lam), name="exopd"
-    )
+    return Method(prefixes=student(), teacher=SampledLogprobs(), signal=GOPD(lam=lam))

@@ -29,5 +29,4 @@ def fast_opd(length: int = 512, length_end: int | None = None, temperature: floa
     return Method(
         prefixes=prefix(length, student(), length_end=length_end),
         signal=Divergence("reverse_kl", {}, temperature),
-        name="fast_opd",
     )

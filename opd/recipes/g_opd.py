@@ -14,7 +14,7 @@ before the checkpoint is restored, and the initial student is rebuilt from the c
 from opd.method import Method
 from opd.recipes.registry import recipe
 from opd.sampling import student
-from opd.sequence_signals import GOPD
+from opd.signals import GOPD
 from opd.teachers import SampledLogprobs
 
 
@@ -32,5 +32,4 @@ def g_opd(lam: float = 1.0, kl_coef: float = 1.0):
         prefixes=student(),
         teacher=SampledLogprobs(),
         signal=GOPD(lam=lam, kl_coef=kl_coef),
-        name="g_opd",
     )

@@ -26,5 +26,4 @@ def gkd(lmbda: float = 0.5, beta: float = 0.5, temperature: float = 1.0, other: 
     return Method(
         prefixes=mix(student=lmbda, other=other),
         signal=Divergence("generalized_jsd", {"beta": beta}, temperature),
-        name="gkd",
     )

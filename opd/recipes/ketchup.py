@@ -11,7 +11,7 @@ rewards (no bootstrap). The default K = 8 is ours (not verified). Otherwise as `
 from opd.method import Method
 from opd.recipes.registry import recipe
 from opd.sampling.token_level import token_mix
-from opd.sequence_signals import Ketchup
+from opd.signals import Ketchup
 from opd.teachers import FullLogits
 
 
@@ -29,5 +29,4 @@ def ketchup(k: int = 8, alpha: float = 0.2, clip: float = 0.2):
         prefixes=token_mix(alpha=alpha, clip=None),
         teacher=FullLogits(),
         signal=Ketchup(k=k, clip=clip),
-        name="ketchup",
     )

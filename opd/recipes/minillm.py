@@ -7,17 +7,22 @@ w_t = q/(α p + (1−α) q). Per token, with r_t = log p(y_t) − log q(y_t):
     A_t = whiten(mean_{t' > t} r_t'),   ρ_t = w_t · q/sg(q)
 
 (the loop multiplies by w_t: single step weighted, PPO-clipped long-term part).
-Deviations (see `opd.sequence_signals`): R_{t+1} and the w-weighted single step follow the
-paper (the official code uses R_t and an unweighted single step); γ = 1 (code: 0.95); one
-pass per rollout (code: 4 PPO epochs); no reward scaling/clipping and no pre-training LM
-loss. The sampler's own weight clip is off (`clip=None`) so clipping happens PPO-style in
-the signal, as in MiniLLM.
+Deviations (details in `opd.signals.policy_gradient`):
+- R_{t+1} and the w-weighted single step follow the paper (the official code uses R_t and
+  an unweighted single step).
+- γ = 1 (code: 0.95); one pass per rollout (code: 4 PPO epochs); no reward scaling or
+  clipping; no pre-training language-modelling loss.
+- Whitening: the advantages are whitened with the mean and standard deviation over the
+  counted completion tokens of the micro-batch only (padding never enters the statistics);
+  the outside review of the authors' code found their statistics are taken differently.
+- The sampler's own weight clip is off (`clip=None`) so clipping happens PPO-style in the
+  signal, as in MiniLLM.
 """
 
 from opd.method import Method
 from opd.recipes.registry import recipe
 from opd.sampling.token_level import token_mix
-from opd.sequence_signals import MiniLLMPolicyGradient
+from opd.signals import MiniLLMPolicyGradient
 from opd.teachers import FullLogits
 
 
@@ -34,5 +39,4 @@ def minillm(alpha: float = 0.2, clip: float = 0.2, discount: float = 1.0, whiten
         prefixes=token_mix(alpha=alpha, clip=None),
         teacher=FullLogits(),
         signal=MiniLLMPolicyGradient(discount=discount, whiten=whiten, clip=clip),
-        name="minillm",
     )

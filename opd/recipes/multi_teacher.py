@@ -28,5 +28,4 @@ def multi_teacher(divergence: str = "reverse_kl", temperature: float = 1.0):
         prefixes=student(),
         teacher=FullLogits(ensemble=True),
         signal=Divergence(divergence, {}, temperature),
-        name="multi_teacher",
     )

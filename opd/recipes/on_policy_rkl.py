@@ -25,5 +25,4 @@ def on_policy_rkl(temperature: float = 1.0):
     return Method(
         prefixes=student(),
         signal=Divergence("reverse_kl", {}, temperature),
-        name="on_policy_rkl",
     )

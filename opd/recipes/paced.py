@@ -18,9 +18,10 @@ runs train on teacher-written reference responses and its self-distillation runs
 student's own; opd defaults to the student (`prefixes="teacher"` is the distillation setting).
 """
 
-from opd.curriculum import Paced, prefix_source, two_stage_kl
+from opd.curriculum import Paced
 from opd.method import Method
 from opd.recipes.registry import recipe
+from opd.signals import prefix_source, two_stage_kl
 
 
 @recipe(
@@ -47,5 +48,4 @@ def paced(
         prefixes=prefix_source(prefixes, lmbda),
         signal=two_stage_kl(split, temperature),
         prompts=Paced(a=a, b=b, n=n, pool=pool, refresh_every=refresh_every),
-        name="paced",
     )

@@ -11,7 +11,7 @@ kept fraction 0.2 and the switch point (off by default) are our defaults, not ve
 from opd.method import Method
 from opd.recipes.registry import recipe
 from opd.sampling import student
-from opd.sequence_signals import Reopold
+from opd.signals import Reopold
 from opd.teachers import SampledLogprobs
 
 
@@ -29,5 +29,4 @@ def reopold(lam: float = 0.2, top_entropy: float = 0.2, refine_after: float = 1.
         prefixes=student(),
         teacher=SampledLogprobs(),
         signal=Reopold(lam=lam, top_entropy=top_entropy, refine_after=refine_after),
-        name="reopold",
     )

@@ -14,10 +14,9 @@ The stop tokens (eos, end-of-turn) are kept in the loss by default (`mask_stop=F
 `opd.weights.SpecialTokenMask` for why.
 """
 
-from opd.curriculum import prefix_source
 from opd.method import Method
 from opd.recipes.registry import recipe
-from opd.signals import Divergence
+from opd.signals import Divergence, prefix_source
 from opd.weights import SpecialTokenMask
 
 
@@ -41,5 +40,4 @@ def revisiting_opd(
         prefixes=prefix_source(prefixes, lmbda),
         signal=Divergence("topk_reverse_kl", {"k": k}, temperature),
         weights=(SpecialTokenMask(keep_stop=not mask_stop),),
-        name="revisiting_opd",
     )

@@ -22,6 +22,4 @@ from opd.signals import Divergence
 )
 def seqkd(temperature: float = 1.0):
     """Sequence-level KD on teacher samples."""
-    return Method(
-        prefixes=teacher(), signal=Divergence("forward_kl", {}, temperature), name="seqkd"
-    )
+    return Method(prefixes=teacher(), signal=Divergence("forward_kl", {}, temperature))

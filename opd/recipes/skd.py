@@ -29,5 +29,4 @@ def skd(k: int = 25, divergence: str = "forward_kl", temperature: float = 1.0):
     return Method(
         prefixes=speculative(k=k),
         signal=Divergence(divergence, {}, temperature),
-        name="skd",
     )

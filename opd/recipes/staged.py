@@ -14,9 +14,7 @@ the warm-up and `answer` fields (or a shipped task) for the reward stage.
 from opd.method import Method
 from opd.recipes.registry import recipe
 from opd.sampling import dataset, student
-from opd.schedules import ByProgress
-from opd.sequence_signals import RewardWeighted
-from opd.signals import Divergence
+from opd.signals import ByProgress, Divergence, RewardWeighted
 
 
 @recipe(
@@ -43,5 +41,4 @@ def staged(
                 (1.0, RewardWeighted(beta=beta)),
             )
         ),
-        name="staged",
     )

@@ -6,9 +6,9 @@ paper's form):
     r_t = softmax((1 − λ) · z_student.detach() + λ · z_teacher),   L_t = KL(r_t ‖ q_student)
 
 with λ rising over training from λ_0 to 1, so a large teacher–student gap is crossed in small
-steps. Here λ = opd.schedules.Linear(λ_0, 1.0), evaluated at progress = step / total_steps.
+steps. Here λ = opd.signals.Linear(λ_0, 1.0), evaluated at progress = step / total_steps.
 Computed by `opd.losses.taid` (`space="prob"` gives the probability mixture
-r = (1 − λ)·q.detach() + λ·p of METHODS.md instead).
+r = (1 − λ)·q.detach() + λ·p of docs/methods.md §2 instead).
 
 Deviations:
 - λ schedule: TAID's default is adaptive: λ starts at t_start = 0.4 and grows by a momentum
@@ -19,11 +19,9 @@ Deviations:
   student rollouts, `prefixes="dataset"` is the paper's setting.
 """
 
-from opd.curriculum import prefix_source
 from opd.method import Method
 from opd.recipes.registry import recipe
-from opd.schedules import Linear
-from opd.signals import Divergence
+from opd.signals import Divergence, Linear, prefix_source
 
 
 @recipe(
@@ -47,5 +45,4 @@ def taid(
     return Method(
         prefixes=prefix_source(prefixes, lmbda),
         signal=Divergence("taid", {"lam": Linear(lam0, 1.0), "space": space}, temperature),
-        name="taid",
     )

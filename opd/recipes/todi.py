@@ -15,10 +15,9 @@ default prefix source is the student (`prefixes="student"`). `prefixes="dataset"
 paper's setting; "mix" is GKD-style mixing with `lmbda`.
 """
 
-from opd.curriculum import prefix_source
 from opd.method import Method
 from opd.recipes.registry import recipe
-from opd.signals import Divergence
+from opd.signals import Divergence, prefix_source
 
 
 @recipe(
@@ -36,5 +35,4 @@ def todi(
     return Method(
         prefixes=prefix_source(prefixes, lmbda),
         signal=Divergence("todi", {"beta": beta}, temperature),
-        name="todi",
     )

@@ -14,10 +14,9 @@ Deviations: the paper's default γ and its reverse-direction variant and adaptiv
 clipping are not verified / not implemented; γ = 0.5 is our default.
 """
 
-from opd.curriculum import prefix_source
 from opd.method import Method
 from opd.recipes.registry import recipe
-from opd.signals import Divergence
+from opd.signals import Divergence, prefix_source
 
 
 @recipe(
@@ -35,5 +34,4 @@ def veto(
     return Method(
         prefixes=prefix_source(prefixes, lmbda),
         signal=Divergence("bridge", {"gamma": gamma}, temperature),
-        name="veto",
     )

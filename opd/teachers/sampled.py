@@ -2,7 +2,7 @@
 
 The narrowest white-box view, and the one a served teacher gives most cheaply (a "logprobs of
 the prompt" call): one number per completion token. It is all the sampled-token and
-policy-gradient signals need (`opd.sequence_signals`: the tinker recipe's per-token advantage
+policy-gradient signals need (`opd.signals.policy_gradient`: the tinker recipe's per-token advantage
 A_t = −(log q(y_t) − log p(y_t)), G-OPD, REOPOLD). A full-vocabulary divergence cannot be
 computed from it, and `Method` refuses the combination at construction.
 

@@ -20,7 +20,7 @@ reading the wrong row.
 
 Nothing (N, V) is held: `opd.losses.chunked_topk` walks the teacher's hidden rows in chunks.
 The temperature τ divides the teacher logits before the softmax; use the same τ in the signal
-(`opd.topk_signals.TopKDivergence`). Like `FullLogits`, the lm_head bias is not used.
+(`opd.signals.TopKDivergence`). Like `FullLogits`, the lm_head bias is not used.
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def log1mexp(x: Tensor) -> Tensor:
     x = x.clamp(max=0.0)
     near_zero = x > -0.6931471805599453  # −log 2: switch between the two stable forms
     return torch.where(
-        near_zero, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x.clamp(max=-0.6931471805599453)))
+        near_zero,
+        torch.log(-torch.expm1(x)),
+        torch.log1p(-torch.exp(x.clamp(max=-0.6931471805599453))),
     )
 
 
@@ -123,7 +125,9 @@ class TopK:
     def score(self, teacher: torch.nn.Module, rollout: Rollout, vocab_size: int) -> TeacherScores:
         full = FullLogits().score(teacher, rollout, vocab_size)
         if self.k > full.head_VD.shape[0]:
-            raise ValueError(f"TopK: k = {self.k} exceeds the vocabulary V = {full.head_VD.shape[0]}")
+            raise ValueError(
+                f"TopK: k = {self.k} exceeds the vocabulary V = {full.head_VD.shape[0]}"
+            )
         ids_NK, logprobs_NK = teacher_topk_buckets(
             full.hidden_ND, full.head_VD, self.k, self.temperature, self.chunk_size
         )

@@ -32,16 +32,18 @@ renormalised form.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from opd.errors import ConfigError
-from opd.losses import DIVERGENCES, divergence
+from opd.losses import divergence
 from opd.losses.divergences import log_probs, upcast
-from opd.schedules import resolve_params
-from opd.signals import SignalContext
+from opd.signals.context import SignalContext
+from opd.signals.divergence import check_divergence_spec, params_key
+from opd.signals.schedules import resolve_params
 from opd.teachers.topk import TAIL_FLOOR, teacher_topk_buckets
 from opd.types import StudentRows, TeacherScores
 
@@ -125,27 +127,19 @@ class TopKDivergence:
     k: int | None = None
     temperature: float = 1.0
     params: dict = field(default_factory=dict)
-    requires: str = "topk_logprobs"
+    requires: ClassVar[frozenset] = frozenset({"topk_logprobs"})
 
     def __post_init__(self):
-        if self.name not in DIVERGENCES:
-            raise ConfigError(
-                f"unknown divergence {self.name!r}; valid: {', '.join(sorted(DIVERGENCES))}"
-            )
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
             raise ConfigError(f"TopKDivergence: k must be an integer >= 1 or None, got {self.k!r}")
-        if not self.temperature > 0:
-            raise ConfigError(f"TopKDivergence: temperature must be > 0, got {self.temperature}")
-        probe = torch.zeros(1, 3)
-        try:
-            divergence(self.name, probe, probe, temperature=1.0, **resolve_params(self.params, 0.0))
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"divergence {self.name!r}: {err}") from None
+        check_divergence_spec(self.name, self.params, self.temperature, "TopKDivergence")
 
     def __hash__(self):
-        return hash((self.name, self.k, self.temperature, tuple(sorted(self.params.items(), key=str))))
+        return hash((self.name, self.k, self.temperature, params_key(self.params)))
 
-    def teacher_buckets(self, teacher: TeacherScores, ctx: SignalContext, dtype) -> tuple[Tensor, Tensor]:
+    def teacher_buckets(
+        self, teacher: TeacherScores, ctx: SignalContext, dtype
+    ) -> tuple[Tensor, Tensor]:
         """(ids_NK of the k tokens, (N, k + 1) teacher bucket log-probabilities)."""
         if teacher.topk_logprobs_NK is not None:
             k_teacher = teacher.topk_logprobs_NK.shape[1] - 1
@@ -160,7 +154,10 @@ class TopKDivergence:
         if self.k is None:
             raise ConfigError("TopKDivergence with a full-logits teacher needs an explicit k")
         ids_NK1, logprobs_NK1 = teacher_topk_buckets(
-            teacher.hidden_ND.to(dtype), teacher.head_VD.to(dtype), self.k, self.temperature,
+            teacher.hidden_ND.to(dtype),
+            teacher.head_VD.to(dtype),
+            self.k,
+            self.temperature,
             ctx.chunk_size,
         )
         return ids_NK1[:, :-1], logprobs_NK1

@@ -1,4 +1,4 @@
-"""Sampled-token and sequence-level signals: policy-gradient surrogates per completion token.
+"""Policy-gradient signals: sampled-token and sequence-level surrogates per completion token.
 
 Every signal here returns a per-token (N,) surrogate, never reduced; the loop multiplies it by
 the token weights (including the sampler's importance weights `rollout.token_weight_BT`) and
@@ -64,7 +64,10 @@ authors' code, microsoft/LMOps minillm/; no code copied):
   the analytic single-step term unweighted, uses γ = 0.95, divides rewards by 0.5 and clips
   them at ±100, runs 4 PPO epochs per rollout batch and adds a pre-training LM loss; we keep
   its whitening (default on) and clip range ε = 0.2, and omit the rest (one pass per rollout,
-  so ρ = w in value).
+  so ρ = w in value). Whitening uses the mean and (biased) standard deviation over the
+  counted tokens of the micro-batch only, never padding.
+- SampledRKL: opd's loop takes the token mean of the per-token losses; tinker sums them
+  (same direction, gradient scale differs by the number of counted tokens).
 - KETCHUP: we could not verify the paper's exact K-step target (it induces the return from
   the Bellman optimality equation, possibly with a teacher-derived bootstrap value at t+K);
   this is the plain truncated K-step sum of MiniLLM rewards, no bootstrap. Default k unverified.
@@ -78,142 +81,32 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from opd.errors import ConfigError
-from opd.losses import chunked_token_logprobs, token_logprobs
-from opd.losses.divergences import log_probs
-from opd.signals import Divergence, SignalContext
+from opd.losses.divergences import check_unit_interval as _unit
+from opd.signals.context import SignalContext
+from opd.signals.divergence import Divergence
+from opd.signals.tokens import (
+    future_returns,
+    sampler_weights,
+    student_entropy,
+    student_token_logprobs,
+    teacher_token_logprobs,
+    whiten,
+)
 from opd.teachers.sampled import SampledLogprobs
 from opd.types import StudentRows, TeacherScores
 
 _REVERSE_KL = Divergence("reverse_kl")  # KL(q_student ‖ p_teacher) over V, chunked or plain
 
 
-# --- per-token inputs ------------------------------------------------------------------------
-
-
-def student_token_logprobs(student: StudentRows, ctx: SignalContext) -> Tensor:
-    """(N,) log q(y_t), differentiable; the (N, V) reference path when ctx.materialize."""
-    if ctx.materialize:
-        return token_logprobs(student.hidden_ND @ student.head_VD.T, student.target_ids_N)
-    return chunked_token_logprobs(
-        student.hidden_ND, student.head_VD, student.target_ids_N, chunk_size=ctx.chunk_size
-    )
-
-
-@torch.no_grad()
-def teacher_token_logprobs(teacher: TeacherScores, student: StudentRows, ctx: SignalContext) -> Tensor:
-    """(N,) log p(y_t): the sampled scores if given, else computed from full-logits rows."""
-    if teacher.token_logprobs_N is not None:
-        return teacher.token_logprobs_N.detach()
-    if teacher.hidden_ND is None:
-        raise ConfigError("this signal needs the teacher's token log-probs or full logits")
-    return chunked_token_logprobs(
-        teacher.hidden_ND, teacher.head_VD, student.target_ids_N, chunk_size=ctx.chunk_size
-    )
-
-
-@torch.no_grad()
-def student_entropy(student: StudentRows, chunk_size: int = 512) -> Tensor:
-    """(N,) H(q_t) = −Σ_v q_v log q_v of the student, in row chunks, without gradient."""
-    out_N = []
-    for start in range(0, student.hidden_ND.shape[0], chunk_size):
-        logq_CV = log_probs(student.hidden_ND[start : start + chunk_size] @ student.head_VD.T)
-        out_N.append(-(logq_CV.exp() * logq_CV).sum(-1))
-    return torch.cat(out_N) if out_N else student.hidden_ND.new_zeros(0).float()
-
-
-def sampler_weights(ctx: SignalContext, like_N: Tensor) -> Tensor:
-    """(N,) the rollout's sampler weights w_t (1 where there are none)."""
-    rollout = ctx.rollout
-    if rollout is None or rollout.token_weight_BT is None:
-        return torch.ones_like(like_N)
-    mask_BT = rollout.completion_mask_BT.to(like_N.device).bool()
-    return rollout.token_weight_BT.to(like_N.device)[mask_BT].to(like_N.dtype)
-
-
-# --- returns over the rows of a batch --------------------------------------------------------
-
-
-def pack_rows(x_N: Tensor, row_index_N: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """(N,) row-major tokens (`row_index_N` non-decreasing) -> x_BT (zeros past each row's
-    end, T = longest row), mask_BT, and the (row, position) index with x_BT[index] == x_N."""
-    n = x_N.shape[0]
-    rows_N = row_index_N.long()
-    count_B = torch.bincount(rows_N, minlength=int(rows_N.max()) + 1 if n else 0)
-    start_B = torch.cumsum(count_B, 0) - count_B
-    pos_N = torch.arange(n, device=x_N.device) - start_B[rows_N]
-    shape = (count_B.shape[0], int(count_B.max()) if n else 0)
-    x_BT = x_N.new_zeros(shape)
-    mask_BT = torch.zeros(shape, dtype=torch.bool, device=x_N.device)
-    x_BT[rows_N, pos_N] = x_N
-    mask_BT[rows_N, pos_N] = True
-    return x_BT, mask_BT, (rows_N, pos_N)
-
-
-def discounted_returns(r_BT: Tensor, discount: float = 1.0, horizon: int | None = None) -> Tensor:
-    """(B, T) R_t = Σ_{i=0}^{K−1} γ^i r_{t+i} of (B, T) rewards (0 past each end); K = horizon
-    (None = to the end)."""
-    T = r_BT.shape[1]
-    if discount == 1.0:
-        R_BT = r_BT.flip(1).cumsum(1).flip(1)
-    else:
-        acc_B, cols = torch.zeros_like(r_BT[:, 0]), []
-        for t in reversed(range(T)):
-            acc_B = r_BT[:, t] + discount * acc_B
-            cols.append(acc_B)
-        R_BT = torch.stack(cols[::-1], dim=1) if cols else r_BT.clone()
-    if horizon is not None and horizon < T:
-        # R_t = Σ_{i<K} γ^i r_{t+i} + γ^K R_{t+K}: subtract the part beyond the horizon.
-        beyond_BT = torch.zeros_like(R_BT)
-        beyond_BT[:, : T - horizon] = R_BT[:, horizon:]
-        R_BT = R_BT - discount**horizon * beyond_BT
-    return R_BT
-
-
-def future_returns(
-    r_N: Tensor,
-    row_index_N: Tensor,
-    discount: float = 1.0,
-    horizon: int | None = None,
-    exclude_current: bool = False,
-    length_norm: bool = False,
-) -> Tensor:
-    """(N,) returns of (N,) rewards within each sequence (rows from `row_index_N`).
-
-    Args:
-        discount, horizon: γ and K of `discounted_returns`.
-        exclude_current: return R_{t+1} (the future after t) instead of R_t.
-        length_norm: divide by the number of tokens the window sums (MiniLLM's R^norm);
-          an empty window gives 0.
-    """
-    if r_N.shape[0] == 0:
-        return r_N
-    r_BT, mask_BT, index = pack_rows(r_N, row_index_N)
-    R_BT = discounted_returns(r_BT, discount, horizon)
-    count_BT = discounted_returns(mask_BT.to(r_BT.dtype), 1.0, horizon) if length_norm else None
-    if exclude_current:
-        R_BT = torch.cat([R_BT[:, 1:], torch.zeros_like(R_BT[:, :1])], dim=1)
-        if count_BT is not None:
-            count_BT = torch.cat([count_BT[:, 1:], torch.zeros_like(count_BT[:, :1])], dim=1)
-    if count_BT is not None:
-        R_BT = R_BT / count_BT.clamp_min(1.0)
-    return R_BT[index]
-
-
-def whiten(x_N: Tensor, eps: float = 1e-8) -> Tensor:
-    """(x − mean) / (std + eps) over the tokens of the micro-batch (0 for fewer than 2)."""
-    if x_N.numel() < 2:
-        return torch.zeros_like(x_N)
-    return (x_N - x_N.mean()) / (x_N.std(unbiased=False) + eps)
-
-
-def _check_unit(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be in [0, 1], got {value}")
+def check_unit_interval(name: str, value: float) -> None:
+    """`opd.losses.divergences.check_unit_interval` raising ConfigError (a user's value)."""
+    _unit(name, value, error=ConfigError)
 
 
 # --- the signals -----------------------------------------------------------------------------
@@ -229,10 +122,10 @@ class SampledRKL:
     """
 
     discount: float = 0.0
-    requires: str = "token_logprobs"
+    requires: ClassVar[frozenset] = frozenset({"token_logprobs"})
 
     def __post_init__(self):
-        _check_unit("SampledRKL: discount", self.discount)
+        check_unit_interval("SampledRKL: discount", self.discount)
 
     def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext) -> Tensor:
         logq_N = student_token_logprobs(student, ctx)
@@ -261,13 +154,13 @@ class GOPD:
     kl_coef: float = 1.0
     discount: float = 0.0
     reference: object = field(default=None, compare=False, repr=False)
-    requires: str = "token_logprobs"
+    requires: ClassVar[frozenset] = frozenset({"token_logprobs"})
     _cache: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self):
         if self.lam < 0 or self.kl_coef < 0:
             raise ConfigError(f"GOPD: lam and kl_coef must be >= 0, got {self.lam}, {self.kl_coef}")
-        _check_unit("GOPD: discount", self.discount)
+        check_unit_interval("GOPD: discount", self.discount)
 
     def prepare(self, models) -> None:
         """Called by the loop before any update (and before a checkpoint is restored), so
@@ -282,7 +175,9 @@ class GOPD:
             return self.reference
         if "model" not in self._cache:
             if ctx.models is None:
-                raise ConfigError("GOPD needs a reference model: pass reference= or run via distill")
+                raise ConfigError(
+                    "GOPD needs a reference model: pass reference= or run via distill"
+                )
             ref = copy.deepcopy(ctx.models.student).eval()  # the student before any update
             ref.requires_grad_(False)
             self._cache["model"] = ref
@@ -297,7 +192,9 @@ class GOPD:
             if ctx.rollout is None:
                 raise ConfigError("GOPD with lam != kl_coef needs ctx.rollout to run the reference")
             ref = self.reference_model(ctx)
-            scores = SampledLogprobs(ctx.chunk_size).score(ref, ctx.rollout, student.head_VD.shape[0])
+            scores = SampledLogprobs(ctx.chunk_size).score(
+                ref, ctx.rollout, student.head_VD.shape[0]
+            )
             logr_N = scores.token_logprobs_N.to(logq_N.dtype)
             a_N = self.lam * (logp_N - logr_N) - self.kl_coef * (logq_N.detach() - logr_N)
         if self.discount > 0:
@@ -325,10 +222,10 @@ class MiniLLMPolicyGradient:
     whiten: bool = True
     clip: float = 0.2
     single_step: bool = True
-    requires: str = "full_logits"
+    requires: ClassVar[frozenset] = frozenset({"full_logits"})
 
     def __post_init__(self):
-        _check_unit("MiniLLM: discount", self.discount)
+        check_unit_interval("MiniLLM: discount", self.discount)
         if not self.clip > 0:
             raise ConfigError(f"MiniLLM: clip must be > 0, got {self.clip}")
 
@@ -341,8 +238,12 @@ class MiniLLMPolicyGradient:
         logp_N = teacher_token_logprobs(teacher, student, ctx).to(logq_N.dtype)
         r_N = logp_N - logq_N.detach()
         adv_N = future_returns(
-            r_N, student.row_index_N, self.discount, self.horizon,
-            exclude_current=True, length_norm=self.length_norm,
+            r_N,
+            student.row_index_N,
+            self.discount,
+            self.horizon,
+            exclude_current=True,
+            length_norm=self.length_norm,
         )
         if self.whiten:
             adv_N = whiten(adv_N)
@@ -396,14 +297,14 @@ class Reopold:
     lam: float = 0.2
     top_entropy: float = 0.2
     refine_after: float = 1.0
-    requires: str = "token_logprobs"
+    requires: ClassVar[frozenset] = frozenset({"token_logprobs"})
 
     def __post_init__(self):
         if not 0.0 < self.lam < 1.0:
             raise ConfigError(f"Reopold: lam must be in (0, 1), got {self.lam}")
         if not 0.0 < self.top_entropy <= 1.0:
             raise ConfigError(f"Reopold: top_entropy must be in (0, 1], got {self.top_entropy}")
-        _check_unit("Reopold: refine_after", self.refine_after)
+        check_unit_interval("Reopold: refine_after", self.refine_after)
 
     @property
     def floor(self) -> float:
@@ -451,8 +352,8 @@ class RewardWeighted:
             raise ConfigError(f"RewardWeighted: beta must be >= 0, got {self.beta}")
 
     @property
-    def requires(self) -> str:
-        return "full_logits" if self.kl == "full" else "token_logprobs"
+    def requires(self) -> frozenset:
+        return frozenset({"full_logits" if self.kl == "full" else "token_logprobs"})
 
     def rewards(self, ctx: SignalContext, device) -> Tensor:
         """(B,) 1.0 where the verifier accepts row b's decoded completion, else 0.0."""
@@ -481,4 +382,6 @@ class RewardWeighted:
         return pg_N + self.beta * kl_N
 
     def describe(self) -> str:
-        return f"verifier reward policy gradient + {self.beta}·KL(q_student ‖ p_teacher) ({self.kl})"
+        return (
+            f"verifier reward policy gradient + {self.beta}·KL(q_student ‖ p_teacher) ({self.kl})"
+        )
