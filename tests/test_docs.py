@@ -35,7 +35,6 @@ PART_MODULES = (
     "opd.signals",
     "opd.sequence_signals",
     "opd.topk_signals",
-    "opd.schedules",
     "opd.curriculum",
 )
 
