@@ -143,3 +143,16 @@ def tree_digest(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def assert_describes(method) -> None:
+    """`Method.describe()` names each of the method's own parts on its own line."""
+    lines = method.describe().splitlines()
+    heads = [ln.split(":", 1)[0] for ln in lines]
+    assert heads[:5] == ["prefixes", "teacher", "signal", "weights", "reduction"], lines
+    assert lines[0].endswith(method.prefixes.describe())
+    assert lines[1].endswith(method.teacher.describe())
+    assert lines[2].endswith(method.signal.describe())
+    assert lines[4].endswith(method.reduction)
+    if method.prompts is not None:
+        assert lines[5] == f"prompts:   {method.prompts.describe()}"

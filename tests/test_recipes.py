@@ -9,6 +9,7 @@ from opd.method import Method
 from opd.recipes import RECIPES, get_recipe
 from opd.sampling import student
 from opd.signals import Divergence
+from tests.helpers import assert_describes
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -17,7 +18,7 @@ def test_every_recipe_builds(name):
     method = info.build()
     assert isinstance(method, Method)
     assert info.citation and info.summary
-    assert method.describe().count("\n") >= 4
+    assert_describes(method)
 
 
 def test_core_recipes_present():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from opd.curriculum import Paced
 from opd.errors import ConfigError
@@ -23,15 +22,6 @@ PACED_ARGS = ("method.args.pool=8", "method.args.n=2", "method.args.refresh_ever
 
 def quiet(*_):
     pass
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name", ADAPTIVE)

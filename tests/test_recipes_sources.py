@@ -15,7 +15,7 @@ from opd.sampling.sources import make_rollout
 from opd.signals import ByWriter, Divergence, Paired, SignalContext
 from opd.train import distill
 from opd.types import StudentRows, TeacherScores
-from tests.helpers import fresh_models, tiny_cfg
+from tests.helpers import assert_describes, fresh_models, tiny_cfg
 
 NEW = {
     "skd": Speculative,
@@ -33,7 +33,8 @@ def test_recipe_builds_with_its_source(name):
     method = info.build()
     assert isinstance(method, Method) and isinstance(method.prefixes, NEW[name])
     assert info.citation and info.summary and info.granularity in ("token", "sequence", "hybrid")
-    assert method.describe().count("\n") >= 4 and method.name == name
+    assert_describes(method)
+    assert method.name == name
 
 
 def test_recipe_compositions_and_argument_checks():

@@ -34,7 +34,6 @@ from opd.teachers import SampledLogprobs
 from opd.tiny import tiny_llama
 from opd.train import student_rows
 from opd.types import StudentRows, TeacherScores
-from tests.test_recipes_sampled import one_thread  # noqa: F401 (autouse fixture)
 
 V, T = 3, 3
 

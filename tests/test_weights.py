@@ -218,16 +218,7 @@ def test_method_rejects_weight_the_teacher_cannot_serve():
 # --------------------------------------------------------------------------- tiny models
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_weights_on_tiny_models_match_model_logits_and_backprop(tiny_models, one_thread):
+def test_weights_on_tiny_models_match_model_logits_and_backprop(tiny_models):
     from opd.build import finish_models
     from opd.train import micro_step
 
