@@ -5,20 +5,24 @@ Truncation is from the left: a prompt over `max_prompt_tokens` keeps its last
 
 Bounded work per row. Tokenising a whole 50 MB line to keep its last 256 tokens costs minutes
 and gigabytes, so before tokenising, a long text field (a plain prompt, or each chat turn's
-content) is cut to its last W characters, W = (max_prompt_tokens + MARGIN_TOKENS) ×
-CHARS_PER_TOKEN, and the cut text is tokenised alone. If it yields at least
-max_prompt_tokens + MARGIN_TOKENS tokens the cut is kept; otherwise W grows fourfold and the
-check repeats (so the work is at most a few times what the kept tokens need, whatever the
-tokenizer's characters per token). Only the first few tokens after a cut can differ from
-full tokenisation (a word split at the cut), and those lie ≥ MARGIN_TOKENS tokens before the
-kept ones, so the kept ids equal full tokenisation followed by left truncation (tested on a
-multi-megabyte line against full tokenisation). The deviation: a tokenizer whose merges
-reach further than MARGIN_TOKENS tokens across a cut could differ; no BPE or SentencePiece
-vocabulary we know of does. Completions are not cut (their length is the user's choice).
+content) is cut: the tail starts at the first whitespace run that begins after the last
+W characters, W = (max_prompt_tokens + MARGIN_TOKENS) × CHARS_PER_TOKEN, and is tokenised
+alone. If it yields at least max_prompt_tokens + MARGIN_TOKENS tokens the cut is kept;
+otherwise W grows fourfold and the check repeats (so the work is a few times what the kept
+tokens need, whatever the tokenizer's characters per token). Pre-tokenizers split words at
+whitespace, so the words after the cut tokenise exactly as in the whole text; the few tokens
+a cut can still change (e.g. newlines that Llama 3's pattern joins to the punctuation before
+them) lie ≥ MARGIN_TOKENS tokens before the kept ones. So the kept ids equal full
+tokenisation followed by left truncation (tested against full tokenisation with a trained
+BPE, and on a multi-megabyte line). A last word longer than the window is kept whole (the
+tail starts where it starts). The deviation: a stretch without whitespace longer than
+MAX_WORD_CHARS (a 50 MB "word") is cut inside; BPE may then split the kept end of that
+stretch differently from full tokenisation. Completions are not cut (their length is the user's choice).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +36,11 @@ CHARS_PER_TOKEN = 8
 """Characters per token assumed for the first cut window (grown fourfold when too few)."""
 MARGIN_TOKENS = 16
 """Tokens beyond max_prompt_tokens that a cut must yield, so the cut's edge is never kept."""
+MAX_WORD_CHARS = 100_000
+"""A stretch without whitespace longer than this is cut inside (the one inexact case)."""
+_WORD_END = re.compile(r"(?<=\S)\s")
+"""The start of a whitespace run: pre-tokenizers (GPT-2/Llama 3 regexes, SentencePiece's
+whitespace split) never merge across it, so a cut there leaves every later word intact."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,20 @@ def _as_ids(encoded: Any) -> list[int]:
     return [int(i) for i in encoded]
 
 
+def _cut_point(text: str, start: int) -> int:
+    """Where a tail starting near `start` may begin without splitting a word (see above)."""
+    boundary = _WORD_END.search(text, start)
+    if boundary is not None:
+        return boundary.start()
+    back = max(0, start - MAX_WORD_CHARS)  # the last word is longer than the window
+    earlier = None
+    for earlier in _WORD_END.finditer(text, back, start):
+        pass
+    if earlier is not None:
+        return earlier.start()
+    return 0 if back == 0 else start  # a word over MAX_WORD_CHARS is cut inside
+
+
 def cut_to_budget(text: str, tokenizer: Any, max_tokens: int) -> tuple[str, bool]:
     """The end of `text` whose tokens end like the whole text's last `max_tokens` tokens.
 
@@ -108,7 +131,7 @@ def cut_to_budget(text: str, tokenizer: Any, max_tokens: int) -> tuple[str, bool
     need = max_tokens + MARGIN_TOKENS
     window = need * CHARS_PER_TOKEN
     while window < len(text):
-        tail = text[-window:]
+        tail = text[_cut_point(text, len(text) - window) :]
         if len(tokenizer(tail, add_special_tokens=False).input_ids) >= need:
             return tail, True
         window *= 4
