@@ -113,11 +113,9 @@ def _cut_point(text: str, start: int) -> int:
     if boundary is not None:
         return boundary.start()
     back = max(0, start - MAX_WORD_CHARS)  # the last word is longer than the window
-    earlier = None
-    for earlier in _WORD_END.finditer(text, back, start):
-        pass
-    if earlier is not None:
-        return earlier.start()
+    earlier = [m.start() for m in _WORD_END.finditer(text, back, start)]
+    if earlier:
+        return earlier[-1]
     return 0 if back == 0 else start  # a word over MAX_WORD_CHARS is cut inside
 
 
