@@ -252,8 +252,10 @@ def test_completion_ends_with_end_of_turn_or_eos():
 def test_chat_template_required_or_missing():
     tok = char_tokenizer()
     tok.chat_template = None
-    with pytest.raises(DataError, match="no chat_template"):
+    with pytest.raises(DataError, match=r"^data\.chat_template=true but the tok") as err:
         encode_rows(_rows("q"), tok, use_chat_template=True)
+    assert "use_chat_template" not in str(err.value)  # the config key the user can set
+    assert "data.chat_template=auto or false" in str(err.value)
     (ex,) = encode_rows(_rows("q", completion="a"), tok).examples  # "auto" falls back
     assert ex.prompt_text == "q" and ex.completion_ids[-1] == tok.eos_token_id
     msg_row = Row(None, tuple(CHAT[:2]), None, None, "m.jsonl:4")

@@ -128,11 +128,16 @@ def test_saved_dataset_dict_needs_a_split(tmp_path):
 
 
 def test_hub_dataset_is_refused_offline_and_loaded_when_allowed(monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
     calls = []
 
     def fake_load_dataset(name, split):  # stands in for the Hub: no network in tests
-        calls.append((name, split))
+        calls.append((name, split, datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE))
         return _dataset(10)
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # as under `opd distill`
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     spec = "hf:someone/prompts:train"
@@ -140,7 +145,8 @@ def test_hub_dataset_is_refused_offline_and_loaded_when_allowed(monkeypatch):
         build_data(_cfg(f"data.train={spec}"), char_tokenizer())
     assert calls == []
     sets = build_data(_cfg(f"data.train={spec}", "data.allow_download=true"), char_tokenizer())
-    assert calls == [("someone/prompts", "train")]
+    assert calls == [("someone/prompts", "train", False, False)]  # offline mode lifted...
+    assert datasets.config.HF_HUB_OFFLINE and hub_constants.HF_HUB_OFFLINE  # ...for that call
     assert len(sets.train) == 8 and sets.train[0].source.startswith(f"{spec}:row ")
 
 

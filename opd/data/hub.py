@@ -14,6 +14,7 @@ Rows go through the same checks as file rows (`opd.data.rows`), named "DIR:row 7
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,20 @@ def _datasets(what: str):
         raise DataError(f"{what}: reading a Hugging Face dataset needs {_INSTALL}") from None
     datasets.disable_progress_bars()
     return datasets
+
+
+@contextlib.contextmanager
+def _online(datasets):
+    """Lift the Hub offline mode (`HF_HUB_OFFLINE`, which the CLI sets by default) for one
+    call that the user allowed; both libraries read it once, at import."""
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = False
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -87,11 +102,12 @@ def read_hub_dataset(spec: str, allow_download: bool, key: str) -> Iterator[tupl
         )
     datasets = _datasets(f"{key}={spec!r}")
     try:
-        loaded = datasets.load_dataset(name, split=split)
+        with _online(datasets):
+            loaded = datasets.load_dataset(name, split=split)
     except Exception as e:  # network, missing dataset, unknown split, offline mode
         raise DataError(
             f"{key}={spec!r}: could not load the Hub dataset ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}) (valid: an existing ORG/NAME and "
-            "split, network access, and HF_HUB_OFFLINE unset)"
+            "split, and network access)"
         ) from None
     return _records(loaded, f"{spec}")
