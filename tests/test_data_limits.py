@@ -158,3 +158,7 @@ def test_directory_and_unreadable_file(tmp_path):
         (tmp_path / "mem.jsonl").symlink_to("/proc/self/mem")
         with pytest.raises(DataError, match=r"mem\.jsonl: cannot read the prompt file"):
             load_rows(tmp_path / "mem.jsonl")
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)  # opening it would wait for a writer forever
+    with pytest.raises(DataError, match=r"pipe\.jsonl: not a regular file"):
+        load_rows(fifo)

@@ -235,6 +235,8 @@ def load_rows(
         return check_rows(records, str(path), skip_bad_rows=skip_bad_rows, limit=limit)
     if not path.exists():
         raise DataError(f"prompt file not found: {path}")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise DataError(f"{path}: not a regular file (valid: a prompt file or a folder)")
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         valid = ", ".join(FORMATS)
