@@ -11,7 +11,8 @@ The parts, one concept per module:
   sets      `build_data` / `PromptSets`: a run's train and eval sources and the eval rule
 
 docs/data.md describes the formats, the eval rule and the limits for users. Batching and
-splitting live in `opd.stream` (`PromptStream`, `split_rows`).
+splitting live in `opd.stream` (`PromptStream`, `split_rows`), re-exported here by a plain
+import (`opd.stream` imports nothing from this package at run time).
 """
 
 from opd.data.encode import (
@@ -23,6 +24,7 @@ from opd.data.encode import (
 )
 from opd.data.readers import FORMATS, MAX_SKIPPED_EXAMPLES, LoadResult, load_rows
 from opd.data.rows import ROLES, Row, parse_row
+from opd.stream import PromptStream, split_rows
 
 __all__ = [
     "END_OF_TURN_TOKENS",
@@ -32,9 +34,11 @@ __all__ = [
     "EncodeResult",
     "Example",
     "LoadResult",
+    "PromptStream",
     "Row",
     "encode_rows",
     "end_of_turn_ids",
     "load_rows",
     "parse_row",
+    "split_rows",
 ]
