@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opd.config import DataConfig
 from opd.data.encode import encode_rows
 from opd.data.hub import HUB_PREFIX, read_hub_dataset
 from opd.data.readers import LoadResult, check_rows, load_rows
@@ -119,8 +120,6 @@ def build_data(cfg, tokenizer, *, need_train: bool = True) -> PromptSets:
     Raises:
       DataError / ConfigError: an unreadable source or a bad row, with one line naming it.
     """
-    from opd.config import DataConfig
-
     d = cfg.data
     chat = {"auto": "auto", "true": True, "false": False}[d.chat_template]
     enc_kw = dict(
