@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from opd.config import RunConfig
-from opd.data import encode_rows, end_of_turn_ids, load_rows
+from opd.data import end_of_turn_ids
+from opd.data.sets import PromptSets, build_data  # noqa: F401 - re-exported: opd.build is the entry
 from opd.errors import ConfigError
 from opd.models import (
     check_head,
@@ -21,7 +22,6 @@ from opd.models import (
     shared_vocab_size,
     student_from_teacher,
 )
-from opd.stream import split_rows
 from opd.teachers.ensemble import TeacherEnsemble
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,60 +147,3 @@ def finish_models(teacher, student, tok, student_tok=None) -> Models:
         decoder_and_head(model, verify=True)
     vocab = min(shared_vocab_size(student, student_tok or tok, m, tok) for m in members)
     return Models(teacher=teacher, student=student, tokenizer=tok, vocab_size=vocab)
-
-
-def _rows_from_spec(spec: str, skip_bad_rows: bool, default_split: str):
-    """'task:NAME[:split]' (a shipped task) or a file path -> (rows, task or None)."""
-    if spec.startswith("task:"):
-        from opd.tasks import get_task, shipped_path
-
-        parts = spec.split(":")
-        name = parts[1]
-        split = parts[2] if len(parts) > 2 else default_split
-        task = get_task(name)
-        return load_rows(shipped_path(name, split), skip_bad_rows=skip_bad_rows), task
-    return load_rows(spec, skip_bad_rows=skip_bad_rows), None
-
-
-@dataclass
-class PromptSets:
-    train: list  # of opd.data.Example
-    eval: list
-    task: object | None  # an opd.tasks.Task when the data is a shipped task (its verifier)
-    truncated: int = 0
-    skipped: int = 0  # malformed rows skipped under data.skip_bad_rows
-    skipped_examples: list = None
-
-
-def build_data(cfg: RunConfig, tokenizer, *, need_train: bool = True) -> PromptSets:
-    d = cfg.data
-    chat = {"auto": "auto", "true": True, "false": False}[d.chat_template]
-    enc_kw = dict(
-        max_prompt_tokens=d.max_prompt_tokens,
-        truncation=d.truncation,
-        use_chat_template=chat,
-        system_prompt=d.system_prompt or None,
-    )
-    train_rows, task, skipped, examples = [], None, 0, []
-    if need_train or not d.eval:
-        loaded, task = _rows_from_spec(d.train, d.skip_bad_rows, "train")
-        train_rows, skipped, examples = loaded.rows, loaded.skipped, list(loaded.skipped_examples)
-    if d.eval:
-        loaded, eval_task = _rows_from_spec(d.eval, d.skip_bad_rows, "test")
-        eval_rows, task = loaded.rows, task or eval_task
-        skipped += loaded.skipped
-        examples += loaded.skipped_examples
-    else:
-        train_rows, eval_rows = split_rows(train_rows, eval_count=d.eval_count, seed=cfg.train.seed)
-    eval_rows = eval_rows[: d.eval_count]
-    train_enc = encode_rows(train_rows, tokenizer, **enc_kw) if train_rows else None
-    eval_enc = encode_rows(eval_rows, tokenizer, **enc_kw) if eval_rows else None
-    return PromptSets(
-        train=list(train_enc.examples) if train_enc else [],
-        eval=list(eval_enc.examples) if eval_enc else [],
-        task=task,
-        truncated=(train_enc.truncated if train_enc else 0)
-        + (eval_enc.truncated if eval_enc else 0),
-        skipped=skipped,
-        skipped_examples=examples[:5],
-    )

@@ -55,12 +55,17 @@ class ModelConfig:
 class DataConfig:
     train: str = _f(
         "task:arithmetic",
-        "training prompts: a .jsonl/.json/.csv/.parquet file or 'task:NAME[:split]'",
+        "training prompts: a .jsonl/.json/.csv/.parquet file, a datasets save_to_disk "
+        "folder (DIR or DIR:SPLIT), hf:ORG/NAME:SPLIT, or 'task:NAME[:split]'",
     )
     eval: str = _f(
-        "task:arithmetic:test", "held-out prompts (same forms); empty = split from train"
+        "",
+        "held-out prompts (same forms); empty = follow data.train: a shipped task's test "
+        "split, else rows held out from data.train (see docs/data.md)",
     )
-    eval_count: int = _f(32, "number of held-out prompts used for evaluation", ge=0)
+    eval_count: int = _f(
+        32, "number of held-out prompts used for evaluation (0 = no evaluation)", ge=0
+    )
     max_prompt_tokens: int = _f(256, "prompts longer than this are truncated or rejected", ge=1)
     truncation: str = _f(
         "left",
@@ -74,6 +79,9 @@ class DataConfig:
     )
     system_prompt: str = _f("", "system message prepended to chat prompts (empty = none)")
     skip_bad_rows: bool = _f(False, "skip and count malformed rows instead of stopping")
+    allow_download: bool = _f(
+        False, "allow data.train/data.eval=hf:ORG/NAME:SPLIT to download from the Hugging Face Hub"
+    )
 
 
 @dataclass

@@ -12,14 +12,13 @@ import pytest
 from opd.data import (
     EncodeResult,
     Example,
-    PromptStream,
     Row,
     encode_rows,
     end_of_turn_ids,
     load_rows,
-    split_rows,
 )
 from opd.errors import ConfigError, DataError
+from opd.stream import PromptStream, split_rows
 from opd.tiny import IM_END, char_tokenizer
 
 CHAT = [
@@ -110,7 +109,7 @@ def test_json_top_level_list_and_limit(tmp_path):
 
 BAD_ROWS = [
     # (line content, substring naming the field, substring of what would be valid)
-    ({"prompt": 5}, "field 'prompt' must be a non-empty string, got int", "use 'messages'"),
+    ({"prompt": 5}, "field 'prompt' must be a non-empty string, got int", "chat list"),
     ({"prompt": "  "}, "field 'prompt'", "valid: a string"),
     ({"text": "hi"}, "neither field 'prompt' nor field 'messages'", "exactly one"),
     ({"prompt": "a", "messages": CHAT}, "both field 'prompt' and field 'messages'", "exactly one"),
@@ -253,12 +252,17 @@ def test_completion_ends_with_end_of_turn_or_eos():
 def test_chat_template_required_or_missing():
     tok = char_tokenizer()
     tok.chat_template = None
-    with pytest.raises(DataError, match="no chat_template"):
+    with pytest.raises(DataError, match=r"^data\.chat_template=true but the tok") as err:
         encode_rows(_rows("q"), tok, use_chat_template=True)
+    assert "use_chat_template" not in str(err.value)  # the config key the user can set
+    assert "data.chat_template=auto or false" in str(err.value)
     (ex,) = encode_rows(_rows("q", completion="a"), tok).examples  # "auto" falls back
     assert ex.prompt_text == "q" and ex.completion_ids[-1] == tok.eos_token_id
     msg_row = Row(None, tuple(CHAT[:2]), None, None, "m.jsonl:4")
-    with pytest.raises(DataError, match=r"^m\.jsonl:4: a 'messages' row needs a chat template"):
+    with pytest.raises(
+        DataError,
+        match=r"^m\.jsonl:4: a chat-list row needs a chat template, but data\.chat_template",
+    ):
         encode_rows([msg_row], tok)
 
 
