@@ -178,7 +178,7 @@ def test_grad_accum_equals_bigger_batch_loss_scale(tmp_path, prompt_file, tok):
 def test_rollout_kl_reuses_the_signal_only_when_it_is_reverse_kl(tmp_path, prompt_file, tok):
     """GKD with β = 1 is KL(q_student ‖ p_teacher): its logged KL must reuse the loss values
     (no second vocabulary pass) and equal the separately computed KL; β = 0.5 must not."""
-    from opd import train as train_mod
+    from opd import step as train_mod
     from opd.signals import Divergence
 
     assert Divergence("generalized_jsd", {"beta": 1.0}).is_reverse_kl(0.3)
@@ -217,7 +217,7 @@ def test_one_pass_loss_is_taken_and_equals_the_two_pass_loss(tmp_path, prompt_fi
                                                              recipe, monkeypatch):
     """Divergence recipes without token weights take the one-pass loss; the run (losses and
     the final student) is the same as with the two-pass path."""
-    from opd import train as train_mod
+    from opd import step as train_mod
 
     real = train_mod.one_pass_loss
     taken = []
@@ -248,7 +248,7 @@ def test_methods_with_token_weights_keep_the_two_pass_loss():
     """A weight may depend on the values, so such methods never take the one-pass path."""
     import dataclasses
 
-    from opd import train as train_mod
+    from opd import step as train_mod
     from opd.recipes import get_recipe
     from opd.weights import SpecialTokenMask
 
