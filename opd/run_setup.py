@@ -77,9 +77,7 @@ def check_output_dir(run_dir: Path, resume: bool) -> None:
         )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir '{run_dir}': '{parent}' is not writable")
-    if not resume and (
-        (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
-    ):
+    if not resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()):
         raise ConfigError(
             f"output_dir '{run_dir}' already holds a run; pass --resume {run_dir} to continue "
             "it or choose another output_dir"
@@ -142,8 +140,7 @@ def source_lines(cfg: RunConfig, models_given: bool, data_given: bool) -> list[s
         teacher = student = "given in code (models=...)"
     else:
         teacher = (
-            f"{EMBEDDED} (the default; set model.teacher)" if m.teacher == "embedded"
-            else m.teacher
+            f"{EMBEDDED} (the default; set model.teacher)" if m.teacher == "embedded" else m.teacher
         )
         student = m.student or (
             f"pruned from the teacher: {m.student_layers} layers (model.student_layers)"
@@ -238,8 +235,20 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
         verify=verify,
     )
     device = next(models.student.parameters()).device
-    run = Run(cfg, run_dir, models, data, method, params, optimizer, scheduler, stream, ctx,
-              verify, device)
+    run = Run(
+        cfg,
+        run_dir,
+        models,
+        data,
+        method,
+        params,
+        optimizer,
+        scheduler,
+        stream,
+        ctx,
+        verify,
+        device,
+    )
     resume_step = None
     if resume:
         found = load_newest(

@@ -170,7 +170,12 @@ def checkpoint(run: Run, done: int) -> None:
         "components": component_states(run.method),
     }
     save_checkpoint(
-        run.ckpt_root, done, run.models.student, run.optimizer, run.scheduler, state,
+        run.ckpt_root,
+        done,
+        run.models.student,
+        run.optimizer,
+        run.scheduler,
+        state,
         keep=run.cfg.train.keep_checkpoints,
     )
 
@@ -218,7 +223,7 @@ def distill(
 
 
 def _train(run: Run, stop_after, evaluate, log) -> RunResult:
-    cfg, tc, models = run.cfg, run.cfg.train, run.models
+    tc, models = run.cfg.train, run.models
     student_dir = run.run_dir / "student"
     result = RunResult(run.run_dir, run.losses, [], models, run.data, run.method)
     if run.start_step == tc.steps and student_dir.is_dir():
@@ -270,8 +275,10 @@ def _train(run: Run, stop_after, evaluate, log) -> RunResult:
         save_student(models, student_dir)
         log(f"student saved to {student_dir}")
     elif stop_after is not None:
-        log(f"stopped after step {last_step} (checkpoint written); continue with "
-            f"opd distill --resume {run.run_dir}")
+        log(
+            f"stopped after step {last_step} (checkpoint written); continue with "
+            f"opd distill --resume {run.run_dir}"
+        )
     return result
 
 
