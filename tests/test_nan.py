@@ -65,7 +65,9 @@ def test_nan_teacher_stops_at_the_step_and_keeps_checkpoints(tmp_path, prompt_fi
     models = make(tok)
     members = getattr(models.teacher, "members", [models.teacher])
     _poison(members[0])
-    with pytest.raises(NonFiniteError, match=r"^step 3: .*(not finite|non-finite).*likely cause") as err:
+    with pytest.raises(
+        NonFiniteError, match=r"^step 3: .*(not finite|non-finite).*likely cause"
+    ) as err:
         distill(tiny_cfg(tmp_path, prompt_file, *opts), models=models, resume=True, **QUIET)
     assert "\n" not in str(err.value)
     assert not (run / "student").exists()
@@ -98,6 +100,8 @@ def test_cli_nan_teacher_is_a_clean_error(tmp_path, prompt_file):
 
 def test_float16_training_is_refused_before_the_run_folder(tmp_path, prompt_file):
     t, s = save_tiny_models(tmp_path / "models")
-    res = run_opd(["distill", *small_cli_args(tmp_path, (t, s), prompt_file), "model.dtype=float16"])
+    res = run_opd(
+        ["distill", *small_cli_args(tmp_path, (t, s), prompt_file), "model.dtype=float16"]
+    )
     assert_clean_error(res, "float16", "bfloat16")
     assert not (tmp_path / "run").exists()
