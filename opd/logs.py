@@ -30,7 +30,7 @@ class MetricsLog:
                 except json.JSONDecodeError:
                     continue
                 step = row.get("step", 0) if isinstance(row, dict) else None
-                if isinstance(step, int) and 0 < step <= resume_step:
+                if isinstance(step, int) and step <= resume_step and resume_step > 0:
                     kept.append(line)
             tmp = path.with_name(f".tmp-{path.name}")
             tmp.write_text("".join(k + "\n" for k in kept))

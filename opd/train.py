@@ -113,6 +113,9 @@ class StopRequests:
             signal.signal(s, old)
 
 
+_clock = time.monotonic  # the checkpoint_minutes clock (tests replace it)
+
+
 def lr_lambda(warmup: int, total: int, min_ratio: float):
     """Linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps."""
 
@@ -237,7 +240,7 @@ def _train(run: Run, stop_after, evaluate, log) -> RunResult:
     last_step = tc.steps if stop_after is None else min(tc.steps, stop_after)
     bar = Progress(tc.steps, initial=run.start_step, enabled=tc.progress)
     models.student.train()
-    last_save = time.monotonic()
+    last_save = _clock()
     with StopRequests() as stop:
         for step in range(run.start_step, last_step):
             row = train_step(run, step)
@@ -252,7 +255,7 @@ def _train(run: Run, stop_after, evaluate, log) -> RunResult:
                 final = run_eval(run, done)
                 if final:
                     log(f"held-out KL(q_student ‖ p_teacher) after: {final['heldout_kl']:.4f}")
-            minutes = (time.monotonic() - last_save) / 60
+            minutes = (_clock() - last_save) / 60
             if (
                 (tc.checkpoint_every and done % tc.checkpoint_every == 0)
                 or (tc.checkpoint_minutes and minutes >= tc.checkpoint_minutes)
@@ -260,7 +263,7 @@ def _train(run: Run, stop_after, evaluate, log) -> RunResult:
                 or stop.signum is not None
             ):
                 checkpoint(run, done)
-                last_save = time.monotonic()
+                last_save = _clock()
             if stop.signum is not None and done < last_step:
                 bar.close()
                 name = signal.Signals(stop.signum).name
