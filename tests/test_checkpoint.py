@@ -160,8 +160,8 @@ def test_cli_sigterm_exit_code(tmp_path, prompt_file, monkeypatch):
 
 
 def test_first_lines_name_the_sources(tmp_path, prompt_file, tok):
-    from opd.run_setup import source_lines
     from opd.config import load_config
+    from opd.run_setup import source_lines
 
     lines = source_lines(load_config(None, []), models_given=False, data_given=False)
     assert lines[0] == "teacher: embedded SmolLM2-135M-Instruct (the default; set model.teacher)"
