@@ -86,7 +86,9 @@ def test_final_eval_row_once_when_resumed_after_the_last_checkpoint(
 def test_resume_of_a_finished_run_changes_nothing(tmp_path, prompt_file, tok):
     t, s = save_tiny_models(tmp_path / "models")
     args = small_cli_args(tmp_path, (t, s), prompt_file)
-    assert run_opd(["distill", *args, "--no-report"]).code == 0
+    first = run_opd(["distill", *args, "--no-report"])
+    assert first.code == 0
+    assert first.out.splitlines()[:2] == [f"teacher: {t}", f"student: {s}"]
     run = tmp_path / "run"
     before = (run / "metrics.jsonl").read_text()
     res = run_opd(["distill", "--resume", str(run)])

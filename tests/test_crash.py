@@ -81,24 +81,38 @@ def setup(tmp_path_factory):
     return models, data, root / "ref", seconds
 
 
+def _wait_for_steps(proc, out, n: int, timeout: float = 240) -> None:
+    """Until `n` step rows are in metrics.jsonl (n = 0: until the run folder exists)."""
+    deadline = time.time() + timeout
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if n == 0 and (out / "config.yaml").is_file():
+            return
+        if metrics.is_file() and metrics.read_text().count('"loss"') >= n > 0:
+            return
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sigkill_at_random_points_then_resume(setup, tmp_path, seed):
-    models, data, ref, seconds = setup
+    """Kill points: after a random number of logged steps plus a random fraction of a step
+    (mid-step, mid-evaluation or mid-checkpoint), twice per seed, then resume to the end."""
+    models, data, ref, _ = setup
     rng = random.Random(seed)
     out = tmp_path / "run"
-    kills = 0
+    kills, done = 0, 0
     for _ in range(2):
         proc = _start(models, data, out)
-        time.sleep(rng.uniform(0.4, 0.9) * seconds)  # startup, evaluation or training
+        target = rng.randint(done, STEPS - 1)
+        _wait_for_steps(proc, out, target)
+        time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.communicate(timeout=300)
-        if (out / "student").is_dir():
-            break
-    if not (out / "student").is_dir():
-        _finish(models, data, out)
+        done = target
+    _finish(models, data, out)
     assert kills >= 1
     _check_same(out, ref)
 
@@ -108,13 +122,7 @@ def test_sigint_writes_a_checkpoint_then_resume(setup, tmp_path):
     models, data, ref, seconds = setup
     out = tmp_path / "run"
     proc = _start(models, data, out)
-    # wait until training has started (the first step row is written), then interrupt
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        metrics = out / "metrics.jsonl"
-        if metrics.is_file() and '"loss"' in metrics.read_text():
-            break
-        time.sleep(0.05)
+    _wait_for_steps(proc, out, 2)  # training has started: interrupt it
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     if proc.returncode != 0:  # interrupted mid-run (0: it had already finished)
