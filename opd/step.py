@@ -31,6 +31,7 @@ probabilities is reported the same way.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import torch
@@ -62,7 +63,7 @@ def teacher_scores_finite(tscores) -> bool:
 
 def likely_causes(models, lr: float | None = None) -> str:
     dtype = next(models.student.parameters()).dtype
-    causes = ["a non-finite teacher output (NaN/inf teacher weights)"]
+    causes = ["a non-finite teacher output or weights (NaN/inf)"]
     if dtype == torch.float16:
         causes.insert(0, "overflow in float16 (use model.dtype=bfloat16 or float32)")
     lr_text = f" (train.lr={lr:g})" if lr is not None else ""
@@ -166,17 +167,15 @@ def one_pass_loss(method, srows, tscores, sctx, rollout, mask_BT, count=None):
     return weighted_loss(srows, tscores, sctx, coef_N)
 
 
-def _rollout(method, stream, ctx, step):
+def _rollout(method, stream, ctx, step, causes: str = ""):
     examples = method.prompts.select(stream, ctx) if method.prompts else next(stream)
     try:
         return method.prefixes.rollout(examples, ctx)
     except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
-        text = str(err).lower()
-        if "inf" in text or "nan" in text:
+        if re.search(r"\b(nan|inf)\b", str(err).lower()):
             raise NonFiniteError(
-                f"step {step + 1}: sampling the rollout met non-finite probabilities ({err}); "
-                "likely cause: NaN/inf weights in the model that samples (teacher or student), "
-                "or overflow in float16 (use model.dtype=bfloat16 or float32)"
+                f"step {step + 1}: sampling the rollout met non-finite probabilities "
+                f"({' '.join(str(err).split())}); {causes or 'likely cause: NaN/inf weights'}"
             ) from None
         raise
 
@@ -196,7 +195,10 @@ def train_step(run, step: int) -> dict:
         verify=run.verify,
         models=models,
     )
-    rollouts = [_rollout(run.method, run.stream, run.ctx, step) for _ in range(tc.grad_accum)]
+    causes = likely_causes(models, tc.lr)
+    rollouts = [
+        _rollout(run.method, run.stream, run.ctx, step, causes) for _ in range(tc.grad_accum)
+    ]
     count = step_count(run.method.reduction, [r.completion_mask_BT for r in rollouts])
     total_loss, kl_sum, n_tok, lengths, info = 0.0, 0.0, 0, [], {}
     for rollout in rollouts:

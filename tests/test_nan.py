@@ -105,3 +105,39 @@ def test_float16_training_is_refused_before_the_run_folder(tmp_path, prompt_file
     )
     assert_clean_error(res, "float16", "bfloat16")
     assert not (tmp_path / "run").exists()
+
+
+def test_learning_rate_too_high_is_named(tmp_path, prompt_file, tok):
+    """lr=1e30: the first step's update makes the student overflow; the run stops at the
+    next step naming the learning rate, and the checkpoint of step 1 stays finite."""
+    cfg = tiny_cfg(
+        tmp_path,
+        prompt_file,
+        "train.steps=4",
+        "train.lr=1e30",
+        "train.checkpoint_every=1",
+        "method.recipe=gkd",
+    )
+    with pytest.raises(
+        NonFiniteError, match=r"^step 2: .*learning rate too high \(train.lr=1e\+30\)"
+    ):
+        distill(cfg, models=fresh_models(tok), **QUIET)
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert saved == ["step_000001"]
+    assert not (tmp_path / "run" / "student").exists()
+
+
+def test_sampling_errors_other_than_nan_keep_their_traceback():
+    """Only NaN/inf sampling failures become NonFiniteError ('inference' is no match)."""
+    from opd.step import _rollout
+
+    class Boom:
+        prompts = None
+
+        class prefixes:  # noqa: N801
+            @staticmethod
+            def rollout(examples, ctx):
+                raise RuntimeError("Inference tensors cannot be saved for backward")
+
+    with pytest.raises(RuntimeError, match="Inference"):
+        _rollout(Boom, iter([[1]]), None, 0)
