@@ -206,7 +206,7 @@ def train_step(run, step: int) -> dict:
         if not bool(torch.isfinite(loss.detach())):
             raise NonFiniteError(
                 f"step {step + 1}: the loss is not finite ({float(loss.detach())}); "
-                f"{likely_causes(models, tc.lr)}; the student was not updated at this step"
+                f"{causes}; the student was not updated at this step"
             )
         loss.backward()
         total_loss += float(loss.detach())
@@ -224,7 +224,7 @@ def train_step(run, step: int) -> dict:
     if not torch.isfinite(torch.tensor(grad_norm)):
         raise NonFiniteError(
             f"step {step + 1}: the gradient norm is not finite ({grad_norm}); "
-            f"{likely_causes(models, tc.lr)}; the student was not updated at this step"
+            f"{causes}; the student was not updated at this step"
         )
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
