@@ -124,15 +124,19 @@ def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd d
     The student's numbers come from the loop's own held-out evaluations at step 0 and at the
     end (KL and accuracy from one greedy pass each); only the teacher is generated here.
     """
-    from opd.build import build_models
     from opd.evaluate import EvalTable
     from opd.logs import read_metrics
-    from opd.train import distill
+    from opd.train import RunInterrupted, distill
 
     t0 = time.perf_counter()
-    models = build_models(cfg)
-    result = distill(cfg, models=models, resume=resume, stop_after=stop_after)
-    if not report or stop_after is not None and stop_after < cfg.train.steps:
+    try:  # distill builds the models from cfg (after checking the output folder)
+        result = distill(cfg, resume=resume, stop_after=stop_after)
+    except RunInterrupted as stop:  # SIGINT/SIGTERM: a checkpoint was written
+        print(f"opd: {stop}", file=sys.stderr)
+        return stop.exit_code
+    models = result.models
+    stopped_early = stop_after is not None and stop_after < cfg.train.steps
+    if result.already_finished or not report or stopped_early:
         return 0
     evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r.get("event") == "eval"]
     first = evals[0] if evals and evals[0]["step"] == 0 else {}

@@ -116,7 +116,9 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)", ge=0.0)
     seed: int = _f(0, "seed for data order, sampling and initialisation")
     eval_every: int = _f(0, "evaluate held-out KL every N steps (0 = only before/after)", ge=0)
-    checkpoint_every: int = _f(0, "save a checkpoint every N steps (0 = only at the end)", ge=0)
+    checkpoint_every: int = _f(
+        50, "save a checkpoint every N steps (0 = off; also at the end and on Ctrl-C)", ge=0
+    )
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", ge=1)
     # 256 rows × V=49,152 × 4 B = 50 MB per logits block. At N=4,096 the chunked peak is
     # about ⅐ of the materialized one with 512-row chunks, ¼ with 1024
@@ -142,6 +144,11 @@ class TrainConfig:
         ge=0,
     )
     sample_count: int = _f(3, "held-out prompts per sample point (train.sample_every)", ge=1)
+    checkpoint_minutes: float = _f(
+        10.0,
+        "also save a checkpoint when this many minutes passed since the last (0 = off)",
+        ge=0.0,
+    )
 
 
 @dataclass

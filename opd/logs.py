@@ -2,13 +2,18 @@
 
 `metrics.jsonl` gets one JSON object per optimizer step (and one per evaluation, with
 `"event": "eval"`), appended and flushed at once, so a crashed run keeps what it logged.
-On resume, lines past the checkpoint's step are dropped first so the file stays consistent.
+On resume from the checkpoint of step s, the file is first cut (atomically) to the rows a run
+had written when it saved that checkpoint: rows of steps ≤ s (an evaluation at step s, the
+final one included, is written before the checkpoint of step s); a restart from step 0 keeps
+no row. Unreadable lines (a write torn by a kill) are dropped. So every step row and every
+evaluation row appears exactly once however often a run is interrupted and resumed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -19,14 +24,17 @@ class MetricsLog:
         self.path = path
         if resume_step is not None and path.exists():
             kept = []
-            for line in path.read_text().splitlines():
+            for line in path.read_text(errors="replace").splitlines():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                if row.get("step", 0) <= resume_step:
+                step = row.get("step", 0) if isinstance(row, dict) else None
+                if isinstance(step, int) and step <= resume_step and resume_step > 0:
                     kept.append(line)
-            path.write_text("".join(k + "\n" for k in kept))
+            tmp = path.with_name(f".tmp-{path.name}")
+            tmp.write_text("".join(k + "\n" for k in kept))
+            os.replace(tmp, path)
         self._fh = open(path, "a")
 
     def write(self, row: dict) -> None:

@@ -11,7 +11,7 @@ Reference twin (the tests check agreement in value and gradient, and gradcheck):
 
     chunked_weighted_divergence(..., c)[0]  ==  (chunked_divergence(...) * c).sum()
 
-The trainer uses it through `Divergence.weighted_loss` (`opd.train.one_pass_loss`).
+The trainer uses it through `Divergence.weighted_loss` (`opd.step.one_pass_loss`).
 """
 
 from __future__ import annotations

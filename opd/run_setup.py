@@ -1,0 +1,269 @@
+"""Setting up a run: validate everything, then create the run folder, then restore state.
+
+Order (so a failed start leaves nothing behind and an interrupted one loses nothing):
+
+1. the output folder is checked (not a file, not under a file, writable) and a folder that
+   already holds a run is refused unless resuming;
+2. the method, the models (vocabulary size computed when 0; pure float16 training refused)
+   and the data are built and checked against each other;
+3. only then is the folder created and, for a new run, config.yaml written;
+4. on resume, the newest usable checkpoint is restored (damaged ones are skipped with a
+   warning, `opd.checkpoint.load_newest`); a run folder without any checkpoint starts from
+   step 0 with its saved config, and says so.
+
+The run's first log lines name the teacher, the student and the data sources.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from opd.build import Models, PromptSets, build_data, build_models
+from opd.checkpoint import load_newest
+from opd.config import RunConfig, save_config
+from opd.errors import ConfigError, ModelError
+from opd.logs import MetricsLog
+from opd.method import Method
+from opd.models import shared_vocab_size
+from opd.recipes import get_recipe
+from opd.sampling import GenerationParams, RolloutContext, make_backend
+from opd.stream import PromptStream
+
+EMBEDDED = "embedded SmolLM2-135M-Instruct"
+
+
+@dataclass
+class Run:
+    """Everything one training session works with."""
+
+    cfg: RunConfig
+    run_dir: Path
+    models: Models
+    data: PromptSets
+    method: Method
+    params: list
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    stream: PromptStream
+    ctx: RolloutContext
+    verify: object
+    device: torch.device
+    start_step: int = 0
+    losses: list = field(default_factory=list)
+    metrics_log: MetricsLog | None = None
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def check_output_dir(run_dir: Path, resume: bool) -> None:
+    """One-line errors for an output folder that is a file, under a file or not writable."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir '{run_dir}' is a file; give a folder path")
+    parent = run_dir
+    while not parent.exists():
+        if parent.is_symlink():  # a dangling link
+            raise ConfigError(f"output_dir '{run_dir}': '{parent}' is a broken link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"output_dir '{run_dir}' is under '{parent}', which is a file; give a folder path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir '{run_dir}': '{parent}' is not writable")
+    if not resume and ((run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()):
+        raise ConfigError(
+            f"output_dir '{run_dir}' already holds a run; pass --resume {run_dir} to continue "
+            "it or choose another output_dir"
+        )
+
+
+def make_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".opd-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        why = "no space left on device" if err.errno == errno.ENOSPC else err.strerror or err
+        raise ConfigError(f"output_dir '{run_dir}' cannot be written: {why}") from None
+
+
+def finish_vocab(models: Models) -> Models:
+    """Compute `vocab_size` when it is 0; refuse one larger than a head or the tokenizer."""
+    tok = models.tokenizer
+    members = list(getattr(models.teacher, "members", [models.teacher]))
+    shared = min(shared_vocab_size(models.student, tok, m, tok) for m in members)
+    if models.vocab_size == 0:
+        models.vocab_size = shared
+    elif not 0 < models.vocab_size <= shared:
+        raise ModelError(
+            f"Models.vocab_size={models.vocab_size} does not fit the models: the heads and "
+            f"the tokenizer share {shared} rows (valid: 1..{shared}, or 0 to compute it)"
+        )
+    return models
+
+
+def check_trainable_dtype(models: Models) -> None:
+    """Pure float16 training with AdamW is refused (no loss scaler; it overflows)."""
+    dtype = next(models.student.parameters()).dtype
+    if dtype == torch.float16:
+        raise ConfigError(
+            "model.dtype=float16: pure float16 training with AdamW overflows (opd has no loss "
+            "scaler); use model.dtype=bfloat16 or float32"
+        )
+
+
+def check_data_fits(method: Method, data: PromptSets) -> None:
+    if not data.train:
+        raise ConfigError("data.train: no training prompts")
+    if method.prefixes.needs_completions:
+        missing = [ex.source for ex in data.train if ex.completion_ids is None]
+        if missing:
+            raise ConfigError(
+                f"recipe {method.name!r} trains on dataset completions "
+                f"({method.prefixes.describe()}), but {len(missing)} rows have none (first: "
+                f"{missing[0]}); add a 'completion' field or pick an on-policy recipe"
+            )
+
+
+def source_lines(cfg: RunConfig, models_given: bool, data_given: bool) -> list[str]:
+    """The run's first lines: where the teacher, student and data come from."""
+    m = cfg.model
+    if models_given:
+        teacher = student = "given in code (models=...)"
+    else:
+        teacher = (
+            f"{EMBEDDED} (the default; set model.teacher)" if m.teacher == "embedded" else m.teacher
+        )
+        student = m.student or (
+            f"pruned from the teacher: {m.student_layers} layers (model.student_layers)"
+        )
+    lines = [f"teacher: {teacher}", f"student: {student}"]
+    if data_given:
+        lines.append("data: given in code (train=..., eval=...)")
+    else:
+        lines.append(f"data.train: {cfg.data.train}")
+        lines.append(f"data.eval: {cfg.data.eval or 'held out from data.train'}")
+    return lines
+
+
+def build_method(cfg: RunConfig) -> Method:
+    return get_recipe(cfg.method.recipe).build(**cfg.method.args)
+
+
+def _stateful_components(method: Method) -> dict:
+    """Parts of a method that keep state across steps (replay buffers, curricula)."""
+    parts = {"prompts": method.prompts, "prefixes": method.prefixes, "signal": method.signal}
+    parts.update({f"weight{i}": w for i, w in enumerate(method.weights)})
+    return {k: v for k, v in parts.items() if hasattr(v, "state_dict")}
+
+
+def component_states(method: Method) -> dict:
+    """JSON-serialisable states of the stateful parts, saved in each checkpoint."""
+    return {k: v.state_dict() for k, v in _stateful_components(method).items()}
+
+
+def load_component_states(method: Method, states: dict) -> None:
+    for k, v in _stateful_components(method).items():
+        if k in states:
+            v.load_state_dict(states[k])
+
+
+def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False, log=print):
+    """Validate, create the folder, build the optimizer and restore a checkpoint: a `Run`."""
+    tc = cfg.train
+    check_output_dir(run_dir, resume)
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume: '{run_dir}' is not a run folder (no config.yaml)")
+    torch.manual_seed(tc.seed)
+    models_given, data_given = models is not None, data is not None
+    method = method or build_method(cfg)
+    models = finish_vocab(models or build_models(cfg))
+    check_trainable_dtype(models)
+    data = data if data is not None else build_data(cfg, models.tokenizer)
+    check_data_fits(method, data)
+    make_run_dir(run_dir)
+    if not resume:
+        save_config(cfg, run_dir / "config.yaml")
+    for line in source_lines(cfg, models_given, data_given):
+        log(line)
+    log(f"run folder: {run_dir}")
+    log(f"method {method.name}:\n  " + method.describe().replace("\n", "\n  "))
+    log(
+        f"{len(data.train)} training prompts, {len(data.eval)} held-out; "
+        f"{data.truncated} prompts truncated, {data.skipped} bad rows skipped"
+    )
+    for example in data.skipped_examples or []:
+        log(f"  skipped: {example}")
+
+    params = [p for p in models.student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    from opd.train import lr_lambda
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+    )
+    for part in (method.prompts, method.prefixes, method.signal, *method.weights):
+        if hasattr(part, "prepare"):  # e.g. G-OPD snapshots the initial student as π_ref
+            part.prepare(models)
+    stream = PromptStream(data.train, tc.batch_size, seed=tc.seed)
+    gen = GenerationParams(
+        max_new_tokens=cfg.sampling.max_new_tokens,
+        temperature=cfg.sampling.temperature,
+        top_p=cfg.sampling.top_p,
+        top_k=cfg.sampling.top_k,
+    )
+    from opd.evaluate import generic_verify
+
+    verify = data.task.verify if data.task is not None else generic_verify
+    ctx = RolloutContext(
+        student=models.student,
+        teacher=models.teacher,
+        backend=make_backend(cfg.sampling.backend),
+        params=gen,
+        pad_id=models.pad_id,
+        stop_ids=models.stop_ids,
+        total_steps=tc.steps,
+        tokenizer=models.tokenizer,
+        verify=verify,
+    )
+    device = next(models.student.parameters()).device
+    run = Run(
+        cfg,
+        run_dir,
+        models,
+        data,
+        method,
+        params,
+        optimizer,
+        scheduler,
+        stream,
+        ctx,
+        verify,
+        device,
+    )
+    resume_step = None
+    if resume:
+        found = load_newest(
+            run.ckpt_root, models.student, optimizer, scheduler, max_step=tc.steps, warn=log
+        )
+        if found is None:
+            log(f"no checkpoint in '{run.ckpt_root}': starting from step 0 with the saved config")
+            resume_step = 0
+        else:
+            ckpt, state = found
+            stream.load_state_dict(state["data"])
+            load_component_states(method, state.get("components", {}))
+            run.start_step, run.losses = state["step"], list(state["losses"])
+            resume_step = run.start_step
+            log(f"resumed from {ckpt} at step {run.start_step}")
+        save_config(cfg, run_dir / "config.yaml")
+    run.metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
+    return run

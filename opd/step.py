@@ -1,0 +1,252 @@
+"""One optimizer step of the training loop.
+
+    for each of the step's `grad_accum` micro-batches:          (all rolled out first)
+        examples ─► method.prefixes.rollout ─► completions
+    C = counted tokens (token mean) or sequences (sequence mean) over ALL micro-batches
+    for each micro-batch:
+        method.teacher.score (no grad) ─► TeacherScores             (finite check)
+        student decoder (grad) ─► completion rows (N, D_s)
+        values_N = method.signal(student rows, teacher scores)      per-token, never reduced
+        w_N      = Π method.weights(...) · sampler token weights
+        loss_m   = reduce(w_N · values_N, count=C)                  (finite check) ; backward
+    loss = Σ_m loss_m  (the reduction of one batch holding every micro-batch); clip; the
+    gradient norm must be finite before AdamW steps; warm-up + cosine schedule.
+
+Normalisation under gradient accumulation is the global token mean over the optimizer step
+(or, for sequence-mean methods, the mean over all the step's sequences), so `grad_accum=2`
+with batch B equals `grad_accum=1` with batch 2B in loss and gradient.
+
+When the signal is a full-vocabulary divergence and the method has no token weights, each
+token's coefficient is known before the values in closed form (`opd.losses.reduce
+.coefficients`: m/C for the token mean, 1/(L_b·S) per sequence for the sequence mean), so
+`one_pass_loss` computes Σ c_n · D_n with its gradient taken in the forward pass (no logits
+recomputed in the backward); it equals the general path in value and gradient.
+
+Non-finite numbers stop the run (`NonFiniteError`, an `OpdError`: the CLI exits 2) at the
+step where they appear, before the optimizer touches the student: the teacher's scores, each
+micro-batch's loss and the gradient norm are checked; sampling that fails on NaN/inf
+probabilities is reported the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+
+import torch
+
+from opd.errors import OpdError
+from opd.losses import chunked_token_logprobs
+from opd.losses.reduce import coefficients, reduce, step_count
+from opd.models import decoder_and_head
+from opd.signals import Divergence, SignalContext
+from opd.types import StudentRows, completion_rows
+
+REVERSE_KL = Divergence("reverse_kl")
+
+
+class NonFiniteError(OpdError):
+    """A loss, teacher output or gradient became NaN or infinite; the run stops there."""
+
+
+def _finite(t) -> bool:
+    return t is None or bool(torch.isfinite(t).all())
+
+
+def teacher_scores_finite(tscores) -> bool:
+    """Finite check on what the teacher already returned (hidden rows, log-probs)."""
+    parts = [tscores.hidden_ND, tscores.topk_logprobs_NK, tscores.token_logprobs_N]
+    parts += [m.hidden_ND for m in tscores.members]
+    return all(_finite(p) for p in parts)
+
+
+def likely_causes(models, lr: float | None = None) -> str:
+    dtype = next(models.student.parameters()).dtype
+    causes = ["a non-finite teacher output or weights (NaN/inf)"]
+    if dtype == torch.float16:
+        causes.insert(0, "overflow in float16 (use model.dtype=bfloat16 or float32)")
+    lr_text = f" (train.lr={lr:g})" if lr is not None else ""
+    causes.append(f"a learning rate too high{lr_text}")
+    return "likely cause: " + ", or ".join(causes)
+
+
+def student_rows(decoder, head_VD, rollout, device) -> StudentRows:
+    hidden_BLD = decoder(rollout.input_ids_BL.to(device), rollout.attention_mask_BL.to(device))
+    mask_BT = rollout.completion_mask_BT.to(device).bool()
+    return StudentRows(
+        hidden_ND=completion_rows(hidden_BLD, rollout),
+        head_VD=head_VD,
+        target_ids_N=rollout.completion_ids_BT.to(device)[mask_BT],
+        row_index_N=mask_BT.nonzero()[:, 0],
+    )
+
+
+@torch.no_grad()
+def rollout_kl(method, srows, tscores, values_N, sctx):
+    """KL(q_student ‖ p_teacher) per token of this rollout, for the logs.
+
+    Exact (full vocabulary) when the teacher returned full logits, reusing the signal's
+    values when the signal already is that divergence at temperature 1 (`reverse_kl`, or
+    generalized JSD with β = 1), which saves a second pass over the vocabulary; otherwise the
+    one-sample estimate log q(y_t) − log p(y_t), unbiased per token when y_t was sampled from
+    the student; None when the teacher returned neither.
+    """
+    is_rkl = getattr(method.signal, "is_reverse_kl", None)
+    if is_rkl is not None and is_rkl(sctx.progress):
+        return values_N.detach()
+    if tscores.has_full_logits:
+        detached = StudentRows(
+            srows.hidden_ND.detach(), srows.head_VD.detach(), srows.target_ids_N, srows.row_index_N
+        )
+        return REVERSE_KL(detached, tscores, sctx)
+    if tscores.token_logprobs_N is None:
+        return None
+    logq_N = chunked_token_logprobs(
+        srows.hidden_ND.detach().float(),
+        srows.head_VD.detach().float(),
+        srows.target_ids_N,
+        chunk_size=sctx.chunk_size,
+    )
+    return logq_N - tscores.token_logprobs_N.float()
+
+
+def micro_step(method, models, rollout, sctx, device, count=None):
+    """Loss of one micro-batch, normalised by `count` (None: this micro-batch's own count).
+
+    Returns (loss, kl_N, rollout); raises NonFiniteError if the teacher's scores are not
+    finite (step named from `sctx.step`).
+    """
+    # The teacher first: its forward's activations are freed before the student's, which
+    # autograd keeps for the backward, are allocated (a lower peak than the other order).
+    tscores = method.teacher.score(models.teacher, rollout, models.vocab_size)
+    if not teacher_scores_finite(tscores):
+        raise NonFiniteError(
+            f"step {sctx.step + 1}: the teacher's output is not finite (NaN/inf in its scores); "
+            "likely cause: NaN/inf teacher weights, or overflow in float16 (use model.dtype="
+            "bfloat16 or float32); the student was not updated at this step"
+        )
+    s_dec, s_head, _ = decoder_and_head(models.student, verify=False)
+    srows = student_rows(s_dec, s_head[: models.vocab_size], rollout, device)
+    sctx = dataclasses.replace(sctx, rollout=rollout)
+    mask_BT = rollout.completion_mask_BT.to(device).bool()
+    fused = one_pass_loss(method, srows, tscores, sctx, rollout, mask_BT, count)
+    if fused is not None:
+        loss, values_N = fused
+    else:
+        values_N = method.signal(srows, tscores, sctx)
+        w_N = torch.ones_like(values_N)
+        for weight in method.weights:
+            w_N = w_N * weight(values_N, srows, tscores, rollout, sctx)
+        if rollout.token_weight_BT is not None:
+            w_N = w_N * rollout.token_weight_BT.to(device)[mask_BT]
+        weighted_BT = torch.zeros(mask_BT.shape, dtype=values_N.dtype, device=device)
+        weighted_BT[mask_BT] = (w_N * values_N).to(weighted_BT.dtype)
+        loss = reduce(method.reduction, weighted_BT, mask_BT.to(values_N.dtype), count)
+    kl_N = rollout_kl(method, srows, tscores, values_N, sctx)
+    return loss, kl_N, rollout
+
+
+def one_pass_loss(method, srows, tscores, sctx, rollout, mask_BT, count=None):
+    """The loss in one pass over the heads, when every token's coefficient is known first.
+
+    Applies when the signal offers `weighted_loss` (full-vocabulary divergences) and the
+    method has no token weights (they may depend on the values). The coefficients are the
+    reduction's closed form (`coefficients`: m/C or 1/(L_b·S)) times the sampler's
+    importance weight; the loss is Σ c_n · D_n with its gradient taken in the forward pass
+    (`chunked_weighted_divergence`), equal in value and gradient to the two-pass path.
+    Returns None otherwise.
+    """
+    weighted_loss = getattr(method.signal, "weighted_loss", None)
+    if weighted_loss is None or method.weights:
+        return None
+    dtype = torch.promote_types(srows.hidden_ND.dtype, torch.float32)
+    coef_N = coefficients(method.reduction, mask_BT, count, dtype=dtype)[mask_BT]
+    if rollout.token_weight_BT is not None:
+        coef_N = coef_N * rollout.token_weight_BT.to(coef_N.device)[mask_BT].to(dtype)
+    return weighted_loss(srows, tscores, sctx, coef_N)
+
+
+def _rollout(method, stream, ctx, step, causes: str = ""):
+    examples = method.prompts.select(stream, ctx) if method.prompts else next(stream)
+    try:
+        return method.prefixes.rollout(examples, ctx)
+    except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
+        if re.search(r"\b(nan|inf)\b", str(err).lower()):
+            raise NonFiniteError(
+                f"step {step + 1}: sampling the rollout met non-finite probabilities "
+                f"({' '.join(str(err).split())}); {causes or 'likely cause: NaN/inf weights'}"
+            ) from None
+        raise
+
+
+def train_step(run, step: int) -> dict:
+    """One optimizer step (module docstring); returns its metrics row."""
+    tc, models = run.cfg.train, run.models
+    t0 = time.perf_counter()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.ctx.step = step
+    sctx = SignalContext(
+        step,
+        tc.steps,
+        tc.chunk_size,
+        tc.loss_path == "materialized",
+        tokenizer=models.tokenizer,
+        verify=run.verify,
+        models=models,
+    )
+    causes = likely_causes(models, tc.lr)
+    rollouts = [
+        _rollout(run.method, run.stream, run.ctx, step, causes) for _ in range(tc.grad_accum)
+    ]
+    count = step_count(run.method.reduction, [r.completion_mask_BT for r in rollouts])
+    total_loss, kl_sum, n_tok, lengths, info = 0.0, 0.0, 0, [], {}
+    for rollout in rollouts:
+        loss, kl_N, rollout = micro_step(run.method, models, rollout, sctx, run.device, count)
+        if not bool(torch.isfinite(loss.detach())):
+            raise NonFiniteError(
+                f"step {step + 1}: the loss is not finite ({float(loss.detach())}); "
+                f"{causes}; the student was not updated at this step"
+            )
+        loss.backward()
+        total_loss += float(loss.detach())
+        if kl_N is not None:
+            kl_sum += float(kl_N.sum())
+        n_tok += rollout.num_tokens
+        lengths += rollout.completion_lengths().tolist()
+        for k, v in rollout.info.items():
+            info[k] = info.get(k, 0.0) + v / tc.grad_accum
+    grads = [p.grad for p in run.params if p.grad is not None]
+    if tc.max_grad_norm > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, tc.max_grad_norm))
+    else:
+        grad_norm = float(torch.norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+    if not torch.isfinite(torch.tensor(grad_norm)):
+        raise NonFiniteError(
+            f"step {step + 1}: the gradient norm is not finite ({grad_norm}); "
+            f"{causes}; the student was not updated at this step"
+        )
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    dt = time.perf_counter() - t0
+    return {
+        "step": step + 1,
+        "loss": total_loss,
+        "teacher_kl": kl_sum / max(n_tok, 1),
+        "completion_length": sum(lengths) / max(len(lengths), 1),
+        "tokens": n_tok,
+        "tokens_per_s": n_tok / dt,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "seconds": dt,
+        **info,
+    }
+
+
+def parameters_finite(model) -> str | None:
+    """The name of the first parameter holding NaN/inf, or None when all are finite."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p.detach()).all()):
+            return name
+    return None

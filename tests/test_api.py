@@ -1,0 +1,121 @@
+"""The library entry points: `opd.Distiller(...).train()` and `distill(cfg, models=Models(...))`."""
+
+from __future__ import annotations
+
+import pytest
+
+import opd
+from opd.build import Models
+from opd.errors import ConfigError, DataError, ModelError
+from opd.logs import read_metrics
+from opd.tiny import tiny_llama
+from opd.train import distill
+from tests.helpers import tiny_cfg
+
+QUIET = dict(log=lambda *_: None)
+
+
+def _pair(tok):
+    return (
+        tiny_llama(len(tok), hidden=64, layers=3, seed=11),
+        tiny_llama(len(tok), hidden=48, layers=2, seed=12),
+    )
+
+
+def _prompts(n=24):
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"prompt": f"{a}+{b}=", "completion": str(a + b), "answer": str(a + b)})
+    return rows
+
+
+def test_distiller_lowers_heldout_kl(tmp_path, tok):
+    from opd.recipes import get_recipe
+
+    teacher, student = _pair(tok)
+    res = opd.Distiller(
+        get_recipe("on_policy_rkl").build(),
+        teacher=teacher,
+        student=student,
+        tokenizer=tok,
+        train=_prompts(),
+        eval=[r["prompt"] for r in _prompts(8)],
+        output_dir=tmp_path / "run",
+        steps=25,
+        lr=3e-3,
+        batch_size=4,
+        max_new_tokens=6,
+        progress=False,
+        **QUIET,
+    ).train()
+    evals = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if r.get("event") == "eval"]
+    assert [e["step"] for e in evals] == [0, 25]
+    assert evals[1]["heldout_kl"] < 0.5 * evals[0]["heldout_kl"], evals
+    assert (res.run_dir / "student").is_dir() and len(res.losses) == 25
+
+
+def test_distiller_holds_out_eval_rows_from_train_by_default(tmp_path, tok):
+    teacher, student = _pair(tok)
+    d = opd.Distiller(
+        "supervised_kd",
+        teacher=teacher,
+        student=student,
+        tokenizer=tok,
+        train=_prompts(20),
+        output_dir=tmp_path / "r",
+        eval_count=5,
+        **QUIET,
+    )
+    assert len(d.data.eval) == 5 and len(d.data.train) == 15
+    assert d.cfg.method.recipe == "supervised_kd"
+
+
+def test_distill_computes_vocab_size_of_plain_models(tmp_path, prompt_file, tok):
+    """Models(teacher, student, tokenizer) with vocab_size 0 used to train nothing (loss 0)."""
+    teacher, student = _pair(tok)
+    models = Models(teacher, student, tok)
+    res = distill(
+        tiny_cfg(tmp_path, prompt_file, "train.steps=2"), models=models, evaluate=False, **QUIET
+    )
+    assert models.vocab_size == len(tok)
+    rows = [r for r in res.metrics if "loss" in r]
+    assert all(r["loss"] > 0 and r["grad_norm"] > 0 and r["tokens"] > 0 for r in rows)
+
+
+def test_distill_refuses_a_vocab_size_larger_than_the_heads(tmp_path, prompt_file, tok):
+    teacher, student = _pair(tok)
+    with pytest.raises(ModelError, match=r"vocab_size=999 .*valid: 1\.\.\d+"):
+        distill(
+            tiny_cfg(tmp_path, prompt_file, "train.steps=1"),
+            models=Models(teacher, student, tok, vocab_size=999),
+            **QUIET,
+        )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, needle",
+    [
+        (dict(method=42), ConfigError, "method: expected an opd.method.Method"),
+        (dict(method="no_such_recipe"), ConfigError, "no_such_recipe"),
+        (dict(train=[]), DataError, "train: no prompts"),
+        (dict(train="1+1="), DataError, "train: expected a list"),
+        (dict(train=["1+1=", 7]), DataError, "train[1]"),
+        (dict(eval=[{"text": "x"}]), DataError, "eval[0]"),
+        (dict(stepz=3), ConfigError, "stepz"),
+        (dict(lr=-1), ConfigError, "lr"),
+    ],
+)
+def test_distiller_bad_arguments(tmp_path, tok, kwargs, error, needle):
+    teacher, student = _pair(tok)
+    args = dict(method="gkd", train=["1+1=", "2+2="], output_dir=tmp_path / "run")
+    args.update(kwargs)
+    method = args.pop("method")
+    with pytest.raises(error) as err:
+        opd.Distiller(method, teacher=teacher, student=student, tokenizer=tok, **args, **QUIET)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
