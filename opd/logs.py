@@ -7,6 +7,9 @@ had written when it saved that checkpoint: rows of steps ≤ s (an evaluation at
 final one included, is written before the checkpoint of step s); a restart from step 0 keeps
 no row. Unreadable lines (a write torn by a kill) are dropped. So every step row and every
 evaluation row appears exactly once however often a run is interrupted and resumed.
+
+Experiment trackers (`train.log_to`, `opd.tracking`) mirror every row written here:
+metrics.jsonl stays the source of truth.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from tqdm import tqdm
 
 
 class MetricsLog:
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, trackers=None):
         self.path = path
+        self.trackers = trackers  # opd.tracking.Trackers, or None
         if resume_step is not None and path.exists():
             kept = []
             for line in path.read_text(errors="replace").splitlines():
@@ -44,9 +48,13 @@ class MetricsLog:
         }
         self._fh.write(json.dumps(clean) + "\n")
         self._fh.flush()
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def close(self) -> None:
         self._fh.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -25,14 +25,16 @@ import torch
 
 from opd.build import Models, PromptSets, build_data, build_models
 from opd.checkpoint import load_newest
-from opd.config import RunConfig, save_config
+from opd.config import RunConfig, save_config, to_dict
 from opd.errors import ConfigError, ModelError
 from opd.logs import MetricsLog
 from opd.method import Method
 from opd.models import shared_vocab_size
 from opd.recipes import get_recipe
+from opd.samples import truncate_samples
 from opd.sampling import GenerationParams, RolloutContext, make_backend
 from opd.stream import PromptStream
+from opd.tracking import open_trackers, parse_log_to
 
 EMBEDDED = "embedded SmolLM2-135M-Instruct"
 
@@ -133,8 +135,9 @@ def check_data_fits(method: Method, data: PromptSets) -> None:
             )
 
 
-def source_lines(cfg: RunConfig, models_given: bool, data_given: bool) -> list[str]:
-    """The run's first lines: where the teacher, student and data come from."""
+def source_lines(cfg: RunConfig, models_given: bool, data: PromptSets | None) -> list[str]:
+    """The run's first lines: where the teacher, student and data come from (`data`: the
+    prompt sets built from `cfg.data`, None when they were given in code)."""
     m = cfg.model
     if models_given:
         teacher = student = "given in code (models=...)"
@@ -146,11 +149,10 @@ def source_lines(cfg: RunConfig, models_given: bool, data_given: bool) -> list[s
             f"pruned from the teacher: {m.student_layers} layers (model.student_layers)"
         )
     lines = [f"teacher: {teacher}", f"student: {student}"]
-    if data_given:
+    if data is None:
         lines.append("data: given in code (train=..., eval=...)")
     else:
-        lines.append(f"data.train: {cfg.data.train}")
-        lines.append(f"data.eval: {cfg.data.eval or 'held out from data.train'}")
+        lines += data.describe()
     return lines
 
 
@@ -180,6 +182,7 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     """Validate, create the folder, build the optimizer and restore a checkpoint: a `Run`."""
     tc = cfg.train
     check_output_dir(run_dir, resume)
+    parse_log_to(tc.log_to)  # an unknown tracker or a missing package fails before anything
     if resume and not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume: '{run_dir}' is not a run folder (no config.yaml)")
     torch.manual_seed(tc.seed)
@@ -192,7 +195,7 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     make_run_dir(run_dir)
     if not resume:
         save_config(cfg, run_dir / "config.yaml")
-    for line in source_lines(cfg, models_given, data_given):
+    for line in source_lines(cfg, models_given, None if data_given else data):
         log(line)
     log(f"run folder: {run_dir}")
     log(f"method {method.name}:\n  " + method.describe().replace("\n", "\n  "))
@@ -265,5 +268,10 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
             resume_step = run.start_step
             log(f"resumed from {ckpt} at step {run.start_step}")
         save_config(cfg, run_dir / "config.yaml")
-    run.metrics_log = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step)
+    trackers = open_trackers(tc.log_to, run_dir, to_dict(cfg), resume, resume_step=resume_step)
+    if resume_step is not None:
+        truncate_samples(run_dir, resume_step)
+    run.metrics_log = MetricsLog(
+        run_dir / "metrics.jsonl", resume_step=resume_step, trackers=trackers
+    )
     return run

@@ -44,6 +44,7 @@ from opd.evaluate import heldout_kl
 from opd.logs import Progress
 from opd.method import Method
 from opd.run_setup import Run, build_method, component_states, setup_run
+from opd.samples import sample_due, write_samples
 from opd.step import (
     REVERSE_KL,
     NonFiniteError,
@@ -255,6 +256,18 @@ def _train(run: Run, stop_after, evaluate, log) -> RunResult:
                 final = run_eval(run, done)
                 if final:
                     log(f"held-out KL(q_student ‖ p_teacher) after: {final['heldout_kl']:.4f}")
+            if sample_due(done, tc.sample_every) and run.data.eval:
+                write_samples(
+                    run.run_dir,
+                    done,
+                    models,
+                    run.data.eval,
+                    max_new_tokens=run.cfg.sampling.max_new_tokens,
+                    count=tc.sample_count,
+                    trackers=run.metrics_log.trackers,
+                    verify=run.verify,
+                    backend=run.cfg.sampling.backend,
+                )
             minutes = (_clock() - last_save) / 60
             if (
                 (tc.checkpoint_every and done % tc.checkpoint_every == 0)

@@ -165,7 +165,7 @@ def test_first_lines_name_the_sources(tmp_path, prompt_file, tok):
     from opd.config import load_config
     from opd.run_setup import source_lines
 
-    lines = source_lines(load_config(None, []), models_given=False, data_given=False)
+    lines = source_lines(load_config(None, []), models_given=False, data=None)
     assert lines[0] == "teacher: embedded SmolLM2-135M-Instruct (the default; set model.teacher)"
     assert lines[1] == "student: pruned from the teacher: 15 layers (model.student_layers)"
     logged = []
@@ -176,4 +176,6 @@ def test_first_lines_name_the_sources(tmp_path, prompt_file, tok):
         log=logged.append,
     )
     assert logged[0].startswith("teacher: ") and logged[1].startswith("student: ")
-    assert logged[2] == f"data.train: {prompt_file}"
+    # the data lines come from the prompt sets actually built (PromptSets.describe)
+    assert logged[2] == f"train: {prompt_file} (24 rows)"
+    assert logged[3].startswith(f"eval: {prompt_file}"), logged[3]

@@ -134,51 +134,10 @@ def test_samples_reach_tensorboard(setup):
     assert all(json.dumps(r["prompt"])[1:-1] in table for r in rows)
 
 
-# ------------------------------------------------- end to end, without editing opd/train.py
+# ------------------------------------------------------------ end to end, through the loop
 
 
-def wired_metrics_log(cfg, holder):
-    """A MetricsLog that also mirrors rows to the trackers and writes samples: the wiring
-    the loop is meant to get (see docs/tracking.md), put in by monkeypatching."""
-    from opd.config import to_dict
-    from opd.logs import MetricsLog
-
-    class Wired(MetricsLog):
-        def __init__(self, path, resume_step=None):
-            super().__init__(path, resume_step=resume_step)
-            self.run_dir = path.parent
-            if resume_step is not None:
-                truncate_samples(self.run_dir, resume_step)
-            self.trackers = open_trackers(
-                cfg.train.log_to,
-                self.run_dir,
-                to_dict(cfg),
-                resume_step is not None,
-                resume_step=resume_step,
-            )
-
-        def write(self, row):
-            super().write(row)
-            self.trackers.log(row)
-            if "event" not in row and sample_due(row["step"], cfg.train.sample_every):
-                write_samples(
-                    self.run_dir,
-                    row["step"],
-                    holder["models"],
-                    holder["examples"],
-                    max_new_tokens=cfg.sampling.max_new_tokens,
-                    count=cfg.train.sample_count,
-                    trackers=self.trackers,
-                )
-
-        def close(self):
-            super().close()
-            self.trackers.close()
-
-    return Wired
-
-
-def test_distill_end_to_end_with_trackers_and_samples(tmp_path, tok, prompt_file, monkeypatch):
+def test_distill_end_to_end_with_trackers_and_samples(tmp_path, tok, prompt_file):
     from tensorboard.backend.event_processing import event_accumulator
 
     import opd.train as train
@@ -200,12 +159,8 @@ def test_distill_end_to_end_with_trackers_and_samples(tmp_path, tok, prompt_file
         "train.sample_count=2",
         name="tracked",
     )
-    holder = {"examples": build_data(cfg, tok).eval}
-    monkeypatch.setattr(train, "MetricsLog", wired_metrics_log(cfg, holder))
-    holder["models"] = fresh_models(tok)
-    train.distill(cfg, models=holder["models"], stop_after=3, log=lambda *a: None)
-    holder["models"] = fresh_models(tok)
-    res = train.distill(cfg, models=holder["models"], resume=True, log=lambda *a: None)
+    train.distill(cfg, models=fresh_models(tok), stop_after=3, log=lambda *a: None)
+    res = train.distill(cfg, models=fresh_models(tok), resume=True, log=lambda *a: None)
 
     assert res.losses == plain.losses  # samples and trackers do not change training
     run_dir = res.run_dir
