@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from opd.config import RunConfig
+from opd.config_check import check_heldout_split
 from opd.data import encode_rows, end_of_turn_ids, load_rows
 from opd.errors import ConfigError
 from opd.models import decoder_and_head, load_model, shared_vocab_size, student_from_teacher
@@ -145,6 +146,7 @@ def build_data(cfg: RunConfig, tokenizer, *, need_train: bool = True) -> PromptS
         skipped += loaded.skipped
         examples += loaded.skipped_examples
     else:
+        check_heldout_split(cfg, len(train_rows))
         train_rows, eval_rows = split_rows(train_rows, eval_count=d.eval_count, seed=cfg.train.seed)
     eval_rows = eval_rows[: d.eval_count]
     train_enc = encode_rows(train_rows, tokenizer, **enc_kw) if train_rows else None
