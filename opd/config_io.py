@@ -41,13 +41,13 @@ class _StrictLoader(yaml.SafeLoader):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
             raise YamlRefused(
-                f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not "
-                "allowed in config files; write the value out"
+                f"line {event.start_mark.line + 1}: YAML aliases and anchors are not allowed "
+                f"in config files (*{event.anchor}); write the value out"
             )
         if getattr(event, "anchor", None) is not None:
             raise YamlRefused(
-                f"line {event.start_mark.line + 1}: YAML anchors (&{event.anchor}) are not "
-                "allowed in config files; write the value out"
+                f"line {event.start_mark.line + 1}: YAML aliases and anchors are not allowed "
+                f"in config files (&{event.anchor}); write the value out"
             )
         return super().compose_node(parent, index)
 
