@@ -4,7 +4,7 @@
   1. a TRL/HF name (with or without a section: `learning_rate`, `train.learning_rate`) maps to
      opd's key through `TRL_NAMES` (shown only if that key exists in this build);
   2. a field written under the wrong section (`data.max_new_tokens`) points to the section
-     that has it;
+     that has it (`train.output_dir` to the top-level `output_dir`);
   3. otherwise the nearest known keys by `difflib` similarity (cutoff 0.6), if any.
 """
 
@@ -90,6 +90,8 @@ def suggest(key: str, known: set[str], fields_by_name: dict[str, list[str]]) -> 
             return f" (did you mean {target}?" + (f" {note})" if note else ")")
     if last in fields_by_name and key not in known:
         return f" (did you mean {' or '.join(fields_by_name[last])}?)"
+    if last in known and key != last:  # a top-level key under a section: train.output_dir
+        return f" (did you mean {last}?)"
     sections = {k.split(".")[0] for k in known if "." in k}
     head = key.split(".")[0]
     if "." in key and head in sections:  # a valid section: the nearest of its fields
