@@ -336,9 +336,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _check_recipe(cfg) -> None:
+    """An unknown recipe fails here, before any model is loaded or anything is written."""
+    from opd.recipes import get_recipe  # imports torch: only once the config is valid
+
+    get_recipe(cfg.method.recipe)
+
+
 def _dispatch(args) -> int:
     from opd.config import config_help, load_config, load_run_config, unique_run_dir
-    from opd.recipes import get_recipe
 
     if args.command == "recipes":
         return cmd_recipes(args.name)
@@ -350,7 +356,7 @@ def _dispatch(args) -> int:
         return (main_quality if args.which == "quality" else main_speed)(args.rest)
     if args.command == "demo":
         cfg = load_config(None, [*DEMO_DEFAULTS, *args.overrides])
-        get_recipe(cfg.method.recipe)
+        _check_recipe(cfg)
         if not cfg.output_dir:
             cfg.output_dir = str(unique_run_dir("demo"))
         return run_distill(cfg, title="opd demo: SmolLM2-135M-Instruct → pruned student")
@@ -365,7 +371,7 @@ def _dispatch(args) -> int:
         cfg = load_config(args.config, args.overrides)
     if args.skip_bad_rows:
         cfg.data.skip_bad_rows = True
-    get_recipe(cfg.method.recipe)  # an unknown recipe fails before any model is loaded
+    _check_recipe(cfg)
     return run_distill(
         cfg, resume=bool(args.resume), stop_after=args.stop_after, report=not args.no_report
     )

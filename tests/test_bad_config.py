@@ -94,7 +94,7 @@ FILE_CASES = [
     ("section_scalar", "distill", "train: 5\n", ["cfg.yaml", "'train'"]),
     ("duplicate_key", "distill", "train:\n  lr: 1e-3\n  lr: 1e-4\n", ["cfg.yaml", "duplicate"]),
     ("bad_syntax", "distill", "train:\n  steps: [1,\n", ["cfg.yaml", "line"]),
-    ("deep_nesting", "distill", "a: " + "[" * 5000 + "]" * 5000 + "\n", ["cfg.yaml"]),
+    ("deep_nesting", "distill", "a: " + "[" * 1000 + "]" * 1000 + "\n", ["cfg.yaml", "deep"]),
     ("unknown_recipe_file", "distill", "method:\n  recipe: on_policy_rk\n", ["on_policy_rk"]),
     ("eval_non_utf8", "eval", b"\xff\xfe\x00data:\n", ["cfg.yaml", "UTF-8"]),
 ]
