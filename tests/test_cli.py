@@ -214,3 +214,21 @@ def test_eval_run_dir_writes_table_into_the_run(tmp_path, model_dirs):
     assert "| student |" in md and f"{summary['kl']:.4f}" in md
     after = tree_digest(run)
     assert {k: v for k, v in after.items() if not k.startswith("eval.")} == before
+
+
+def test_docs_cli_lists_commands_flags_and_trl_names():
+    from pathlib import Path
+
+    from opd.cli import _parser
+    from opd.config_names import TRL_NAMES
+
+    doc = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    commands = _parser().parse_args(["recipes"])._commands
+    for name, sub in commands.items():
+        assert f"`opd {name}" in doc, name
+        for action in sub._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help"):
+                    assert f"`{flag}" in doc, (name, flag)
+    for name, (target, _) in TRL_NAMES.items():
+        assert f"`{name}`" in doc and target.split("=")[0] in doc, name
