@@ -307,3 +307,23 @@ def test_heldout_split_message_names_config_keys():
     assert "eval_fraction" not in msg and "below 24" in msg
     check_heldout_split(load_config(None, ["data.eval=", "data.eval_count=8"]), 24)
     check_heldout_split(load_config(None, ["data.eval_count=64"]), 24)  # data.eval is set
+
+
+@pytest.mark.parametrize(
+    "exc,needle",
+    [
+        (PermissionError(13, "Permission denied"), "is not readable (permission denied)"),
+        (OSError(5, "Input/output error"), "cannot be read (Input/output error)"),
+    ],
+)
+def test_os_errors_while_reading_become_one_line_config_errors(tmp_path, monkeypatch, exc, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 3\n")
+
+    def fail(self):
+        raise exc
+
+    monkeypatch.setattr(Path, "read_bytes", fail)
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert str(err.value) == f"config file '{f}' {needle}"
