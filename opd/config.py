@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import time
 import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -30,7 +28,7 @@ import yaml
 from opd.config_check import check_type as _check_type
 from opd.config_check import range_text as _range_text
 from opd.config_check import validate_field as _validate_field
-from opd.config_io import atomic_write_text, read_yaml_file, yaml_value
+from opd.config_io import atomic_write_text, parse_override, read_yaml_file, unique_run_dir
 from opd.config_names import suggest
 from opd.errors import ConfigError
 
@@ -248,28 +246,6 @@ def _apply_mapping(cfg: RunConfig, data: dict, origin: str, set_keys: set, prefi
             set_keys.add(_set(cfg, key, v, origin, f"{origin}: "))
 
 
-def parse_override(text: str) -> tuple[str, object]:
-    """Split `key=value`; the value is parsed as YAML (numbers, booleans, lists, strings)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must have the form key=value (e.g. train.lr=1e-4)")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml_value(raw, f"override {text!r}") if raw.strip() else ""
-    # A string that Python reads as a float ('1e-4', '1_000.5') is one.
-    if isinstance(value, str):
-        try:
-            value = (
-                float(value)
-                if any(c in value for c in ".eE") and value[0] in "+-.0123456789"
-                else value
-            )
-        except ValueError:
-            pass
-    return key, value
-
-
 def _apply_file(cfg: RunConfig, path, set_keys: set, *, what: str) -> None:
     p = Path(path)
     data = read_yaml_file(p, what)
@@ -334,25 +310,6 @@ def resolve_steps(cfg: RunConfig, n_train_prompts: int) -> int:
         per_step = tc.batch_size * tc.grad_accum
         tc.steps = max(1, math.ceil(Fraction(repr(tc.epochs)) * n_train_prompts / per_step))
     return tc.steps
-
-
-def unique_run_dir(name: str, root: str | Path = "runs") -> Path:
-    """Claim `root/name-YYYYmmdd-HHMMSS` (or `...-2`, `-3`, ... when taken) by creating it.
-
-    `os.mkdir` is atomic, so two runs started in the same second, even in two processes,
-    never share a folder.
-    """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    base = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for i in range(1, 10_000):
-        candidate = root / (base if i == 1 else f"{base}-{i}")
-        try:
-            os.mkdir(candidate)
-        except FileExistsError:
-            continue
-        return candidate
-    raise ConfigError(f"no free run folder name '{root / base}-N'; set output_dir")
 
 
 def resolve_output_dir(cfg: RunConfig) -> Path:

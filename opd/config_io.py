@@ -11,6 +11,9 @@ Reading (`read_yaml_file`, `yaml_value`) uses a restricted YAML loader:
   - files over `MAX_CONFIG_BYTES`, non-UTF-8 bytes, unreadable paths and too deeply nested
     documents are `ConfigError`s naming the file, in one line.
 
+`parse_override` splits one `key=value` override and reads its value with the same loader.
+`unique_run_dir` claims a new, timestamped run folder.
+
 Writing (`atomic_write_text`) goes through a temporary file in the same folder, fsync and
 `os.replace`, so a crash leaves either the old file or the new one, never a truncated one.
 """
@@ -21,6 +24,7 @@ import contextlib
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -168,3 +172,44 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """Split `key=value`; the value is parsed as YAML (numbers, booleans, lists, strings)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must have the form key=value (e.g. train.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml_value(raw, f"override {text!r}") if raw.strip() else ""
+    # A string that Python reads as a float ('1e-4', '1_000.5') is one.
+    if isinstance(value, str):
+        try:
+            value = (
+                float(value)
+                if any(c in value for c in ".eE") and value[0] in "+-.0123456789"
+                else value
+            )
+        except ValueError:
+            pass
+    return key, value
+
+
+def unique_run_dir(name: str, root: str | Path = "runs") -> Path:
+    """Claim `root/name-YYYYmmdd-HHMMSS` (or `...-2`, `-3`, ... when taken) by creating it.
+
+    `os.mkdir` is atomic, so two runs started in the same second, even in two processes,
+    never share a folder.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    base = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for i in range(1, 10_000):
+        candidate = root / (base if i == 1 else f"{base}-{i}")
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise ConfigError(f"no free run folder name '{root / base}-N'; set output_dir")
