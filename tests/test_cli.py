@@ -232,3 +232,10 @@ def test_docs_cli_lists_commands_flags_and_trl_names():
                     assert f"`{flag}" in doc, (name, flag)
     for name, (target, _) in TRL_NAMES.items():
         assert f"`{name}`" in doc and target.split("=")[0] in doc, name
+
+
+def test_empty_data_eval_error_names_config_keys(tmp_path, model_dirs):
+    data = write_prompts(tmp_path / "d.jsonl", n=6)
+    args = small_args(tmp_path, model_dirs, data, "data.eval=", "data.eval_count=6")
+    line = assert_clean_error(run_opd(["distill", *args]), "data.eval_count=6", "d.jsonl")
+    assert "eval_fraction" not in line and "below 6" in line
