@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from opd.build import PromptSets, finish_models
 from opd.config import load_config
-from opd.data import _parse_row, encode_rows
+from opd.data import encode_rows, parse_row
+from opd.data.sets import encode_options, holdout
 from opd.errors import ConfigError, DataError
 from opd.method import Method
-from opd.stream import split_rows
 
 
 def _rows(items, name: str) -> list:
@@ -37,7 +37,7 @@ def _rows(items, name: str) -> list:
     rows = []
     for i, item in enumerate(items):
         obj = {"prompt": item} if isinstance(item, str) else item
-        rows.append(_parse_row(obj, f"{name}[{i}]"))
+        rows.append(parse_row(obj, f"{name}[{i}]"))
     return rows
 
 
@@ -98,25 +98,17 @@ class Distiller:
         train_rows = _rows(train, "train")
         if not train_rows:
             raise DataError("train: no prompts (valid: a non-empty list)")
-        if eval is None:
-            train_rows, eval_rows = (
-                split_rows(
-                    train_rows,
-                    eval_count=min(d.eval_count, len(train_rows) - 1),
-                    seed=self.cfg.train.seed,
-                )
-                if len(train_rows) > 1 and d.eval_count
-                else (train_rows, [])
-            )
+        n = len(train_rows)
+        if eval is None and d.eval_count:
+            train_rows, eval_rows, why = holdout(train_rows, d.eval_count, self.cfg.train.seed)
+            eval_line = f"eval: held out from train=... ({why})" if eval_rows else "eval: none"
+        elif eval is None:
+            eval_rows, eval_line = [], "eval: none (data.eval_count=0)"
         else:
             eval_rows = _rows(eval, "eval")[: d.eval_count]
-        chat = {"auto": "auto", "true": True, "false": False}[d.chat_template]
-        kw = dict(
-            max_prompt_tokens=d.max_prompt_tokens,
-            truncation=d.truncation,
-            use_chat_template=chat,
-            system_prompt=d.system_prompt or None,
-        )
+            eval_line = f"eval: given in code ({len(eval_rows)} rows)"
+        train_line = f"train: given in code ({len(train_rows)} of {n} rows)"
+        kw = encode_options(d)
         tok = self.models.tokenizer
         tr = encode_rows(train_rows, tok, **kw)
         ev = encode_rows(eval_rows, tok, **kw) if eval_rows else None
@@ -125,6 +117,7 @@ class Distiller:
             eval=list(ev.examples) if ev else [],
             task=None,
             truncated=tr.truncated + (ev.truncated if ev else 0),
+            sources=[train_line, eval_line],
         )
 
     def train(self, *, resume: bool = False, stop_after: int | None = None):

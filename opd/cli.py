@@ -1,8 +1,9 @@
-"""The `opd` command line: `opd distill | demo | recipes | eval`.
+"""The `opd` command line: `opd distill | demo | recipes | eval | bench` (docs/cli.md).
 
 Configuration is `key=value` overrides on top of an optional `--config FILE.yaml`
-(see `opd distill --help-config`). User errors (bad config, data or paths) print one line
-on stderr and exit with code 2; `--debug` shows the traceback instead.
+(see `opd distill --help-config`), given before, between or after the flags. User errors
+(bad config, data or paths, bad usage) print one `opd: error:` line on stderr and exit with
+code 2; `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -30,15 +31,53 @@ DEMO_DEFAULTS = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with opd's error line: usage, then `opd: error: ...`, exit code 2."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        command = self.prog.removeprefix("opd").strip()
+        self.exit(2, f"opd: error: {command + ': ' if command else ''}{message}\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("opd")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        from opd import __version__
+
+        return __version__
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# Commands whose positional arguments are key=value overrides, accepted between flags too.
+_OVERRIDE_COMMANDS = ("distill", "eval", "demo")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="opd", description="On-policy distillation for language models."
-    )
+    p = _Parser(prog="opd", description="On-policy distillation for language models.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"opd {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     d = sub.add_parser("distill", help="distill a student from a teacher")
-    d.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. train.lr=1e-4)")
+    d.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides (e.g. train.lr=1e-4 or lr=1e-4), before or after flags",
+    )
     d.add_argument("--config", help="a YAML config file")
     d.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
@@ -46,30 +85,64 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--skip-bad-rows", action="store_true", help="skip and count malformed data rows"
     )
-    d.add_argument("--stop-after", type=int, help="stop after this step (a checkpoint is written)")
+    d.add_argument(
+        "--stop-after",
+        type=_positive_int,
+        metavar="STEP",
+        help="stop after this step (a checkpoint is written)",
+    )
     d.add_argument("--help-config", action="store_true", help="list every config key and exit")
     d.add_argument("--no-report", action="store_true", help="skip the before/after accuracy table")
 
     m = sub.add_parser("demo", help="distill the embedded SmolLM2-135M-Instruct into a pruned copy")
-    m.add_argument("overrides", nargs="*", help="key=value overrides of the demo's settings")
+    m.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo")
 
     r = sub.add_parser("recipes", help="list the recipes, or show one")
     r.add_argument("name", nargs="?")
 
     b = sub.add_parser(
         "bench",
-        help="benchmarks: `opd bench quality ...` (on- vs off-policy) or `opd bench speed ...` (vs TRL)",
-        add_help=False,
+        help="benchmarks: `opd bench quality ...` (on- vs off-policy) or "
+        "`opd bench speed ...` (vs TRL)",
+        description="Benchmarks. `opd bench quality --help` and `opd bench speed --help` list "
+        "each benchmark's options.",
     )
     b.add_argument("which", choices=["quality", "speed"])
-    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (--help lists them)")
-
-    e = sub.add_parser("eval", help="before/after table for a student/teacher pair")
-    e.add_argument(
-        "overrides", nargs="*", help="e.g. model.student=DIR model.teacher=embedded data.eval=FILE"
+    b.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="options of that benchmark (--help lists them)"
     )
-    e.add_argument("--config", help="a YAML config file")
+
+    e = sub.add_parser(
+        "eval",
+        help="held-out KL and accuracy of a finished run's student (or any student/teacher)",
+        description="`opd eval RUN_DIR` evaluates RUN_DIR/student against the run's teacher on "
+        "its held-out prompts and writes RUN_DIR/eval.md and eval.json; without RUN_DIR, set "
+        "model.student=DIR (and model.teacher, data.eval) and the table is printed.",
+    )
+    e.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="[RUN_DIR] key=value",
+        help="a run folder and/or overrides, e.g. model.student=DIR data.eval=FILE",
+    )
+    e.add_argument("--config", help="a YAML config file (not with RUN_DIR)")
+    p.set_defaults(_commands=sub.choices)
     return p
+
+
+def parse_args(argv: list[str] | None):
+    """Parse the command line; overrides may come before, between or after flags."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    parser = args._commands.get(args.command, parser)  # errors name the command
+    if extra and args.command in _OVERRIDE_COMMANDS:
+        bad = [x for x in extra if x.startswith("-")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def cmd_recipes(name: str | None) -> int:
@@ -177,14 +250,36 @@ def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd d
     return 0
 
 
+def _eval_target(args):
+    """(cfg, run_dir or None) for `opd eval [RUN_DIR] overrides`."""
+    from opd.config import load_config, load_run_config, parse_override
+
+    overrides = list(args.overrides)
+    if not overrides or "=" in overrides[0]:
+        return load_config(args.config, overrides), None
+    run_dir = Path(overrides.pop(0))
+    if args.config:
+        raise OpdError("opd eval: give RUN_DIR or --config, not both")
+    cfg = load_run_config(run_dir, overrides)
+    if not any(parse_override(o)[0] in ("model.student", "student") for o in overrides):
+        student = run_dir / "student"
+        if not student.is_dir():
+            raise OpdError(
+                f"opd eval: '{student}' does not exist (the run has not finished); "
+                "resume it with `opd distill --resume` or set model.student=DIR"
+            )
+        cfg.model.student = str(student)
+    return cfg, run_dir
+
+
 def cmd_eval(args) -> int:
     from opd.build import build_data, build_models
-    from opd.config import load_config
+    from opd.config_io import atomic_write_text
     from opd.evaluate import EvalTable, heldout_kl
 
-    cfg = load_config(args.config, args.overrides)
+    cfg, run_dir = _eval_target(args)
     if not cfg.model.student:
-        raise OpdError("opd eval: set model.student=PATH (a HF folder or .gguf file)")
+        raise OpdError("opd eval: give a RUN_DIR or set model.student=PATH (a HF folder or .gguf)")
     models = build_models(cfg)
     data = build_data(cfg, models.tokenizer, need_train=False)
     if not data.eval:
@@ -205,6 +300,27 @@ def cmd_eval(args) -> int:
         [("teacher", None, teacher["accuracy"]), ("student", res["kl"], res["accuracy"])]
     )
     print(table.render())
+    if run_dir is not None:
+        sources = (
+            f"student `{cfg.model.student}`, teacher `{cfg.model.teacher}`, "
+            f"{len(data.eval)} held-out prompts from `{cfg.data.eval or cfg.data.train}`"
+        )
+        atomic_write_text(
+            run_dir / "eval.md", f"# opd eval\n\n{sources}\n\n{table.to_markdown()}\n"
+        )
+        summary = {
+            "student": cfg.model.student,
+            "teacher": cfg.model.teacher,
+            "eval_data": cfg.data.eval or cfg.data.train,
+            "eval_prompts": len(data.eval),
+            "kl": res["kl"],
+            "student_accuracy": res["accuracy"],
+            "teacher_accuracy": teacher["accuracy"],
+            "tokens": res.get("tokens"),
+            "mean_length": res.get("mean_length"),
+        }
+        atomic_write_text(run_dir / "eval.json", json.dumps(summary, indent=2) + "\n")
+        print(f"eval: {run_dir / 'eval.md'}")
     return 0
 
 
@@ -219,22 +335,29 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     _quiet_libraries()
     try:
         return _dispatch(args)
     except OpdError as err:
         if args.debug:
             raise
-        print(f"opd: error: {err}", file=sys.stderr)
+        print(f"opd: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("opd: interrupted", file=sys.stderr)
         return 130
 
 
+def _check_recipe(cfg) -> None:
+    """An unknown recipe fails here, before any model is loaded or anything is written."""
+    from opd.recipes import get_recipe  # imports torch: only once the config is valid
+
+    get_recipe(cfg.method.recipe)
+
+
 def _dispatch(args) -> int:
-    from opd.config import config_help, load_config
+    from opd.config import config_help, load_config, load_run_config, unique_run_dir
 
     if args.command == "recipes":
         return cmd_recipes(args.name)
@@ -245,26 +368,26 @@ def _dispatch(args) -> int:
 
         return (main_quality if args.which == "quality" else main_speed)(args.rest)
     if args.command == "demo":
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        cfg = load_config(None, [*DEMO_DEFAULTS, f"output_dir=runs/demo-{stamp}", *args.overrides])
+        cfg = load_config(None, [*DEMO_DEFAULTS, *args.overrides])
+        _check_recipe(cfg)
+        if not cfg.output_dir:
+            cfg.output_dir = str(unique_run_dir("demo"))
         return run_distill(cfg, title="opd demo: SmolLM2-135M-Instruct → pruned student")
     if args.help_config:
         print(config_help())
         return 0
-    overrides = list(args.overrides)
-    resume = False
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise OpdError(f"--resume: '{run_dir}' is not a run folder (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml", overrides)
-        cfg.output_dir = str(run_dir)
-        resume = True
+        if args.config:
+            raise OpdError("--resume takes the run's own config.yaml; do not pass --config")
+        cfg = load_run_config(args.resume, args.overrides)
     else:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, args.overrides)
     if args.skip_bad_rows:
         cfg.data.skip_bad_rows = True
-    return run_distill(cfg, resume=resume, stop_after=args.stop_after, report=not args.no_report)
+    _check_recipe(cfg)
+    return run_distill(
+        cfg, resume=bool(args.resume), stop_after=args.stop_after, report=not args.no_report
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 
 from opd.build import Models, PromptSets, build_data, build_models
 from opd.checkpoint import load_newest
-from opd.config import RunConfig, save_config, to_dict
+from opd.config import RunConfig, resolve_steps, save_config, to_dict
 from opd.errors import ConfigError, ModelError
 from opd.logs import MetricsLog
 from opd.method import Method
@@ -149,7 +149,7 @@ def source_lines(cfg: RunConfig, models_given: bool, data: PromptSets | None) ->
             f"pruned from the teacher: {m.student_layers} layers (model.student_layers)"
         )
     lines = [f"teacher: {teacher}", f"student: {student}"]
-    if data is None:
+    if data is None or not data.describe():
         lines.append("data: given in code (train=..., eval=...)")
     else:
         lines += data.describe()
@@ -186,16 +186,22 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     if resume and not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume: '{run_dir}' is not a run folder (no config.yaml)")
     torch.manual_seed(tc.seed)
-    models_given, data_given = models is not None, data is not None
+    models_given = models is not None
     method = method or build_method(cfg)
     models = finish_vocab(models or build_models(cfg))
     check_trainable_dtype(models)
     data = data if data is not None else build_data(cfg, models.tokenizer)
     check_data_fits(method, data)
+    if tc.epochs > 0:
+        resolve_steps(cfg, len(data.train))
+        log(
+            f"train.epochs={tc.epochs}: {tc.steps} steps over {len(data.train)} training prompts "
+            f"(batch {tc.batch_size} × grad_accum {tc.grad_accum})"
+        )
     make_run_dir(run_dir)
     if not resume:
         save_config(cfg, run_dir / "config.yaml")
-    for line in source_lines(cfg, models_given, None if data_given else data):
+    for line in source_lines(cfg, models_given, data):
         log(line)
     log(f"run folder: {run_dir}")
     log(f"method {method.name}:\n  " + method.describe().replace("\n", "\n  "))

@@ -217,9 +217,17 @@ def distill(
         import torch
 
         torch.set_num_threads(tc.threads)
-    run_dir = resolve_output_dir(cfg)
+    named = bool(cfg.output_dir)
+    run_dir = resolve_output_dir(cfg)  # a made-up name is claimed by creating the folder
     cfg.output_dir = str(run_dir)
-    run = setup_run(cfg, run_dir, models=models, method=method, data=data, resume=resume, log=log)
+    try:
+        run = setup_run(
+            cfg, run_dir, models=models, method=method, data=data, resume=resume, log=log
+        )
+    except BaseException:
+        if not named and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a failed start leaves no empty folder behind
+        raise
     try:
         return _train(run, stop_after, evaluate, log)
     finally:

@@ -10,7 +10,7 @@ from opd.errors import ConfigError, DataError, ModelError
 from opd.logs import read_metrics
 from opd.tiny import tiny_llama
 from opd.train import distill
-from tests.helpers import tiny_cfg
+from tests.helpers import fresh_models, tiny_cfg
 
 QUIET = dict(log=lambda *_: None)
 
@@ -70,7 +70,13 @@ def test_distiller_holds_out_eval_rows_from_train_by_default(tmp_path, tok):
         eval_count=5,
         **QUIET,
     )
-    assert len(d.data.eval) == 5 and len(d.data.train) == 15
+    # the same rule as the command line: at most a fifth of the rows are held out
+    assert len(d.data.eval) == 4 and len(d.data.train) == 16
+    assert d.data.describe() == [
+        "train: given in code (16 of 20 rows)",
+        "eval: held out from train=... (4 rows, chosen by train.seed=0; "
+        "data.eval_count=5 capped at a fifth of 20 rows)",
+    ]
     assert d.cfg.method.recipe == "supervised_kd"
 
 
@@ -119,3 +125,30 @@ def test_distiller_bad_arguments(tmp_path, tok, kwargs, error, needle):
         opd.Distiller(method, teacher=teacher, student=student, tokenizer=tok, **args, **QUIET)
     assert needle in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_epochs_set_the_number_of_steps(tmp_path, prompt_file, tok):
+    """train.epochs replaces train.steps once the training set's size is known."""
+    from opd.config import load_config
+
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'ep'}",
+            f"data.train={prompt_file}",
+            "data.eval_count=4",  # 24 rows: 4 held out, 20 train
+            "data.chat_template=false",
+            "sampling.max_new_tokens=4",
+            "train.batch_size=4",
+            "train.grad_accum=2",
+            "train.epochs=1.5",
+            "train.progress=false",
+            "method.recipe=supervised_kd",
+        ],
+    )
+    logged = []
+    res = distill(cfg, models=fresh_models(tok), evaluate=False, log=logged.append)
+    assert len(res.losses) == 4  # ceil(1.5 * 20 / (4 * 2)) = ceil(3.75)
+    steps = [r["step"] for r in read_metrics(res.run_dir / "metrics.jsonl") if "event" not in r]
+    assert steps == [1, 2, 3, 4]
+    assert any("train.epochs=1.5: 4 steps over 20 training prompts" in ln for ln in logged)

@@ -214,3 +214,16 @@ def test_disk_full_while_checkpointing(base, tmp_path, monkeypatch):
     res = run_opd(["distill", "--resume", str(run), "--no-report"])
     assert res.code == 0, res.err + (res.traceback or "")
     assert "resumed from" in res.out and "step 1" in res.out
+
+
+def test_a_failed_start_leaves_no_made_up_run_folder(tmp_path, monkeypatch, prompt_file):
+    """With no output_dir, the folder name is claimed by creating it; a start that fails
+    (here: a data file that does not exist) removes it again."""
+    monkeypatch.chdir(tmp_path)
+    t, s = save_tiny_models(tmp_path / "models")
+    args = [
+        a for a in small_cli_args(tmp_path, (t, s), prompt_file) if not a.startswith("output_dir=")
+    ]
+    args = [a if not a.startswith("data.train=") else "data.train=missing.jsonl" for a in args]
+    assert_clean_error(run_opd(["distill", *args]), "missing.jsonl")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

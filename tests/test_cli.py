@@ -5,11 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from importlib.metadata import version
 
 import pytest
 
-from opd.cli import main
-from tests.helpers import save_tiny_models, small_cli_args, write_prompts
+from opd.cli import main, parse_args
+from tests.helpers import (
+    assert_clean_error,
+    run_opd,
+    save_tiny_models,
+    small_cli_args,
+    tree_digest,
+    write_prompts,
+)
 
 
 @pytest.fixture
@@ -147,3 +155,92 @@ def test_every_recipe_runs_from_the_command_line(tmp_path, model_dirs, capsys, r
     assert code == 0, err
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1]
+
+
+# ---------------------------------------------------------------- issue 8: command line
+
+
+def test_parse_args_keeps_override_order_around_flags():
+    args = parse_args(["distill", "a=1", "--no-report", "b=2", "--stop-after", "3", "c=3", "a=4"])
+    assert args.overrides == ["a=1", "b=2", "c=3", "a=4"]
+    assert args.no_report and args.stop_after == 3
+    args = parse_args(["eval", "RUN", "--config", "c.yaml", "x=1"])
+    assert args.overrides == ["RUN", "x=1"] and args.config == "c.yaml"
+
+
+def test_overrides_after_flags_run(tmp_path, model_dirs):
+    data = write_prompts(tmp_path / "d.jsonl", n=8)
+    args = small_args(tmp_path, model_dirs, data, "train.steps=3")
+    out = tmp_path / "later"
+    res = run_opd(["distill", "--no-report", *args, "--stop-after", "1", f"output_dir={out}"])
+    assert res.code == 0, res.err
+    assert not (tmp_path / "run").exists()  # the later output_dir won
+    assert "steps: 3" in (out / "config.yaml").read_text()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1]
+
+
+def test_version_bench_help_and_help_config():
+    res = run_opd(["--version"])
+    assert res.code == 0 and res.out.strip() == f"opd {version('opd')}"
+    res = run_opd(["bench", "--help"])
+    assert res.code == 0 and "usage: opd bench" in res.out and "quality" in res.out
+    res = run_opd(["distill", "--help-config"])
+    assert res.code == 0 and "output_dir = ''" in res.out
+    for short in ("recipe=", "lr=", "steps=", "epochs="):
+        assert f"short form: {short}" in res.out
+
+
+def test_usage_errors_use_the_opd_error_line():
+    res = run_opd(["distill", "--stop-after", "-1"])
+    line = assert_clean_error(res, "--stop-after", ">= 1")
+    assert line.startswith("opd: error: distill: argument --stop-after")
+
+
+def test_eval_run_dir_writes_table_into_the_run(tmp_path, model_dirs):
+    data = write_prompts(tmp_path / "d.jsonl", n=8)
+    res = run_opd(["distill", *small_args(tmp_path, model_dirs, data), "--no-report"])
+    assert res.code == 0, res.err
+    run = tmp_path / "run"
+    before = tree_digest(run)
+    res = run_opd(["eval", run, "sampling.max_new_tokens=3"])
+    assert res.code == 0, res.err
+    assert "student" in res.out and "KL(q_student ‖ p_teacher)" in res.out
+    summary = json.loads((run / "eval.json").read_text())
+    assert summary["student"] == str(run / "student")
+    assert summary["teacher"] == str(model_dirs[0]) and summary["eval_prompts"] == 4
+    assert summary["kl"] > 0 and 0.0 <= summary["student_accuracy"] <= 1.0
+    md = (run / "eval.md").read_text()
+    assert "| student |" in md and f"{summary['kl']:.4f}" in md
+    after = tree_digest(run)
+    assert {k: v for k, v in after.items() if not k.startswith("eval.")} == before
+
+
+def test_docs_cli_lists_commands_flags_and_trl_names():
+    from pathlib import Path
+
+    from opd.cli import _parser
+    from opd.config_names import TRL_NAMES
+
+    doc = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    commands = _parser().parse_args(["recipes"])._commands
+    for name, sub in commands.items():
+        assert f"`opd {name}" in doc, name
+        for action in sub._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help"):
+                    assert f"`{flag}" in doc, (name, flag)
+    for name, (target, _) in TRL_NAMES.items():
+        assert f"`{name}`" in doc and target.split("=")[0] in doc, name
+
+
+def test_empty_data_eval_holds_out_rows_of_data_train(tmp_path, model_dirs):
+    # once an error suggesting the unknown keys 'eval_count'/'eval_fraction'; now data.eval=""
+    # means "hold out rows of data.train", capped so that training keeps most rows
+    data = write_prompts(tmp_path / "d.jsonl", n=6)
+    args = small_args(tmp_path, model_dirs, data, "data.eval=", "data.eval_count=6")
+    res = run_opd(["distill", *args])
+    assert res.code == 0, res.err
+    assert "eval_fraction" not in res.out + res.err
+    assert "train: " + str(data) + " (5 of 6 rows)" in res.out
+    assert "eval: held out from " + str(data) + " (1 rows" in res.out

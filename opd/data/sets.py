@@ -94,7 +94,7 @@ def _count(n: int, total: int) -> str:
     return f"{n} rows" if n == total else f"first {n} of {total} rows"
 
 
-def _holdout(rows: list[Row], eval_count: int, seed: int) -> tuple[list[Row], list[Row], str]:
+def holdout(rows: list[Row], eval_count: int, seed: int) -> tuple[list[Row], list[Row], str]:
     """(train, held out, why) with the rule of the module docstring."""
     from opd.stream import split_rows
 
@@ -109,6 +109,16 @@ def _holdout(rows: list[Row], eval_count: int, seed: int) -> tuple[list[Row], li
     return train, held, f"{k} rows, chosen by train.seed={seed}{capped}"
 
 
+def encode_options(d) -> dict:
+    """`encode_rows` keyword arguments from a `DataConfig`."""
+    return dict(
+        max_prompt_tokens=d.max_prompt_tokens,
+        truncation=d.truncation,
+        use_chat_template={"auto": "auto", "true": True, "false": False}[d.chat_template],
+        system_prompt=d.system_prompt or None,
+    )
+
+
 def build_data(cfg, tokenizer, *, need_train: bool = True) -> PromptSets:
     """Load and encode the train and eval prompts of `cfg.data` (rules in the module docstring).
 
@@ -121,13 +131,7 @@ def build_data(cfg, tokenizer, *, need_train: bool = True) -> PromptSets:
       DataError / ConfigError: an unreadable source or a bad row, with one line naming it.
     """
     d = cfg.data
-    chat = {"auto": "auto", "true": True, "false": False}[d.chat_template]
-    enc_kw = dict(
-        max_prompt_tokens=d.max_prompt_tokens,
-        truncation=d.truncation,
-        use_chat_template=chat,
-        system_prompt=d.system_prompt or None,
-    )
+    enc_kw = encode_options(d)
     default_note = "; data.train not given" if d.train == DataConfig().train else ""
     follows = "data.eval not given, follows data.train"
     eval_spec = d.eval
@@ -153,7 +157,7 @@ def build_data(cfg, tokenizer, *, need_train: bool = True) -> PromptSets:
         eval_line = f"eval: {ev.label} ({_count(len(eval_rows), len(ev.result.rows))}{note})"
     else:
         n = len(train_rows)
-        train_rows, eval_rows, why = _holdout(train_rows, d.eval_count, cfg.train.seed)
+        train_rows, eval_rows, why = holdout(train_rows, d.eval_count, cfg.train.seed)
         eval_line = f"eval: held out from {d.train} ({why}; {follows})"
         if not eval_rows:
             eval_line = f"eval: none ({d.train} has 1 row, none to spare; set data.eval=FILE)"

@@ -1,0 +1,82 @@
+"""Checking one config value: its type (`check_type`) and its range (`validate_field`).
+
+Types come from the dataclass annotations in `opd.config`; ranges and choices from the
+`ge`/`gt`/`le`/`choices` metadata of each field. A float must be finite wherever it is checked:
+nan, inf and overflowing literals (1e400 reads as inf) are refused with the valid range shown.
+Every error is a one-line `ConfigError` starting with the field's full name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+
+from opd.errors import ConfigError
+
+
+def check_type(name: str, value, tp):
+    """Coerce `value` to the annotated type `tp` or raise ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return str(value)
+        if isinstance(value, (list, tuple)):  # a YAML list for a comma-separated field
+            return ",".join(str(v) for v in value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(tp, types.UnionType):  # pragma: no cover - not used yet
+        return value
+    return value
+
+
+def range_text(m: dict) -> str:
+    parts = [
+        f"{op} {m[k]}"
+        for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="))
+        if m.get(k) is not None
+    ]
+    return " and ".join(parts)
+
+
+def validate_field(name: str, f: dataclasses.Field, value):
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        raise ConfigError(
+            f"{name}: must be one of {', '.join(map(str, m['choices']))}, got {value!r}"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        rng = range_text(m)
+        raise ConfigError(
+            f"{name}: must be a finite number{' ' + rng if rng else ''}, got {value!r}"
+        )
+    if m.get("ge") is not None and value < m["ge"]:
+        raise ConfigError(f"{name}: must be >= {m['ge']}, got {value!r}")
+    if m.get("gt") is not None and value <= m["gt"]:
+        raise ConfigError(f"{name}: must be > {m['gt']}, got {value!r}")
+    if m.get("le") is not None and value > m["le"]:
+        raise ConfigError(f"{name}: must be <= {m['le']}, got {value!r}")
