@@ -9,6 +9,7 @@
                     provides (a frozenset); describe()                   (`opd.teachers`)
     Signal          __call__(student, teacher, ctx) -> (N,) values; requires (a frozenset of
                     teacher outputs); describe()                         (`opd.signals`)
+    ReverseKLSignal a Signal that says when its values are KL(q_student ‖ p_teacher) (logging)
     OnePassSignal   a Signal that can also give (Σ_n c_n·D_n, values) in one pass,
                     weighted_loss(student, teacher, ctx, coef_N), or None where it cannot
     TokenWeight     __call__(values_N, student, teacher, rollout, ctx) -> (N,) detached
@@ -54,6 +55,14 @@ class OnePassSignal(Signal, Protocol):
     def weighted_loss(
         self, student: StudentRows, teacher: TeacherScores, ctx: Any, coef_N: Tensor
     ) -> tuple[Tensor, Tensor] | None: ...
+
+
+@runtime_checkable
+class ReverseKLSignal(Signal, Protocol):
+    """A signal that can say when its values are exactly KL(q_student ‖ p_teacher) at
+    temperature 1 (then the loop logs them instead of computing that divergence again)."""
+
+    def is_reverse_kl(self, progress: float) -> bool: ...
 
 
 @runtime_checkable
@@ -118,6 +127,7 @@ __all__ = [
     "OnePassSignal",
     "PrefixSource",
     "Preparable",
+    "ReverseKLSignal",
     "PromptSelector",
     "Signal",
     "Stateful",

@@ -30,6 +30,7 @@ from opd.errors import ConfigError, ModelError
 from opd.logs import MetricsLog
 from opd.method import Method
 from opd.models import shared_vocab_size
+from opd.parts import Preparable, Stateful
 from opd.recipes import get_recipe
 from opd.samples import truncate_samples
 from opd.sampling import GenerationParams, RolloutContext, make_backend
@@ -164,7 +165,7 @@ def _stateful_components(method: Method) -> dict:
     """Parts of a method that keep state across steps (replay buffers, curricula)."""
     parts = {"prompts": method.prompts, "prefixes": method.prefixes, "signal": method.signal}
     parts.update({f"weight{i}": w for i, w in enumerate(method.weights)})
-    return {k: v for k, v in parts.items() if hasattr(v, "state_dict")}
+    return {k: v for k, v in parts.items() if isinstance(v, Stateful)}
 
 
 def component_states(method: Method) -> dict:
@@ -220,7 +221,7 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
         optimizer, lr_lambda(tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     )
     for part in (method.prompts, method.prefixes, method.signal, *method.weights):
-        if hasattr(part, "prepare"):  # e.g. G-OPD snapshots the initial student as π_ref
+        if isinstance(part, Preparable):  # e.g. G-OPD snapshots the initial student as π_ref
             part.prepare(models)
     stream = PromptStream(data.train, tc.batch_size, seed=tc.seed)
     gen = GenerationParams(

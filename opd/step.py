@@ -40,6 +40,7 @@ from opd.errors import OpdError
 from opd.losses import chunked_token_logprobs
 from opd.losses.reduce import coefficients, reduce, step_count
 from opd.models import decoder_and_head
+from opd.parts import OnePassSignal, ReverseKLSignal
 from opd.signals import Divergence, SignalContext
 from opd.types import StudentRows, completion_rows
 
@@ -92,8 +93,8 @@ def rollout_kl(method, srows, tscores, values_N, sctx):
     one-sample estimate log q(y_t) − log p(y_t), unbiased per token when y_t was sampled from
     the student; None when the teacher returned neither.
     """
-    is_rkl = getattr(method.signal, "is_reverse_kl", None)
-    if is_rkl is not None and is_rkl(sctx.progress):
+    signal = method.signal
+    if isinstance(signal, ReverseKLSignal) and signal.is_reverse_kl(sctx.progress):
         return values_N.detach()
     if tscores.has_full_logits:
         detached = StudentRows(
@@ -157,14 +158,13 @@ def one_pass_loss(method, srows, tscores, sctx, rollout, mask_BT, count=None):
     (`chunked_weighted_divergence`), equal in value and gradient to the two-pass path.
     Returns None otherwise.
     """
-    weighted_loss = getattr(method.signal, "weighted_loss", None)
-    if weighted_loss is None or method.weights:
+    if not isinstance(method.signal, OnePassSignal) or method.weights:
         return None
     dtype = torch.promote_types(srows.hidden_ND.dtype, torch.float32)
     coef_N = coefficients(method.reduction, mask_BT, count, dtype=dtype)[mask_BT]
     if rollout.token_weight_BT is not None:
         coef_N = coef_N * rollout.token_weight_BT.to(coef_N.device)[mask_BT].to(dtype)
-    return weighted_loss(srows, tscores, sctx, coef_N)
+    return method.signal.weighted_loss(srows, tscores, sctx, coef_N)
 
 
 def _rollout(method, stream, ctx, step, causes: str = ""):
