@@ -55,11 +55,15 @@ class Run:
     scheduler: object
     stream: PromptStream
     ctx: StepContext  # the one context every part reads; `step` is set per step
-    verify: object
     device: torch.device
     start_step: int = 0
     losses: list = field(default_factory=list)
     metrics_log: MetricsLog | None = None
+
+    @property
+    def verify(self):
+        """The task's verifier (the context's; evaluation reads it too)."""
+        return self.ctx.verify
 
     @property
     def ckpt_root(self) -> Path:
@@ -260,7 +264,6 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
         scheduler,
         stream,
         ctx,
-        verify,
         device,
     )
     resume_step = None

@@ -12,6 +12,12 @@
     loss = Σ_m loss_m  (the reduction of one batch holding every micro-batch); clip; the
     gradient norm must be finite before AdamW steps; warm-up + cosine schedule.
 
+Every part is called with the run's one `opd.context.StepContext` (`run.ctx`): its `step` is
+set here before the rollouts, its `rollout` (and an empty `metrics`) before each micro-batch
+is scored. The step row holds the loop's numbers plus, averaged over the micro-batches, the
+prefix sources' `rollout.info` and the numbers the signal and weights reported with
+`ctx.log` (`opd.parts.LogsMetrics`).
+
 Normalisation under gradient accumulation is the global token mean over the optimizer step
 (or, for sequence-mean methods, the mean over all the step's sequences), so `grad_accum=2`
 with batch B equals `grad_accum=1` with batch 2B in loss and gradient.
