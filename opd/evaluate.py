@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from opd.context import StepContext
 from opd.models import decoder_and_head
 from opd.sampling import GenerationParams, make_backend, make_rollout
-from opd.signals import Divergence, SignalContext
+from opd.signals import Divergence
 from opd.teachers import FullLogits
 from opd.types import StudentRows, TeacherScores, completion_rows
 
@@ -35,8 +36,9 @@ def generic_verify(text: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def greedy_completions(model, examples, pad_id, stop_ids, max_new_tokens, batch_size=16,
-                       backend="auto"):
+def greedy_completions(
+    model, examples, pad_id, stop_ids, max_new_tokens, batch_size=16, backend="auto"
+):
     """Greedy completions of `examples` (`backend`: a `sampling.backend` name)."""
     backend = make_backend(backend, batch_size)
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
@@ -97,7 +99,7 @@ def heldout_kl(
         rows = StudentRows(hidden_ND.float(), s_head[:vocab_size].float(), None, None)
         tscores = FullLogits().score(teacher, ro, vocab_size)
         tscores = _as_float(tscores)
-        kl_N = Divergence("reverse_kl")(rows, tscores, SignalContext(chunk_size=chunk_size))
+        kl_N = Divergence("reverse_kl")(rows, tscores, StepContext(chunk_size=chunk_size))
         total += float(kl_N.sum())
         count += kl_N.numel()
     lengths = [len(c) for c in comps]

@@ -18,6 +18,13 @@
                     whose state is saved in each checkpoint (replay buffers, curricula)
     Preparable      prepare(models): called once before the first update (and before a
                     checkpoint is restored), e.g. G-OPD snapshots the initial student
+    LogsMetrics     logs (a frozenset of names): a part that reports numbers for the step
+                    row by calling ctx.log(name, value) during its call, e.g.
+                    RewardWeighted's "reward_mean"; it never writes into the rollout
+                    (`rollout.info` holds the prefix sources' facts about the rollout)
+
+Every part receives the same context, `opd.context.StepContext` (run-wide facts, the step,
+the micro-batch's rollout, and `log`).
 
 `requires` and `provides` name teacher outputs: "full_logits", "topk_logprobs",
 "token_logprobs". `Method` checks at construction that the teacher access provides every
@@ -108,6 +115,15 @@ class Preparable(Protocol):
     def prepare(self, models: Any) -> None: ...
 
 
+@runtime_checkable
+class LogsMetrics(Protocol):
+    """A part that reports numbers for metrics.jsonl: during its call it calls
+    `ctx.log(name, value)` for each name in `logs`; the loop averages each over the step's
+    micro-batches into the step row (the same rule as the prefix sources' `rollout.info`)."""
+
+    logs: frozenset
+
+
 def missing_members(part: object, protocol: type) -> list[str]:
     """The members of `protocol` that `part` lacks (empty when it satisfies it)."""
     names: set[str] = set()
@@ -124,6 +140,7 @@ def missing_members(part: object, protocol: type) -> list[str]:
 
 
 __all__ = [
+    "LogsMetrics",
     "OnePassSignal",
     "PrefixSource",
     "Preparable",

@@ -26,6 +26,7 @@ import torch
 from opd.build import Models, PromptSets, build_data, build_models
 from opd.checkpoint import load_newest
 from opd.config import RunConfig, resolve_steps, save_config, to_dict
+from opd.context import StepContext
 from opd.errors import ConfigError, ModelError
 from opd.logs import MetricsLog
 from opd.method import Method
@@ -33,7 +34,7 @@ from opd.models import shared_vocab_size
 from opd.parts import Preparable, Stateful
 from opd.recipes import get_recipe
 from opd.samples import truncate_samples
-from opd.sampling import GenerationParams, RolloutContext, make_backend
+from opd.sampling import GenerationParams, make_backend
 from opd.stream import PromptStream
 from opd.tracking import open_trackers, parse_log_to
 
@@ -53,12 +54,16 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: object
     stream: PromptStream
-    ctx: RolloutContext
-    verify: object
+    ctx: StepContext  # the one context every part reads; `step` is set per step
     device: torch.device
     start_step: int = 0
     losses: list = field(default_factory=list)
     metrics_log: MetricsLog | None = None
+
+    @property
+    def verify(self):
+        """The task's verifier (the context's; evaluation reads it too)."""
+        return self.ctx.verify
 
     @property
     def ckpt_root(self) -> Path:
@@ -233,16 +238,19 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     from opd.evaluate import generic_verify
 
     verify = data.task.verify if data.task is not None else generic_verify
-    ctx = RolloutContext(
+    ctx = StepContext(
         student=models.student,
         teacher=models.teacher,
         backend=make_backend(cfg.sampling.backend),
         params=gen,
         pad_id=models.pad_id,
         stop_ids=models.stop_ids,
-        total_steps=tc.steps,
         tokenizer=models.tokenizer,
         verify=verify,
+        total_steps=tc.steps,
+        chunk_size=tc.chunk_size,
+        materialize=tc.loss_path == "materialized",
+        models=models,
     )
     device = next(models.student.parameters()).device
     run = Run(
@@ -256,7 +264,6 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
         scheduler,
         stream,
         ctx,
-        verify,
         device,
     )
     resume_step = None

@@ -12,6 +12,12 @@
     loss = Σ_m loss_m  (the reduction of one batch holding every micro-batch); clip; the
     gradient norm must be finite before AdamW steps; warm-up + cosine schedule.
 
+Every part is called with the run's one `opd.context.StepContext` (`run.ctx`): its `step` is
+set here before the rollouts, its `rollout` (and an empty `metrics`) before each micro-batch
+is scored. The step row holds the loop's numbers plus, averaged over the micro-batches, the
+prefix sources' `rollout.info` and the numbers the signal and weights reported with
+`ctx.log` (`opd.parts.LogsMetrics`).
+
 Normalisation under gradient accumulation is the global token mean over the optimizer step
 (or, for sequence-mean methods, the mean over all the step's sequences), so `grad_accum=2`
 with batch B equals `grad_accum=1` with batch 2B in loss and gradient.
@@ -30,7 +36,6 @@ probabilities is reported the same way.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 
@@ -41,7 +46,7 @@ from opd.losses import chunked_token_logprobs
 from opd.losses.reduce import coefficients, reduce, step_count
 from opd.models import decoder_and_head
 from opd.parts import OnePassSignal, ReverseKLSignal
-from opd.signals import Divergence, SignalContext
+from opd.signals import Divergence
 from opd.types import StudentRows, completion_rows
 
 REVERSE_KL = Divergence("reverse_kl")
@@ -84,7 +89,7 @@ def student_rows(decoder, head_VD, rollout, device) -> StudentRows:
 
 
 @torch.no_grad()
-def rollout_kl(method, srows, tscores, values_N, sctx):
+def rollout_kl(method, srows, tscores, values_N, ctx):
     """KL(q_student ‖ p_teacher) per token of this rollout, for the logs.
 
     Exact (full vocabulary) when the teacher returned full logits, reusing the signal's
@@ -94,61 +99,63 @@ def rollout_kl(method, srows, tscores, values_N, sctx):
     the student; None when the teacher returned neither.
     """
     signal = method.signal
-    if isinstance(signal, ReverseKLSignal) and signal.is_reverse_kl(sctx.progress):
+    if isinstance(signal, ReverseKLSignal) and signal.is_reverse_kl(ctx.progress):
         return values_N.detach()
     if tscores.has_full_logits:
         detached = StudentRows(
             srows.hidden_ND.detach(), srows.head_VD.detach(), srows.target_ids_N, srows.row_index_N
         )
-        return REVERSE_KL(detached, tscores, sctx)
+        return REVERSE_KL(detached, tscores, ctx)
     if tscores.token_logprobs_N is None:
         return None
     logq_N = chunked_token_logprobs(
         srows.hidden_ND.detach().float(),
         srows.head_VD.detach().float(),
         srows.target_ids_N,
-        chunk_size=sctx.chunk_size,
+        chunk_size=ctx.chunk_size,
     )
     return logq_N - tscores.token_logprobs_N.float()
 
 
-def micro_step(method, models, rollout, sctx, device, count=None):
+def micro_step(method, models, rollout, ctx, device, count=None):
     """Loss of one micro-batch, normalised by `count` (None: this micro-batch's own count).
 
+    Sets `ctx.rollout` to this micro-batch and clears `ctx.metrics`, so that afterwards
+    `ctx.metrics` holds exactly the numbers the signal and weights reported for it.
     Returns (loss, kl_N, rollout); raises NonFiniteError if the teacher's scores are not
-    finite (step named from `sctx.step`).
+    finite (step named from `ctx.step`).
     """
     # The teacher first: its forward's activations are freed before the student's, which
     # autograd keeps for the backward, are allocated (a lower peak than the other order).
     tscores = method.teacher.score(models.teacher, rollout, models.vocab_size)
     if not teacher_scores_finite(tscores):
         raise NonFiniteError(
-            f"step {sctx.step + 1}: the teacher's output is not finite (NaN/inf in its scores); "
+            f"step {ctx.step + 1}: the teacher's output is not finite (NaN/inf in its scores); "
             "likely cause: NaN/inf teacher weights, or overflow in float16 (use model.dtype="
             "bfloat16 or float32); the student was not updated at this step"
         )
     s_dec, s_head, _ = decoder_and_head(models.student, verify=False)
     srows = student_rows(s_dec, s_head[: models.vocab_size], rollout, device)
-    sctx = dataclasses.replace(sctx, rollout=rollout)
+    ctx.rollout, ctx.metrics = rollout, {}
     mask_BT = rollout.completion_mask_BT.to(device).bool()
-    fused = one_pass_loss(method, srows, tscores, sctx, rollout, mask_BT, count)
+    fused = one_pass_loss(method, srows, tscores, ctx, rollout, mask_BT, count)
     if fused is not None:
         loss, values_N = fused
     else:
-        values_N = method.signal(srows, tscores, sctx)
+        values_N = method.signal(srows, tscores, ctx)
         w_N = torch.ones_like(values_N)
         for weight in method.weights:
-            w_N = w_N * weight(values_N, srows, tscores, rollout, sctx)
+            w_N = w_N * weight(values_N, srows, tscores, rollout, ctx)
         if rollout.token_weight_BT is not None:
             w_N = w_N * rollout.token_weight_BT.to(device)[mask_BT]
         weighted_BT = torch.zeros(mask_BT.shape, dtype=values_N.dtype, device=device)
         weighted_BT[mask_BT] = (w_N * values_N).to(weighted_BT.dtype)
         loss = reduce(method.reduction, weighted_BT, mask_BT.to(values_N.dtype), count)
-    kl_N = rollout_kl(method, srows, tscores, values_N, sctx)
+    kl_N = rollout_kl(method, srows, tscores, values_N, ctx)
     return loss, kl_N, rollout
 
 
-def one_pass_loss(method, srows, tscores, sctx, rollout, mask_BT, count=None):
+def one_pass_loss(method, srows, tscores, ctx, rollout, mask_BT, count=None):
     """The loss in one pass over the heads, when every token's coefficient is known first.
 
     Applies when the signal offers `weighted_loss` (full-vocabulary divergences) and the
@@ -164,7 +171,7 @@ def one_pass_loss(method, srows, tscores, sctx, rollout, mask_BT, count=None):
     coef_N = coefficients(method.reduction, mask_BT, count, dtype=dtype)[mask_BT]
     if rollout.token_weight_BT is not None:
         coef_N = coef_N * rollout.token_weight_BT.to(coef_N.device)[mask_BT].to(dtype)
-    return method.signal.weighted_loss(srows, tscores, sctx, coef_N)
+    return method.signal.weighted_loss(srows, tscores, ctx, coef_N)
 
 
 def _rollout(method, stream, ctx, step, causes: str = ""):
@@ -185,24 +192,14 @@ def train_step(run, step: int) -> dict:
     tc, models = run.cfg.train, run.models
     t0 = time.perf_counter()
     run.optimizer.zero_grad(set_to_none=True)
-    run.ctx.step = step
-    sctx = SignalContext(
-        step,
-        tc.steps,
-        tc.chunk_size,
-        tc.loss_path == "materialized",
-        tokenizer=models.tokenizer,
-        verify=run.verify,
-        models=models,
-    )
+    ctx = run.ctx
+    ctx.step, ctx.rollout, ctx.metrics = step, None, {}
     causes = likely_causes(models, tc.lr)
-    rollouts = [
-        _rollout(run.method, run.stream, run.ctx, step, causes) for _ in range(tc.grad_accum)
-    ]
+    rollouts = [_rollout(run.method, run.stream, ctx, step, causes) for _ in range(tc.grad_accum)]
     count = step_count(run.method.reduction, [r.completion_mask_BT for r in rollouts])
     total_loss, kl_sum, n_tok, lengths, info = 0.0, 0.0, 0, [], {}
     for rollout in rollouts:
-        loss, kl_N, rollout = micro_step(run.method, models, rollout, sctx, run.device, count)
+        loss, kl_N, rollout = micro_step(run.method, models, rollout, ctx, run.device, count)
         if not bool(torch.isfinite(loss.detach())):
             raise NonFiniteError(
                 f"step {step + 1}: the loss is not finite ({float(loss.detach())}); "
@@ -214,7 +211,8 @@ def train_step(run, step: int) -> dict:
             kl_sum += float(kl_N.sum())
         n_tok += rollout.num_tokens
         lengths += rollout.completion_lengths().tolist()
-        for k, v in rollout.info.items():
+        # the rollout's facts (source) and the numbers the signal and weights reported
+        for k, v in {**rollout.info, **ctx.metrics}.items():
             info[k] = info.get(k, 0.0) + v / tc.grad_accum
     grads = [p.grad for p in run.params if p.grad is not None]
     if tc.max_grad_norm > 0:

@@ -9,10 +9,11 @@ from collections import Counter
 import pytest
 import torch
 
+from opd.context import StepContext
 from opd.curriculum import Paced, beta_kernel
 from opd.data import Example, PromptStream
 from opd.errors import ConfigError, DataError
-from opd.sampling import GenerationParams, RolloutContext
+from opd.sampling import GenerationParams
 from opd.sampling.sources import DatasetPrefixes, Mix, StudentPrefixes, TeacherPrefixes
 from opd.signals import prefix_source, two_stage_kl
 
@@ -45,7 +46,7 @@ def examples(answer="1"):
 
 
 def context(tok, backend, step=0):
-    ctx = RolloutContext(
+    ctx = StepContext(
         student=None,
         teacher=None,
         backend=backend,

@@ -104,7 +104,7 @@ def test_catalogue_sorts_parts_into_stages(rendered):
     assert stages["ByProgress"] == {"signal", "prefixes"}
     assert stages["Paced"] == {"prompts"} and stages["Linear"] == {"schedule"}
     # The interfaces themselves are not parts.
-    assert not {"PrefixSource", "TeacherAccess", "RolloutContext", "SignalContext"} & set(stages)
+    assert not {"PrefixSource", "TeacherAccess", "StepContext", "LogsMetrics"} & set(stages)
     parts = {p.name: p for p in catalogue.parts()}
     assert parts["TokenMix"].module == "opd.sampling"
     assert parts["TokenMix"].built_by == ("token_mix(alpha, clip)",)

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
+from opd.context import StepContext
 from opd.data import Example
 from opd.errors import ConfigError
 from opd.sampling import (
     GenerationParams,
     HFBackend,
-    RolloutContext,
     adaswitch,
     dataset,
     prefix,
@@ -43,7 +43,7 @@ def examples(tok, n=5):
 
 def ctx_for(tiny_models, params=SAMPLED, student_model=None, stop_ids=None):
     t, s, tok = tiny_models
-    return RolloutContext(
+    return StepContext(
         student=s if student_model is None else student_model,
         teacher=t,
         backend=HFBackend(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from opd.context import StepContext
 from opd.errors import ConfigError
 from opd.method import Method
 from opd.recipes import RECIPES, get_recipe
@@ -81,10 +82,8 @@ def _rows(seed=0, n=6, d=4, v=9):
 def test_tau_squared_scales_the_loss_by_tau_squared_exactly(materialize):
     import torch
 
-    from opd.signals import SignalContext
-
     student, teacher = _rows()
-    ctx = SignalContext(chunk_size=4, materialize=materialize)
+    ctx = StepContext(chunk_size=4, materialize=materialize)
     tau = 2.5
     plain = Divergence("forward_kl", {}, tau)
     scaled = Divergence("forward_kl", {}, tau, tau_squared=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from opd.context import StepContext
 from opd.data import Example
 from opd.errors import ConfigError
 from opd.recipes import RECIPES, get_recipe
-from opd.sampling import GenerationParams, HFBackend, RolloutContext
-from opd.signals import GOPD, Ketchup, MiniLLMPolicyGradient, Reopold, SampledRKL, SignalContext
+from opd.sampling import GenerationParams, HFBackend
+from opd.signals import GOPD, Ketchup, MiniLLMPolicyGradient, Reopold, SampledRKL
 from opd.teachers import FullLogits, SampledLogprobs
 from opd.train import distill, micro_step
 from tests.helpers import assert_describes, fresh_models, tiny_cfg
@@ -67,7 +68,7 @@ def test_micro_step_chunked_and_materialized_agree_float64(tok, name):
     models.teacher.double()
     method = get_recipe(name).build()
     exs = [Example((5 + i, 6, 7 + i), (8, 9, 2), "1", f"m:{i}", "") for i in range(3)]
-    ctx = RolloutContext(
+    ctx = StepContext(
         models.student,
         models.teacher,
         HFBackend(),
@@ -80,7 +81,7 @@ def test_micro_step_chunked_and_materialized_agree_float64(tok, name):
     grads, losses = [], []
     for materialize in (False, True):
         models.student.zero_grad()
-        sctx = SignalContext(chunk_size=4, materialize=materialize, models=models)
+        sctx = StepContext(chunk_size=4, materialize=materialize, models=models)
         loss, _, _ = micro_step(method, models, rollout, sctx, "cpu")
         loss.backward()
         losses.append(loss.item())

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
+from opd.context import StepContext
 from opd.errors import ConfigError
 from opd.method import Method
 from opd.recipes import RECIPES, get_recipe
 from opd.sampling import AdaSwitch, Mix, Prefix, Replay, Speculative
 from opd.sampling.sources import make_rollout
-from opd.signals import ByWriter, Divergence, Paired, SignalContext
+from opd.signals import ByWriter, Divergence, Paired
 from opd.train import distill
 from opd.types import StudentRows, TeacherScores
 from tests.helpers import assert_describes, fresh_models, tiny_cfg
@@ -166,7 +167,7 @@ def test_by_writer_scores_each_row_with_its_writers_signal():
     )
     skl = Divergence("skew_forward_kl", {"alpha": 0.1})
     srkl = Divergence("skew_reverse_kl", {"alpha": 0.1, "stop_grad_mix": True})
-    ctx = SignalContext(rollout=ro, chunk_size=3)
+    ctx = StepContext(rollout=ro, chunk_size=3)
     got = ByWriter((("teacher", skl), ("student", srkl)))(student, teacher, ctx)
     on_teacher = rows < 2
     want = torch.where(on_teacher, skl(student, teacher, ctx), srkl(student, teacher, ctx))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from opd.context import StepContext
 from opd.data import Example
 from opd.errors import ConfigError, DataError
 from opd.sampling import (
     GenerationParams,
     HFBackend,
-    RolloutContext,
     dataset,
     make_rollout,
     mix,
@@ -41,7 +41,7 @@ def examples(tok, n=6, with_completion=True):
 
 def ctx_for(tiny_models, params=GREEDY, stop_ids=None):
     t, s, tok = tiny_models
-    return RolloutContext(
+    return StepContext(
         student=s,
         teacher=t,
         backend=HFBackend(),

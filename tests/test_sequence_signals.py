@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from opd.build import finish_models
+from opd.context import StepContext
 from opd.errors import ConfigError
 from opd.evaluate import generic_verify
 from opd.losses import divergence
 from opd.models import decoder_and_head
+from opd.parts import LogsMetrics
 from opd.sampling import make_rollout
 from opd.signals import (
     GOPD,
@@ -27,7 +29,6 @@ from opd.signals import (
     Reopold,
     RewardWeighted,
     SampledRKL,
-    SignalContext,
 )
 from opd.signals.tokens import discounted_returns, future_returns, pack_rows, student_entropy
 from opd.teachers import SampledLogprobs
@@ -75,7 +76,7 @@ def exact_gradient_pair(signal, seed=0):
     logp_B = torch.zeros(B, dtype=torch.float64).index_add(0, student.row_index_N, logp_N)
     kl = (logq_B.exp() * (logq_B - logp_B)).sum()
     (g_exact,) = torch.autograd.grad(kl, student.head_VD)
-    values_N = signal(student, teacher, SignalContext(chunk_size=5))
+    values_N = signal(student, teacher, StepContext(chunk_size=5))
     q_B = logq_B.detach().exp()
     surrogate = (q_B[student.row_index_N] * values_N).sum()  # E_{y~q} Σ_t value_t, exactly
     (g_signal,) = torch.autograd.grad(surrogate, student.head_VD)
@@ -127,22 +128,22 @@ def test_discounted_returns_edge_cases():
 
 def test_sampled_rkl_per_token_form():
     student, teacher, _ = tabular()
-    values = SampledRKL()(student, teacher, SignalContext(chunk_size=4))
+    values = SampledRKL()(student, teacher, StepContext(chunk_size=4))
     logq = token_logprobs_of(student, student.head_VD)
     a = -(logq.detach() - token_logprobs_of(student, teacher.head_VD))
     torch.testing.assert_close(values, -a * logq)
     # sampled-only scores give the same values as full-logits scores
     sampled = TeacherScores(token_logprobs_N=token_logprobs_of(student, teacher.head_VD))
-    torch.testing.assert_close(SampledRKL()(student, sampled, SignalContext()), values)
+    torch.testing.assert_close(SampledRKL()(student, sampled, StepContext()), values)
     torch.testing.assert_close(
-        SampledRKL()(student, sampled, SignalContext(materialize=True)), values
+        SampledRKL()(student, sampled, StepContext(materialize=True)), values
     )
 
 
 def test_sampled_rkl_is_zero_when_teacher_equals_student():
     student, teacher, _ = tabular(same=True)
     for discount in (0.0, 1.0):
-        values = SampledRKL(discount)(student, teacher, SignalContext())
+        values = SampledRKL(discount)(student, teacher, StepContext())
         torch.testing.assert_close(values, torch.zeros_like(values))
         (grad,) = torch.autograd.grad(values.sum(), student.head_VD)
         torch.testing.assert_close(grad, torch.zeros_like(grad))
@@ -168,8 +169,8 @@ def test_minillm_expected_gradient_is_the_sequence_reverse_kl_gradient():
 def test_minillm_chunked_and_materialized_agree():
     student, teacher, _ = tabular(seed=3)
     sig = MiniLLMPolicyGradient()
-    a = sig(student, teacher, SignalContext(chunk_size=4))
-    b = sig(student, teacher, SignalContext(materialize=True))
+    a = sig(student, teacher, StepContext(chunk_size=4))
+    b = sig(student, teacher, StepContext(materialize=True))
     torch.testing.assert_close(a, b)
     ga = torch.autograd.grad(a.sum(), student.head_VD)[0]
     gb = torch.autograd.grad(b.sum(), student.head_VD)[0]
@@ -178,7 +179,7 @@ def test_minillm_chunked_and_materialized_agree():
 
 def test_ketchup_with_k_at_least_t_is_minillm_and_k1_is_one_step():
     student, teacher, _ = tabular(seed=2)
-    ctx = SignalContext(chunk_size=7)
+    ctx = StepContext(chunk_size=7)
     full = MiniLLMPolicyGradient(whiten=False)(student, teacher, ctx)
     torch.testing.assert_close(Ketchup(k=T, whiten=False)(student, teacher, ctx), full)
     torch.testing.assert_close(Ketchup(k=100, whiten=False)(student, teacher, ctx), full)
@@ -214,7 +215,7 @@ def test_minillm_clips_the_importance_ratio_like_ppo():
     logq = token_logprobs_of(student, student.head_VD)
     c_N = torch.rand(len(logq), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for w in (1.1, 2.0, 0.3):
-        ctx = SignalContext(rollout=dataclasses.replace(ro, token_weight_BT=torch.full((B, T), w)))
+        ctx = StepContext(rollout=dataclasses.replace(ro, token_weight_BT=torch.full((B, T), w)))
         loss_N = sig(student, teacher, ctx) * w  # the loop multiplies by the sampler weight
         (g,) = torch.autograd.grad((c_N * loss_N).sum(), student.head_VD)
         # PPO: a token's gradient vanishes when its ratio w is clipped in its advantage's direction
@@ -232,7 +233,7 @@ def test_minillm_clips_the_importance_ratio_like_ppo():
 
 def test_gopd_lambda_one_is_sampled_rkl():
     student, teacher, _ = tabular(seed=5)
-    ctx = SignalContext()
+    ctx = StepContext()
     torch.testing.assert_close(
         GOPD(lam=1.0)(student, teacher, ctx), SampledRKL()(student, teacher, ctx)
     )
@@ -255,7 +256,7 @@ def tiny_pair(tok):
 
 def test_gopd_with_the_current_student_as_reference(tiny_pair):
     models, ro, rows, scores = tiny_pair
-    ctx = SignalContext(rollout=ro, models=models)
+    ctx = StepContext(rollout=ro, models=models)
     base = SampledRKL()(rows, scores, ctx)
     # π_ref = π_θ: A = λ (log p − log q), i.e. λ × the OPD advantage
     got = GOPD(lam=2.0, reference=models.student)(rows, scores, ctx)
@@ -279,7 +280,7 @@ def test_gopd_with_the_current_student_as_reference(tiny_pair):
 
 def test_reopold_clips_rewards_from_below_and_keeps_high_entropy_tokens():
     student, teacher, _ = tabular(seed=6)
-    ctx = SignalContext()
+    ctx = StepContext()
     logq = token_logprobs_of(student, student.head_VD)
     r = token_logprobs_of(student, teacher.head_VD) - logq.detach()
     all_tokens = Reopold(lam=0.2, top_entropy=1.0)(student, teacher, ctx)
@@ -294,7 +295,7 @@ def test_reopold_clips_rewards_from_below_and_keeps_high_entropy_tokens():
     assert entropy[kept].min() >= entropy[~kept].max() - 1e-12
     torch.testing.assert_close(some[kept], all_tokens[kept] * n / n_keep)
     # refinement: after the switch point it is plain sampled-token OPD
-    late = SignalContext(step=9, total_steps=10)
+    late = StepContext(step=9, total_steps=10)
     torch.testing.assert_close(
         Reopold(refine_after=0.5)(student, teacher, late), SampledRKL()(student, teacher, late)
     )
@@ -322,7 +323,7 @@ def test_reward_weighted_uses_the_verifier_and_the_kl(tok):
         ro.completion_mask_BT.nonzero()[:, 0],
     )
     teacher = TeacherScores(hidden_ND=rows.hidden_ND * 2, head_VD=rows.head_VD.detach().flip(0))
-    ctx = SignalContext(rollout=ro, tokenizer=tok, verify=generic_verify)
+    ctx = StepContext(rollout=ro, tokenizer=tok, verify=generic_verify)
     values = RewardWeighted(beta=0.5)(rows, teacher, ctx)
     R = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
     logq = token_logprobs_of(rows, rows.head_VD)
@@ -330,7 +331,9 @@ def test_reward_weighted_uses_the_verifier_and_the_kl(tok):
         "reverse_kl", rows.hidden_ND @ rows.head_VD.T, teacher.hidden_ND @ teacher.head_VD.T
     )
     torch.testing.assert_close(values, -(R - R.mean())[rows.row_index_N] * logq + 0.5 * kl)
-    assert ro.info["reward_mean"] == pytest.approx(2 / 3)
+    # the mean reward is reported to the context for the step row, not written into the rollout
+    assert ctx.metrics == {"reward_mean": pytest.approx(2 / 3)} and ro.info == {}
+    assert isinstance(RewardWeighted(), LogsMetrics) and set(ctx.metrics) <= RewardWeighted.logs
     assert RewardWeighted(kl="sampled").requires == frozenset({"token_logprobs"})
     sampled = RewardWeighted(beta=0.5, kl="sampled")(rows, teacher, ctx)
     logits_t = teacher.hidden_ND @ teacher.head_VD.T

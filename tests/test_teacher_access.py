@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from opd.build import finish_models
+from opd.context import StepContext
 from opd.errors import ConfigError
 from opd.losses import divergence
 from opd.method import Method
 from opd.sampling import make_rollout, student
-from opd.signals import Divergence, MiniLLMPolicyGradient, SampledRKL, SignalContext
+from opd.signals import Divergence, MiniLLMPolicyGradient, SampledRKL
 from opd.signals.topk import TopKDivergence, bucket_logprobs, chunked_bucket_logprobs
 from opd.teachers import TAIL_ID, FullLogits, SampledLogprobs, TopK
 from opd.teachers.topk import TAIL_FLOOR, log1mexp, teacher_topk_buckets, with_tail
@@ -152,7 +153,7 @@ def test_bucket_logprobs_chunked_matches_plain_values_and_grads():
 def test_topk_divergence_with_k_equal_v_is_the_full_divergence(name):
     rows, teacher = _rows()
     full = divergence(name, rows.hidden_ND @ rows.head_VD.T, teacher.hidden_ND @ teacher.head_VD.T)
-    topk = TopKDivergence(name, k=11)(rows, teacher, SignalContext(chunk_size=3))
+    topk = TopKDivergence(name, k=11)(rows, teacher, StepContext(chunk_size=3))
     torch.testing.assert_close(topk, full)
     # and the gradient is the full divergence's gradient
     g_topk = torch.autograd.grad(topk.sum(), rows.head_VD)[0]
@@ -165,9 +166,9 @@ def test_topk_divergence_paths_agree_and_bound_the_full_kl():
     ids_NK, lp_NK = teacher_topk_buckets(teacher.hidden_ND, teacher.head_VD, 4)
     topk_scores = TeacherScores(topk_ids_NK=ids_NK, topk_logprobs_NK=lp_NK)
     sig = TopKDivergence("forward_kl", k=4)
-    chunked = sig(rows, topk_scores, SignalContext(chunk_size=2))
-    plain = sig(rows, topk_scores, SignalContext(materialize=True))
-    from_full = sig(rows, teacher, SignalContext(chunk_size=5))
+    chunked = sig(rows, topk_scores, StepContext(chunk_size=2))
+    plain = sig(rows, topk_scores, StepContext(materialize=True))
+    from_full = sig(rows, teacher, StepContext(chunk_size=5))
     torch.testing.assert_close(chunked, plain)
     torch.testing.assert_close(chunked, from_full)
     g_c = torch.autograd.grad(chunked.sum(), [rows.hidden_ND, rows.head_VD])
@@ -181,7 +182,7 @@ def test_topk_divergence_paths_agree_and_bound_the_full_kl():
         chunked >= 0
     ).all()  # KL chain rule: coarser ≤ finer
     with pytest.raises(ConfigError, match="same k"):
-        TopKDivergence("forward_kl", k=3)(rows, topk_scores, SignalContext())
+        TopKDivergence("forward_kl", k=3)(rows, topk_scores, StepContext())
 
 
 def test_topk_divergence_runs_on_a_tiny_teacher(models, rollout):
@@ -194,5 +195,5 @@ def test_topk_divergence_runs_on_a_tiny_teacher(models, rollout):
         torch.zeros(n, dtype=torch.long),
         torch.zeros(n, dtype=torch.long),
     )
-    values = TopKDivergence("reverse_kl")(rows, scores, SignalContext(chunk_size=4))
+    values = TopKDivergence("reverse_kl")(rows, scores, StepContext(chunk_size=4))
     assert values.shape == (n,) and torch.isfinite(values).all() and (values >= -1e-6).all()

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from opd.context import StepContext
 from opd.errors import ConfigError
 from opd.logs import read_metrics
 from opd.train import distill, lr_lambda
@@ -98,8 +99,7 @@ def test_chunked_and_materialized_paths_agree(tmp_path, prompt_file, tok):
 def test_micro_step_gradients_match_reference_float64(tok, recipe):
     from opd.data import Example
     from opd.recipes import get_recipe
-    from opd.sampling import GenerationParams, HFBackend, RolloutContext
-    from opd.signals import SignalContext
+    from opd.sampling import GenerationParams, HFBackend
     from opd.train import micro_step
 
     models = fresh_models(tok)
@@ -107,7 +107,7 @@ def test_micro_step_gradients_match_reference_float64(tok, recipe):
     models.teacher.double()
     method = get_recipe(recipe).build()
     exs = [Example((5 + i, 6, 7 + i), (8, 9, 2), "1", f"m:{i}", "") for i in range(3)]
-    ctx = RolloutContext(
+    ctx = StepContext(
         models.student,
         models.teacher,
         HFBackend(),
@@ -121,7 +121,7 @@ def test_micro_step_gradients_match_reference_float64(tok, recipe):
     for materialize in (False, True):
         models.student.zero_grad()
         loss, _, _ = micro_step(
-            method, models, rollout, SignalContext(chunk_size=4, materialize=materialize), "cpu"
+            method, models, rollout, StepContext(chunk_size=4, materialize=materialize), "cpu"
         )
         loss.backward()
         losses.append(loss.item())

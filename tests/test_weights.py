@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
+from opd.context import StepContext
 from opd.errors import ConfigError
 from opd.method import Method
 from opd.sampling import make_rollout, student
-from opd.signals import Divergence, Linear, SignalContext
+from opd.signals import Divergence, Linear
 from opd.teachers import FullLogits
 from opd.types import StudentRows, TeacherScores
 from opd.weights import (
@@ -45,7 +46,7 @@ def rows(n=7, d=5, v=11, seed=0, targets=None, dtype=torch.float64):
 def call(weight, values, s=None, t=None, **ctx):
     if s is None:
         s, t = rows(n=len(values))
-    return weight(torch.as_tensor(values, dtype=torch.float64), s, t, None, SignalContext(**ctx))
+    return weight(torch.as_tensor(values, dtype=torch.float64), s, t, None, StepContext(**ctx))
 
 
 # --------------------------------------------------------------------------- SpecialTokenMask
@@ -149,7 +150,7 @@ def test_selectkd_verify_accepts_tokens_in_teacher_topk():
         target_ids_N=torch.tensor([4, 3]),  # row 0: rank 2 of 6; row 1: rank 4 of 6
         row_index_N=torch.tensor([0, 0]),
     )
-    ctx = SignalContext(chunk_size=1)
+    ctx = StepContext(chunk_size=1)
     values = torch.ones(2)
     assert SelecTKDVerify(k=2)(values, s, teacher, None, ctx).tolist() == [1, 0]
     assert SelecTKDVerify(k=4)(values, s, teacher, None, ctx).tolist() == [1, 1]
@@ -253,7 +254,7 @@ def test_weights_on_tiny_models_match_model_logits_and_backprop(tiny_models):
         ),
     )
     loss, _, _ = micro_step(
-        method, models, rollout, SignalContext(chunk_size=2, tokenizer=tok), "cpu"
+        method, models, rollout, StepContext(chunk_size=2, tokenizer=tok), "cpu"
     )
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0

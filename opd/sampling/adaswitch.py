@@ -27,6 +27,7 @@ from typing import ClassVar
 
 import torch
 
+from opd.context import StepContext
 from opd.errors import ConfigError
 from opd.sampling.interleaved import (
     Decoded,
@@ -35,7 +36,7 @@ from opd.sampling.interleaved import (
     sample_probs,
     share,
 )
-from opd.sampling.sources import RolloutContext, answers_of, make_rollout, prompts_of
+from opd.sampling.sources import answers_of, make_rollout, prompts_of
 
 
 def switch_decode(
@@ -108,7 +109,7 @@ class AdaSwitch:
         if self.window < 1:
             raise ConfigError(f"adaswitch: 'window' must be >= 1, got {self.window}")
 
-    def rollout(self, examples, ctx: RolloutContext):
+    def rollout(self, examples, ctx: StepContext):
         prompts, answers = prompts_of(examples), answers_of(examples)
         dec = switch_decode(ctx, prompts, float(self.tau), self.divergence, self.scale, self.window)
         by_student = dec.records["by_student"]

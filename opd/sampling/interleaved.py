@@ -29,10 +29,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from opd.context import StepContext
 from opd.errors import ConfigError
 from opd.sampling.backends.base import GenerationParams
 from opd.sampling.backends.hf import cut_at_stop, left_pad
-from opd.sampling.sources import RolloutContext
 
 Pick = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """pick(logits_s_BV, logits_t_BV) -> next token ids (B,); float32 logits, shared V. A rule
@@ -108,7 +108,7 @@ def _eval_mode(*models):
 
 
 @torch.no_grad()
-def decode(ctx: RolloutContext, prompts: Sequence[Sequence[int]], pick: Pick) -> list[list[int]]:
+def decode(ctx: StepContext, prompts: Sequence[Sequence[int]], pick: Pick) -> list[list[int]]:
     """Decode student and teacher side by side; `pick` chooses every token.
 
     Args:

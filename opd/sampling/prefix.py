@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from opd.context import StepContext
 from opd.errors import ConfigError
-from opd.sampling.sources import RolloutContext, StudentPrefixes
+from opd.sampling.sources import StudentPrefixes
 from opd.types import Rollout
 
 
@@ -77,7 +78,7 @@ class Prefix:
         p = min(1.0, max(0.0, progress))
         return int(round(self.length + (self.length_end - self.length) * p))
 
-    def rollout(self, examples, ctx: RolloutContext) -> Rollout:
+    def rollout(self, examples, ctx: StepContext) -> Rollout:
         L = self.length_at(ctx.step / max(1, ctx.total_steps))
         capped = replace(
             ctx, params=replace(ctx.params, max_new_tokens=min(L, ctx.params.max_new_tokens))

@@ -31,8 +31,9 @@ from collections import deque
 
 import torch
 
+from opd.context import StepContext
 from opd.errors import ConfigError
-from opd.sampling.sources import DatasetPrefixes, RolloutContext, TeacherPrefixes, make_rollout
+from opd.sampling.sources import DatasetPrefixes, TeacherPrefixes, make_rollout
 from opd.types import Rollout
 
 _OTHERS = {"dataset": DatasetPrefixes, "teacher": TeacherPrefixes}
@@ -82,7 +83,7 @@ class Replay:
         p = min(1.0, max(0.0, progress))
         return self.rho_start + (self.rho_end - self.rho_start) * p
 
-    def rollout(self, examples, ctx: RolloutContext) -> Rollout:
+    def rollout(self, examples, ctx: StepContext) -> Rollout:
         progress = min(1.0, ctx.step / max(1, ctx.total_steps))
         rho = self.rho(progress)
         r = float(torch.rand(()))  # one coin per batch, global RNG (restored on resume)
@@ -100,14 +101,14 @@ class Replay:
         )
         return ro
 
-    def _fresh(self, examples, ctx: RolloutContext) -> Rollout:
+    def _fresh(self, examples, ctx: StepContext) -> Rollout:
         prompts = [tuple(ex.prompt_ids) for ex in examples]
         comps = ctx.generate(ctx.student, prompts)
         for ex, p, c in zip(examples, prompts, comps):
             self.buffer.append((p, tuple(c), ex.answer))
         return make_rollout(prompts, comps, ctx.pad_id, "student", [ex.answer for ex in examples])
 
-    def _replay(self, B: int, ctx: RolloutContext) -> Rollout:
+    def _replay(self, B: int, ctx: StepContext) -> Rollout:
         n = len(self.buffer)
         # Without replacement (DistiLLM's random.sample) when the buffer holds a batch.
         idx = torch.randperm(n)[:B] if n >= B else torch.randint(n, (B,))

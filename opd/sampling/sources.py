@@ -17,31 +17,10 @@ from typing import Protocol, Sequence
 
 import torch
 
+from opd.context import StepContext
 from opd.errors import ConfigError, DataError
-from opd.sampling.backends.base import GenerationBackend, GenerationParams
 from opd.sampling.backends.hf import left_pad
 from opd.types import Rollout
-
-
-@dataclass
-class RolloutContext:
-    """Everything a prefix source may use to write completions."""
-
-    student: torch.nn.Module
-    teacher: torch.nn.Module | None
-    backend: GenerationBackend
-    params: GenerationParams
-    pad_id: int
-    stop_ids: tuple[int, ...]
-    step: int = 0
-    total_steps: int = 1
-    verify: object = None  # the task's verifier `verify(text, answer) -> bool`, if any
-    tokenizer: object = None
-
-    def generate(self, model, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-        return self.backend.generate(
-            model, prompts, self.params, pad_id=self.pad_id, stop_ids=self.stop_ids
-        )
 
 
 class PrefixSource(Protocol):
@@ -50,7 +29,7 @@ class PrefixSource(Protocol):
     needs_completions: bool  # True if it reads the rows' reference completions
     needs_teacher_model: bool  # True if it runs the teacher for generation
 
-    def rollout(self, examples: Sequence, ctx: RolloutContext) -> Rollout: ...
+    def rollout(self, examples: Sequence, ctx: StepContext) -> Rollout: ...
 
     def describe(self) -> str: ...
 
@@ -105,7 +84,7 @@ class DatasetPrefixes:
     needs_completions: bool = True
     needs_teacher_model: bool = False
 
-    def rollout(self, examples, ctx: RolloutContext) -> Rollout:
+    def rollout(self, examples, ctx: StepContext) -> Rollout:
         comps = []
         for ex in examples:
             if ex.completion_ids is None:
@@ -129,7 +108,7 @@ class TeacherPrefixes:
     needs_completions: bool = False
     needs_teacher_model: bool = True
 
-    def rollout(self, examples, ctx: RolloutContext) -> Rollout:
+    def rollout(self, examples, ctx: StepContext) -> Rollout:
         if ctx.teacher is None:
             raise ConfigError("the 'teacher' prefix source needs a local teacher model")
         comps = ctx.generate(ctx.teacher, prompts_of(examples))
@@ -148,7 +127,7 @@ class StudentPrefixes:
     needs_completions: bool = False
     needs_teacher_model: bool = False
 
-    def rollout(self, examples, ctx: RolloutContext) -> Rollout:
+    def rollout(self, examples, ctx: StepContext) -> Rollout:
         comps = ctx.generate(ctx.student, prompts_of(examples))
         return make_rollout(
             prompts_of(examples), comps, ctx.pad_id, "student", answers_of(examples)
@@ -182,7 +161,7 @@ class Mix:
     def needs_teacher_model(self) -> bool:
         return self.other == "teacher" and self.student < 1.0
 
-    def rollout(self, examples, ctx: RolloutContext) -> Rollout:
+    def rollout(self, examples, ctx: StepContext) -> Rollout:
         # One coin per batch, from torch's global RNG (restored on resume).
         on_policy = bool(torch.rand(()) < self.student)
         source = StudentPrefixes() if on_policy else _OTHERS[self.other]

@@ -31,6 +31,7 @@ from typing import ClassVar
 
 import torch
 
+from opd.context import StepContext
 from opd.errors import ConfigError
 from opd.sampling.interleaved import (
     Decoded,
@@ -39,7 +40,7 @@ from opd.sampling.interleaved import (
     sample_probs,
     share,
 )
-from opd.sampling.sources import RolloutContext, answers_of, make_rollout, prompts_of
+from opd.sampling.sources import answers_of, make_rollout, prompts_of
 
 
 def mixture_decode(ctx, prompts, alpha: float, clip: float | None) -> Decoded:
@@ -90,7 +91,7 @@ class TokenMix:
         if self.clip is not None and not 0.0 <= self.clip < 1.0:
             raise ConfigError(f"token_mix: 'clip' must be None or in [0, 1), got {self.clip}")
 
-    def rollout(self, examples, ctx: RolloutContext):
+    def rollout(self, examples, ctx: StepContext):
         prompts, answers = prompts_of(examples), answers_of(examples)
         dec = mixture_decode(ctx, prompts, self.alpha, self.clip)
         weights = dec.records["weight"]
@@ -123,7 +124,7 @@ class Speculative:
         if int(self.k) != self.k or self.k < 1:
             raise ConfigError(f"speculative: 'k' must be a positive integer, got {self.k}")
 
-    def rollout(self, examples, ctx: RolloutContext):
+    def rollout(self, examples, ctx: StepContext):
         prompts, answers = prompts_of(examples), answers_of(examples)
         dec = speculative_decode(ctx, prompts, int(self.k))
         info = {"student_share": share(dec.records["by_student"])}

@@ -9,12 +9,12 @@ reduced; the loop multiplies it by the token weights and reduces it (docs/method
                         `MiniLLMPolicyGradient`, `Ketchup`, `Reopold`, `RewardWeighted`
     tokens.py           their per-token inputs (log q(y_t), log p(y_t), entropies, returns)
     combinators.py      `ByProgress`, `ByWriter`, `Paired`, `two_stage_kl`, `prefix_source`
-    schedules.py        `Linear` and parameter resolution; `requirements`, `leaf_parts`
-    context.py          `SignalContext`
+    schedules.py        `Linear` and parameter resolution; `requirements`, `leaf_parts`,
+                        `logged_names`
 
 Every signal has `requires` (a frozenset of teacher outputs: "full_logits", "topk_logprobs",
 "token_logprobs"), `__call__(student, teacher, ctx) -> (N,)` and `describe()`; the interface
-is `opd.parts.Signal`.
+is `opd.parts.Signal`. The context `ctx` is `opd.context.StepContext`.
 """
 
 from opd.signals.combinators import (
@@ -25,7 +25,6 @@ from opd.signals.combinators import (
     prefix_source,
     two_stage_kl,
 )
-from opd.signals.context import SignalContext
 from opd.signals.divergence import Divergence
 from opd.signals.policy_gradient import (
     GOPD,
@@ -35,7 +34,14 @@ from opd.signals.policy_gradient import (
     RewardWeighted,
     SampledRKL,
 )
-from opd.signals.schedules import Linear, leaf_parts, requirements, resolve, resolve_params
+from opd.signals.schedules import (
+    Linear,
+    leaf_parts,
+    logged_names,
+    requirements,
+    resolve,
+    resolve_params,
+)
 from opd.signals.topk import TopKDivergence
 
 __all__ = [
@@ -51,9 +57,9 @@ __all__ = [
     "Reopold",
     "RewardWeighted",
     "SampledRKL",
-    "SignalContext",
     "TopKDivergence",
     "leaf_parts",
+    "logged_names",
     "prefix_source",
     "requirements",
     "resolve",

@@ -36,8 +36,8 @@ PREFIX_SOURCES = ("student", "dataset", "teacher", "mix")
 class ByProgress:
     """Stages `((until_1, part_1), (until_2, part_2), ...)`, boundaries in (0, 1], increasing.
 
-    Works for signals (called with a SignalContext) and prefix sources (`rollout(examples,
-    ctx)` with a RolloutContext); the stage is chosen by step / total_steps.
+    Works for signals and prefix sources (both called with the loop's `opd.context
+    .StepContext`); the stage is chosen by step / total_steps.
     """
 
     stages: tuple

@@ -17,10 +17,10 @@ from typing import ClassVar
 
 import torch
 
+from opd.context import StepContext
 from opd.errors import ConfigError
 from opd.losses import DIVERGENCES, chunked_divergence, chunked_weighted_divergence, divergence
 from opd.losses.mixture import chunked_mixture_divergence, mixture_logits
-from opd.signals.context import SignalContext
 from opd.signals.schedules import resolve_params
 from opd.types import StudentRows, TeacherScores
 
@@ -86,11 +86,11 @@ class Divergence:
             and resolve_params(self.params, progress).get("beta") == 1.0
         )
 
-    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext):
+    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: StepContext):
         values_N = self._values(student, teacher, ctx)
         return values_N * self.scale if self.scale != 1.0 else values_N
 
-    def _values(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext):
+    def _values(self, student: StudentRows, teacher: TeacherScores, ctx: StepContext):
         params = resolve_params(self.params, ctx.progress)
         tau = self.temperature
         dtype = student.hidden_ND.dtype
@@ -126,7 +126,7 @@ class Divergence:
         )
 
     def weighted_loss(
-        self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext, coef_N: torch.Tensor
+        self, student: StudentRows, teacher: TeacherScores, ctx: StepContext, coef_N: torch.Tensor
     ):
         """(Σ_n c_n · D_n, values_N) in one pass over the heads (gradient taken in the forward,
         `chunked_weighted_divergence`), or None where that path does not apply (ensembles,

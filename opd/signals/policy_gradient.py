@@ -86,9 +86,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from opd.context import StepContext
 from opd.errors import ConfigError
 from opd.losses.divergences import check_unit_interval as _unit
-from opd.signals.context import SignalContext
 from opd.signals.divergence import Divergence
 from opd.signals.tokens import (
     future_returns,
@@ -127,7 +127,7 @@ class SampledRKL:
     def __post_init__(self):
         check_unit_interval("SampledRKL: discount", self.discount)
 
-    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext) -> Tensor:
+    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: StepContext) -> Tensor:
         logq_N = student_token_logprobs(student, ctx)
         logp_N = teacher_token_logprobs(teacher, student, ctx).to(logq_N.dtype)
         a_N = -(logq_N.detach() - logp_N)
@@ -170,7 +170,7 @@ class GOPD:
             ref.requires_grad_(False)
             self._cache["model"] = ref
 
-    def reference_model(self, ctx: SignalContext) -> torch.nn.Module:
+    def reference_model(self, ctx: StepContext) -> torch.nn.Module:
         if self.reference is not None:
             return self.reference
         if "model" not in self._cache:
@@ -183,7 +183,7 @@ class GOPD:
             self._cache["model"] = ref
         return self._cache["model"]
 
-    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext) -> Tensor:
+    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: StepContext) -> Tensor:
         logq_N = student_token_logprobs(student, ctx)
         logp_N = teacher_token_logprobs(teacher, student, ctx).to(logq_N.dtype)
         if self.lam == self.kl_coef:  # π_ref cancels: A = λ(log p − log q)
@@ -233,7 +233,7 @@ class MiniLLMPolicyGradient:
     def horizon(self) -> int | None:
         return None
 
-    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext) -> Tensor:
+    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: StepContext) -> Tensor:
         logq_N = student_token_logprobs(student, ctx)
         logp_N = teacher_token_logprobs(teacher, student, ctx).to(logq_N.dtype)
         r_N = logp_N - logq_N.detach()
@@ -310,7 +310,7 @@ class Reopold:
     def floor(self) -> float:
         return math.log(self.lam / (1.0 - self.lam))
 
-    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext) -> Tensor:
+    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: StepContext) -> Tensor:
         logq_N = student_token_logprobs(student, ctx)
         logp_N = teacher_token_logprobs(teacher, student, ctx).to(logq_N.dtype)
         r_N = logp_N - logq_N.detach()
@@ -344,6 +344,7 @@ class RewardWeighted:
 
     beta: float = 1.0
     kl: str = "full"
+    logs: ClassVar[frozenset] = frozenset({"reward_mean"})  # opd.parts.LogsMetrics
 
     def __post_init__(self):
         if self.kl not in ("full", "sampled"):
@@ -355,7 +356,7 @@ class RewardWeighted:
     def requires(self) -> frozenset:
         return frozenset({"full_logits" if self.kl == "full" else "token_logprobs"})
 
-    def rewards(self, ctx: SignalContext, device) -> Tensor:
+    def rewards(self, ctx: StepContext, device) -> Tensor:
         """(B,) 1.0 where the verifier accepts row b's decoded completion, else 0.0."""
         rollout = ctx.rollout
         if rollout is None or ctx.tokenizer is None or ctx.verify is None:
@@ -369,10 +370,10 @@ class RewardWeighted:
             rewards.append(float(bool(ctx.verify(text, rollout.answers[b]))))
         return torch.tensor(rewards, device=device)
 
-    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext) -> Tensor:
+    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: StepContext) -> Tensor:
         logq_N = student_token_logprobs(student, ctx)
         R_B = self.rewards(ctx, logq_N.device).to(logq_N.dtype)
-        ctx.rollout.info["reward_mean"] = float(R_B.mean())  # logged by the loop
+        ctx.log("reward_mean", R_B.mean())  # mean verifier reward of this micro-batch
         pg_N = -(R_B - R_B.mean())[student.row_index_N] * logq_N
         if self.kl == "full":
             kl_N = _REVERSE_KL(student, teacher, ctx).to(pg_N.dtype)

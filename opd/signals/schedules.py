@@ -5,7 +5,8 @@
   some token weights, may be a schedule; `resolve(value, progress)` evaluates one value and
   `resolve_params(params, progress)` a dict of them.
 - `requirements(part)`: the teacher outputs a part needs, as a frozenset; `leaf_parts(part)`
-  the labelled leaves of a combinator (stages of `ByProgress`, writers of `ByWriter`).
+  the labelled leaves of a combinator (stages of `ByProgress`, writers of `ByWriter`);
+  `logged_names(part)` the metric names its leaves report with `ctx.log`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ def requirements(part) -> frozenset:
     if isinstance(req, str):
         return frozenset({req})
     return frozenset(req)
+
+
+def logged_names(part) -> frozenset:
+    """The names a part (or any leaf of a combinator) reports with `ctx.log`: the union of
+    the leaves' `logs` (`opd.parts.LogsMetrics`)."""
+    return frozenset().union(*(frozenset(getattr(p, "logs", ())) for _, p in leaf_parts(part)))
 
 
 def leaf_parts(part, label: str = "") -> list:

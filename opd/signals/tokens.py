@@ -15,15 +15,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from opd.context import StepContext
 from opd.errors import ConfigError
 from opd.losses import chunked_token_logprobs, token_logprobs
-from opd.signals.context import SignalContext
 from opd.types import StudentRows, TeacherScores
 
 # --- per-token inputs ------------------------------------------------------------------------
 
 
-def student_token_logprobs(student: StudentRows, ctx: SignalContext) -> Tensor:
+def student_token_logprobs(student: StudentRows, ctx: StepContext) -> Tensor:
     """(N,) log q(y_t), differentiable; the (N, V) reference path when ctx.materialize."""
     if ctx.materialize:
         return token_logprobs(student.hidden_ND @ student.head_VD.T, student.target_ids_N)
@@ -34,7 +34,7 @@ def student_token_logprobs(student: StudentRows, ctx: SignalContext) -> Tensor:
 
 @torch.no_grad()
 def teacher_token_logprobs(
-    teacher: TeacherScores, student: StudentRows, ctx: SignalContext
+    teacher: TeacherScores, student: StudentRows, ctx: StepContext
 ) -> Tensor:
     """(N,) log p(y_t): the sampled scores if given, else computed from full-logits rows."""
     if teacher.token_logprobs_N is not None:
@@ -92,7 +92,7 @@ def student_entropy(student: StudentRows, chunk_size: int = 512) -> Tensor:
     return row_entropy(student.hidden_ND, student.head_VD, 1.0, chunk_size)
 
 
-def sampler_weights(ctx: SignalContext, like_N: Tensor) -> Tensor:
+def sampler_weights(ctx: StepContext, like_N: Tensor) -> Tensor:
     """(N,) the rollout's sampler weights w_t (1 where there are none)."""
     rollout = ctx.rollout
     if rollout is None or rollout.token_weight_BT is None:

@@ -38,10 +38,10 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from opd.context import StepContext
 from opd.errors import ConfigError
 from opd.losses import divergence
 from opd.losses.divergences import log_probs, upcast
-from opd.signals.context import SignalContext
 from opd.signals.divergence import check_divergence_spec, params_key
 from opd.signals.schedules import resolve_params
 from opd.teachers.topk import TAIL_FLOOR, teacher_topk_buckets
@@ -138,7 +138,7 @@ class TopKDivergence:
         return hash((self.name, self.k, self.temperature, params_key(self.params)))
 
     def teacher_buckets(
-        self, teacher: TeacherScores, ctx: SignalContext, dtype
+        self, teacher: TeacherScores, ctx: StepContext, dtype
     ) -> tuple[Tensor, Tensor]:
         """(ids_NK of the k tokens, (N, k + 1) teacher bucket log-probabilities)."""
         if teacher.topk_logprobs_NK is not None:
@@ -162,7 +162,7 @@ class TopKDivergence:
         )
         return ids_NK1[:, :-1], logprobs_NK1
 
-    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: SignalContext) -> Tensor:
+    def __call__(self, student: StudentRows, teacher: TeacherScores, ctx: StepContext) -> Tensor:
         ids_NK, teacher_NK1 = self.teacher_buckets(teacher, ctx, student.hidden_ND.dtype)
         if ctx.materialize:
             logits_NV = student.hidden_ND @ student.head_VD.T
