@@ -347,8 +347,15 @@ def resolve_output_dir(cfg: RunConfig) -> Path:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    """Write the config as YAML atomically (temp file + fsync + os.replace)."""
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the config as YAML atomically (temp file + fsync + os.replace).
+
+    With `train.epochs` > 0 the number of steps is derived from the data (`resolve_steps`),
+    so `train.steps` is left out: the file can be given back with --config.
+    """
+    data = to_dict(cfg)
+    if cfg.train.epochs > 0:
+        data["train"].pop("steps", None)
+    atomic_write_text(Path(path), yaml.safe_dump(data, sort_keys=False))
 
 
 def config_help() -> str:

@@ -152,3 +152,15 @@ def test_epochs_set_the_number_of_steps(tmp_path, prompt_file, tok):
     steps = [r["step"] for r in read_metrics(res.run_dir / "metrics.jsonl") if "event" not in r]
     assert steps == [1, 2, 3, 4]
     assert any("train.epochs=1.5: 4 steps over 20 training prompts" in ln for ln in logged)
+    # the saved config leaves the derived steps out, so it can be given back with --config
+    # (a file with both train.steps and train.epochs is refused) and resumed
+    again = load_config(res.run_dir / "config.yaml", [f"output_dir={tmp_path / 'again'}"])
+    assert again.train.epochs == 1.5 and again.train.steps == load_config().train.steps
+    resumed = distill(
+        load_config(res.run_dir / "config.yaml"),
+        models=fresh_models(tok),
+        resume=True,
+        evaluate=False,
+        log=lambda *_: None,
+    )
+    assert resumed.already_finished and len(resumed.losses) == 4
