@@ -260,7 +260,7 @@ def _eval_target(args):
     run_dir = Path(overrides.pop(0))
     if args.config:
         raise OpdError("opd eval: give RUN_DIR or --config, not both")
-    cfg = load_run_config(run_dir, overrides)
+    cfg = load_run_config(run_dir, overrides, resume=False)
     if not any(parse_override(o)[0] in ("model.student", "student") for o in overrides):
         student = run_dir / "student"
         if not student.is_dir():
@@ -336,8 +336,8 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _quiet_libraries()
     try:
+        _quiet_libraries()  # imports transformers: a Ctrl-C here is an interruption too
         return _dispatch(args)
     except OpdError as err:
         if args.debug:

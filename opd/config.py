@@ -305,11 +305,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     return cfg
 
 
-def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> RunConfig:
+def load_run_config(
+    run_dir: str | Path, overrides: list[str] = (), *, resume: bool = True
+) -> RunConfig:
     """The saved config of the run in `run_dir` plus overrides, for --resume and `opd eval`.
 
     A missing, empty, unreadable or invalid config.yaml is a ConfigError naming it; defaults
-    are never substituted. `output_dir` is set to `run_dir`.
+    are never substituted. `output_dir` is set to `run_dir`. With `resume`, an override of a
+    setting in `FIXED_ON_RESUME` (method, models, data, batch order) is refused.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -319,9 +322,37 @@ def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> RunConfig
         raise ConfigError(f"'{run_dir}' is not a run folder: '{path}' does not exist")
     cfg, set_keys = RunConfig(), set()
     _apply_file(cfg, path, set_keys, what="run config")
+    saved = to_dict(cfg)
     _apply_overrides(cfg, overrides, set_keys)
+    now = to_dict(cfg)
+    for section, key in FIXED_ON_RESUME if resume else ():
+        if now[section][key] != saved[section][key]:
+            raise ConfigError(
+                f"{section}.{key}={now[section][key]!r}: the run in '{run_dir}' was started "
+                f"with {section}.{key}={saved[section][key]!r}, and a checkpoint cannot continue "
+                "under another method, model, data or batch order; start a new run instead"
+            )
     cfg.output_dir = str(run_dir)
     return cfg
+
+
+FIXED_ON_RESUME = (
+    ("method", "recipe"),
+    ("method", "args"),
+    ("model", "teacher"),
+    ("model", "teacher_weights"),
+    ("model", "student"),
+    ("model", "student_layers"),
+    ("model", "dtype"),
+    ("data", "train"),
+    ("data", "eval"),
+    ("data", "eval_count"),
+    ("train", "batch_size"),
+    ("train", "grad_accum"),
+    ("train", "seed"),
+)
+"""Settings an override may not change on --resume (the checkpoint depends on them);
+`opd eval RUN_DIR` (resume=False) may evaluate on other data or models."""
 
 
 def resolve_steps(cfg: RunConfig, n_train_prompts: int) -> int:

@@ -28,6 +28,12 @@ def check_type(name: str, value, tp):
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and value.strip().lower().lstrip("+-") in (
+            "inf",
+            "infinity",
+            "nan",
+        ):
+            value = float(value)  # 'inf' / 'nan' spelled out: refused below as non-finite
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)

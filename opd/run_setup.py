@@ -141,6 +141,22 @@ def check_data_fits(method: Method, data: PromptSets) -> None:
             )
 
 
+def data_warnings(cfg: RunConfig, data: PromptSets) -> list[str]:
+    """Settings that run but probably measure or train something else than intended."""
+    out, tc, d = [], cfg.train, cfg.data
+    if tc.batch_size > len(data.train):
+        out.append(
+            f"train.batch_size={tc.batch_size} is larger than the {len(data.train)} training "
+            "prompts: every batch repeats prompts"
+        )
+    if d.eval and d.eval == d.train and data.eval:
+        out.append(
+            f"data.eval is data.train ('{d.train}'): the held-out numbers are measured on "
+            "training prompts (leave data.eval empty to hold out rows of data.train)"
+        )
+    return out
+
+
 def source_lines(cfg: RunConfig, models_given: bool, data: PromptSets | None) -> list[str]:
     """The run's first lines: where the teacher, student and data come from (`data`: the
     prompt sets built from `cfg.data`, None when they were given in code)."""
@@ -217,6 +233,8 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     )
     for example in data.skipped_examples or []:
         log(f"  skipped: {example}")
+    for line in data_warnings(cfg, data):
+        log(f"warning: {line}")
 
     params = [p for p in models.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)

@@ -7,6 +7,7 @@ a resumed run continue with exactly the batches the uninterrupted run would have
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -72,9 +73,22 @@ class PromptStream:
                 self.epoch, self.index = self.epoch + 1, 0
         return batch
 
-    def state_dict(self) -> dict[str, int]:
-        """The position of the next example: {"epoch": int, "index": int}."""
-        return {"epoch": self.epoch, "index": self.index}
+    def fingerprint(self) -> str:
+        """A short hash of the training prompts (token ids, in order), stored in checkpoints."""
+        h = hashlib.sha256()
+        for ex in self.examples:
+            h.update(np.asarray(getattr(ex, "prompt_ids", ()), dtype=np.int64).tobytes() + b"|")
+        return h.hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        """The position of the next example, and what it is a position in:
+        {"epoch": int, "index": int, "examples": int, "fingerprint": str}."""
+        return {
+            "epoch": self.epoch,
+            "index": self.index,
+            "examples": len(self.examples),
+            "fingerprint": self.fingerprint(),
+        }
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         """Continue from a position saved by `state_dict` (same examples and seed)."""
@@ -83,10 +97,19 @@ class PromptStream:
             raise ConfigError(
                 f"PromptStream state must be {{'epoch': int, 'index': int}}, got {state}"
             )
+        saved_n, saved_fp = state.get("examples"), state.get("fingerprint")
+        if saved_n is not None and (saved_n, saved_fp) != (len(self.examples), self.fingerprint()):
+            raise ConfigError(
+                f"data.train: the training prompts changed since the checkpoint was written "
+                f"(it holds a position in {saved_n} prompts, fingerprint {saved_fp}; data.train "
+                f"now gives {len(self.examples)}, fingerprint {self.fingerprint()}); resume with "
+                "the same data.train file and settings, or start a new run"
+            )
         if not 0 <= index < len(self.examples):
             raise ConfigError(
-                f"PromptStream state index {index} does not fit {len(self.examples)} examples "
-                "(valid: the prompt set the state was saved with)"
+                f"data.train: the checkpoint's position {index} does not fit the "
+                f"{len(self.examples)} training prompts data.train gives now; resume with the "
+                "same data.train file and settings, or start a new run"
             )
         self.epoch, self.index = epoch, index
 

@@ -106,6 +106,8 @@ class StopRequests:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(s) is signal.SIG_IGN:
+                    continue  # e.g. SIGINT of a background job: ignored before, ignored now
                 self._old[s] = signal.signal(s, self._handle)
         return self
 

@@ -57,6 +57,8 @@ VALUE_CASES = [
     ("lr_nan", ["lr=.nan"], ["train.lr", "finite", "> 0"]),
     ("lr_overflow", ["lr=1e400"], ["train.lr", "finite"]),
     ("lr_inf", ["train.lr=.inf"], ["train.lr", "finite"]),
+    ("lr_inf_word", ["lr=inf"], ["train.lr", "finite"]),
+    ("temperature_nan_word", ["sampling.temperature=nan"], ["sampling.temperature", "finite"]),
     ("temperature_nan", ["sampling.temperature=.nan"], ["sampling.temperature", ">= 0"]),
     ("min_lr_ratio_nan", ["train.min_lr_ratio=.nan"], ["train.min_lr_ratio", "<= 1"]),
     ("top_p_nan", ["sampling.top_p=.nan"], ["sampling.top_p", "finite"]),

@@ -326,7 +326,10 @@ def test_prompt_stream_is_deterministic_and_covers_each_epoch():
     first = [i for _ in range(5) for i in _ids(next(stream))]  # 20 = exactly two epochs
     assert sorted(first[:10]) == list(range(10)) and sorted(first[10:]) == list(range(10))
     assert first[:10] != first[10:]  # a fresh shuffle each epoch
-    assert stream.state_dict() == {"epoch": 2, "index": 0}
+    state = stream.state_dict()
+    assert (state["epoch"], state["index"], state["examples"]) == (2, 0, 10)
+    assert state["fingerprint"] == PromptStream(examples, 4, seed=3).fingerprint()
+    assert state["fingerprint"] != PromptStream(examples[:9], 4, seed=3).fingerprint()
     other = [i for _ in range(5) for i in _ids(next(PromptStream(examples, 4, seed=4)))]
     assert other != first
     ordered = PromptStream(examples, 3, seed=0, shuffle=False)
@@ -341,7 +344,7 @@ def test_prompt_stream_resume_is_identical():
     for _ in range(3):
         next(straight)
     state = straight.state_dict()
-    assert state == {"epoch": 1, "index": 2}  # 9 examples consumed: epoch 0 and two more
+    assert (state["epoch"], state["index"]) == (1, 2)  # 9 examples consumed: epoch 0 and two more
     resumed = PromptStream(examples, 3, seed=11)
     resumed.load_state_dict(json.loads(json.dumps(state)))
     assert [_ids(next(resumed)) for _ in range(6)] == [_ids(next(straight)) for _ in range(6)]
@@ -352,7 +355,7 @@ def test_prompt_stream_bad_arguments():
         PromptStream(_examples(3), 0, seed=0)
     with pytest.raises(DataError):
         PromptStream([], 2, seed=0)
-    with pytest.raises(ConfigError, match="index"):
+    with pytest.raises(ConfigError, match="position 3 does not fit the 3 training prompts"):
         PromptStream(_examples(3), 2, seed=0).load_state_dict({"epoch": 0, "index": 3})
 
 
