@@ -32,12 +32,12 @@ DEMO_DEFAULTS = [
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with opd's error line: usage, then `opd: error: ...`, exit code 2."""
+    """argparse with opd's error: one `opd: error: ...` line pointing at --help, exit code 2."""
 
     def error(self, message):
-        self.print_usage(sys.stderr)
         command = self.prog.removeprefix("opd").strip()
-        self.exit(2, f"opd: error: {command + ': ' if command else ''}{message}\n")
+        where = f"{command}: " if command else ""
+        self.exit(2, f"opd: error: {where}{message} (see `{self.prog} --help`)\n")
 
 
 def _version() -> str:

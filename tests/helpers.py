@@ -117,7 +117,7 @@ def run_opd(argv: list[str]) -> CliResult:
 
 
 def assert_clean_error(res: CliResult, *needles: str) -> str:
-    """Exit code 2, one line on stderr starting 'opd: error:', no traceback, naming `needles`.
+    """Exit code 2, exactly one line on stderr ('opd: error: ...'), no traceback, naming `needles`.
 
     Returns the error line (lower-cased needles are matched case-insensitively).
     """
@@ -127,6 +127,7 @@ def assert_clean_error(res: CliResult, *needles: str) -> str:
     errors = [ln for ln in lines if ln.startswith("opd: error:")]
     assert res.code == 2, f"exit code {res.code}, stderr: {res.err!r}"
     assert len(errors) == 1, f"expected one 'opd: error:' line, stderr: {res.err!r}"
+    assert len(lines) == 1, f"stderr holds more than the error line: {res.err!r}"
     line = errors[0]
     for needle in needles:
         assert needle.lower() in line.lower(), f"{needle!r} not named in: {line}"

@@ -195,6 +195,7 @@ def test_usage_errors_use_the_opd_error_line():
     res = run_opd(["distill", "--stop-after", "-1"])
     line = assert_clean_error(res, "--stop-after", ">= 1")
     assert line.startswith("opd: error: distill: argument --stop-after")
+    assert line.endswith("(see `opd distill --help`)") and res.err.count("\n") == 1
 
 
 def test_eval_run_dir_writes_table_into_the_run(tmp_path, model_dirs):
