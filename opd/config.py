@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from opd.config_check import check_resume_overrides
 from opd.config_check import check_type as _check_type
 from opd.config_check import range_text as _range_text
 from opd.config_check import validate_field as _validate_field
@@ -312,7 +313,7 @@ def load_run_config(
 
     A missing, empty, unreadable or invalid config.yaml is a ConfigError naming it; defaults
     are never substituted. `output_dir` is set to `run_dir`. With `resume`, an override of a
-    setting in `FIXED_ON_RESUME` (method, models, data, batch order) is refused.
+    setting in `opd.config_check.FIXED_ON_RESUME` (method, models, data, batch order) is refused.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -324,35 +325,10 @@ def load_run_config(
     _apply_file(cfg, path, set_keys, what="run config")
     saved = to_dict(cfg)
     _apply_overrides(cfg, overrides, set_keys)
-    now = to_dict(cfg)
-    for section, key in FIXED_ON_RESUME if resume else ():
-        if now[section][key] != saved[section][key]:
-            raise ConfigError(
-                f"{section}.{key}={now[section][key]!r}: the run in '{run_dir}' was started "
-                f"with {section}.{key}={saved[section][key]!r}, and a checkpoint cannot continue "
-                "under another method, model, data or batch order; start a new run instead"
-            )
+    if resume:
+        check_resume_overrides(run_dir, saved, to_dict(cfg))
     cfg.output_dir = str(run_dir)
     return cfg
-
-
-FIXED_ON_RESUME = (
-    ("method", "recipe"),
-    ("method", "args"),
-    ("model", "teacher"),
-    ("model", "teacher_weights"),
-    ("model", "student"),
-    ("model", "student_layers"),
-    ("model", "dtype"),
-    ("data", "train"),
-    ("data", "eval"),
-    ("data", "eval_count"),
-    ("train", "batch_size"),
-    ("train", "grad_accum"),
-    ("train", "seed"),
-)
-"""Settings an override may not change on --resume (the checkpoint depends on them);
-`opd eval RUN_DIR` (resume=False) may evaluate on other data or models."""
 
 
 def resolve_steps(cfg: RunConfig, n_train_prompts: int) -> int:

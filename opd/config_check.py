@@ -86,3 +86,33 @@ def validate_field(name: str, f: dataclasses.Field, value):
         raise ConfigError(f"{name}: must be > {m['gt']}, got {value!r}")
     if m.get("le") is not None and value > m["le"]:
         raise ConfigError(f"{name}: must be <= {m['le']}, got {value!r}")
+
+
+FIXED_ON_RESUME = (
+    ("method", "recipe"),
+    ("method", "args"),
+    ("model", "teacher"),
+    ("model", "teacher_weights"),
+    ("model", "student"),
+    ("model", "student_layers"),
+    ("model", "dtype"),
+    ("data", "train"),
+    ("data", "eval"),
+    ("data", "eval_count"),
+    ("train", "batch_size"),
+    ("train", "grad_accum"),
+    ("train", "seed"),
+)
+"""Settings an override may not change on --resume (the checkpoint depends on them);
+`opd eval RUN_DIR` (resume=False) may evaluate on other data or models."""
+
+
+def check_resume_overrides(run_dir, saved: dict, now: dict) -> None:
+    """Refuse an override on --resume that changes a setting in `FIXED_ON_RESUME`."""
+    for section, key in FIXED_ON_RESUME:
+        if now[section][key] != saved[section][key]:
+            raise ConfigError(
+                f"{section}.{key}={now[section][key]!r}: the run in '{run_dir}' was started "
+                f"with {section}.{key}={saved[section][key]!r}, and a checkpoint cannot continue "
+                "under another method, model, data or batch order; start a new run instead"
+            )
