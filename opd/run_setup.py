@@ -17,6 +17,7 @@ The run's first log lines name the teacher, the student and the data sources.
 from __future__ import annotations
 
 import errno
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from opd.checkpoint import load_newest
 from opd.config import RunConfig, resolve_steps, save_config, to_dict
 from opd.context import StepContext
 from opd.errors import ConfigError, ModelError
+from opd.evaluate import generic_verify
 from opd.logs import MetricsLog
 from opd.method import Method
 from opd.models import shared_vocab_size
@@ -178,6 +180,18 @@ def source_lines(cfg: RunConfig, models_given: bool, data: PromptSets | None) ->
     return lines
 
 
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
 def build_method(cfg: RunConfig) -> Method:
     return get_recipe(cfg.method.recipe).build(**cfg.method.args)
 
@@ -238,8 +252,6 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
 
     params = [p for p in models.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    from opd.train import lr_lambda
-
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     )
@@ -253,8 +265,6 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
         top_p=cfg.sampling.top_p,
         top_k=cfg.sampling.top_k,
     )
-    from opd.evaluate import generic_verify
-
     verify = data.task.verify if data.task is not None else generic_verify
     ctx = StepContext(
         student=models.student,

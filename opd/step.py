@@ -36,6 +36,7 @@ probabilities is reported the same way.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 
@@ -219,7 +220,7 @@ def train_step(run, step: int) -> dict:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, tc.max_grad_norm))
     else:
         grad_norm = float(torch.norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
-    if not torch.isfinite(torch.tensor(grad_norm)):
+    if not math.isfinite(grad_norm):
         raise NonFiniteError(
             f"step {step + 1}: the gradient norm is not finite ({grad_norm}); "
             f"{causes}; the student was not updated at this step"

@@ -29,7 +29,6 @@ checkpoint or student with non-finite parameters is ever written.
 
 from __future__ import annotations
 
-import math
 import shutil
 import signal
 import threading
@@ -43,7 +42,7 @@ from opd.config import RunConfig, resolve_output_dir
 from opd.evaluate import heldout_kl
 from opd.logs import Progress
 from opd.method import Method
-from opd.run_setup import Run, build_method, component_states, setup_run
+from opd.run_setup import Run, build_method, component_states, lr_lambda, setup_run
 from opd.samples import sample_due, write_samples
 from opd.step import (
     REVERSE_KL,
@@ -117,18 +116,6 @@ class StopRequests:
 
 
 _clock = time.monotonic  # the checkpoint_minutes clock (tests replace it)
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
 
 
 def run_eval(run: Run, step: int) -> dict | None:

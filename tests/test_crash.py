@@ -19,28 +19,22 @@ import pytest
 from safetensors.torch import load_file
 
 from opd.logs import read_metrics
-from tests.helpers import save_tiny_models, write_prompts
+from tests.helpers import save_tiny_models, small_cli_args, write_prompts
 
 STEPS = 8
 
 
 def _args(models, data, out):
-    t, s = models
-    return [
-        f"model.teacher={t}",
-        f"model.student={s}",
-        f"data.train={data}",
-        f"data.eval={data}",
-        "data.eval_count=4",
+    return small_cli_args(
+        out.parent,
+        models,
+        data,
         "data.chat_template=false",
         f"train.steps={STEPS}",
-        "train.batch_size=2",
         "train.checkpoint_every=1",
         "train.threads=1",
-        "train.progress=false",
-        "sampling.max_new_tokens=4",
-        f"output_dir={out}",
-    ]
+        f"output_dir={out}",  # later overrides win
+    )
 
 
 def _start(models, data, out):

@@ -60,7 +60,7 @@ def test_staged_run_logs_reward_mean_averaged_over_micro_batches(
         calls.append(answer)
         return len(calls) - 1 in (0, 1, 2, 4)
 
-    monkeypatch.setattr("opd.evaluate.generic_verify", verify)
+    monkeypatch.setattr("opd.run_setup.generic_verify", verify)  # the loop's default verifier
     cfg = tiny_cfg(tmp_path, prompt_file, "train.steps=3", "train.grad_accum=2")
     # progress 0, 1/3, 2/3: forward KL, reverse KL, then RewardWeighted at the last step
     method = get_recipe("staged").build(warmup=0.3, on_policy=0.6)
