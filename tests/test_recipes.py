@@ -109,7 +109,9 @@ def test_tau_squared_defaults_per_recipe():
     assert not get_recipe("supervised_kd").build(tau_squared=False).signal.tau_squared
     for name in ("gkd", "distillm", "seqkd", "on_policy_rkl"):
         assert not get_recipe(name).build().signal.tau_squared, name
-    assert "τ²" in get_recipe("supervised_kd").build(temperature=2.0).signal.describe()
+    signal = get_recipe("supervised_kd").build(temperature=2.0).signal
+    assert signal.describe() == "forward_kl(temperature=2.0) × τ²"  # shown in the run's log
+    assert get_recipe("gkd").build().signal.describe() == "generalized_jsd(beta=0.5)"
 
 
 def test_requires_is_a_frozenset_on_every_part():

@@ -156,5 +156,5 @@ class Divergence:
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.params.items())
         t = f", temperature={self.temperature}" if self.temperature != 1.0 else ""
-        t += " × τ²" if self.tau_squared else ""
-        return f"{self.name}({args}{t})"
+        scale = " × τ²" if self.tau_squared else ""
+        return f"{self.name}({(args + t).lstrip(', ')}){scale}"
