@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from opd.config import RunConfig
+from opd.config_check import is_served
 from opd.data import end_of_turn_ids
 from opd.data.sets import PromptSets, build_data  # noqa: F401 - re-exported: opd.build is the entry
 from opd.errors import ConfigError
@@ -31,7 +32,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Models:
     """Teacher, student and the tokenizer they share (plus the shared vocabulary size)."""
 
-    teacher: torch.nn.Module
+    teacher: object  # an nn.Module (or TeacherEnsemble), or a Teacher such as ServedTeacher
     student: torch.nn.Module
     tokenizer: object
     vocab_size: int = 0
@@ -95,6 +96,8 @@ def build_models(cfg: RunConfig) -> Models:
     """
     dtype = DTYPES[cfg.model.dtype]
     device = resolve_device(cfg.model.device)
+    if is_served(cfg.model.teacher):
+        return _served_models(cfg, dtype, device)
     specs = [x.strip() for x in cfg.model.teacher.split(",") if x.strip()]
     if not specs:
         raise ConfigError(
@@ -124,6 +127,45 @@ def build_models(cfg: RunConfig) -> Models:
     return finish_models(teacher, student, tok, stok)
 
 
+def served_teacher(cfg: RunConfig):
+    """The `ServedTeacher` that `model.teacher=http://...` and the `model.teacher_*` keys name."""
+    from opd.teachers.served import ServedTeacher
+
+    m = cfg.model
+    if "," in m.teacher:
+        raise ConfigError(
+            f"model.teacher={m.teacher!r}: a served teacher cannot be part of an ensemble "
+            "(serve the ensemble instead: opd serve-teacher A,B)"
+        )
+    return ServedTeacher(
+        m.teacher.strip(),
+        api=m.teacher_api,
+        concurrency=m.teacher_concurrency,
+        batch_tokens=m.teacher_batch_tokens,
+        timeout_s=m.teacher_timeout,
+        retries=m.teacher_retries,
+        token_env=m.teacher_token_env or None,
+    )
+
+
+def _served_models(cfg: RunConfig, dtype, device) -> Models:
+    """A served teacher and a local student; the server's tokenizer must be the student's."""
+    if not cfg.model.student:
+        raise ConfigError(
+            f"model.student: required with a served teacher ({cfg.model.teacher}): a student "
+            "cannot be pruned from a model in another process; give a folder or .gguf file"
+        )
+    if cfg.model.teacher_weights:
+        raise ConfigError("model.teacher_weights: only for an ensemble of local teachers")
+    student, tok = load_model(
+        cfg.model.student, dtype=dtype, device=device, allow_download=cfg.model.allow_download
+    )
+    check_head(student, cfg.model.student)
+    teacher = served_teacher(cfg)
+    teacher.check_tokenizer(tok)  # refused before anything is trained
+    return finish_models(teacher, student, tok)
+
+
 def _pruned_student(teacher, layers: int, teacher_spec: str):
     """``model.student`` unset: keep ``model.student_layers`` evenly spaced teacher layers."""
     total = num_decoder_layers(teacher)
@@ -138,6 +180,11 @@ def _pruned_student(teacher, layers: int, teacher_spec: str):
 
 def finish_models(teacher, student, tok, student_tok=None) -> Models:
     """Freeze the teacher(s), check heads and vocabularies, and bundle the pair."""
+    if not isinstance(teacher, torch.nn.Module):  # served: the server checked its tokenizer
+        student.train()
+        decoder_and_head(student, verify=True)
+        vocab = shared_vocab_size(student, student_tok or tok, student, student_tok or tok)
+        return Models(teacher=teacher, student=student, tokenizer=tok, vocab_size=vocab)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

@@ -50,6 +50,11 @@ STAGES = {
     "teacher": Stage(
         "Teacher access", "`teacher`", "`score(teacher, rollout, vocab_size) -> TeacherScores`"
     ),
+    "teacher object": Stage(
+        "Teachers",
+        "`model.teacher` (the object an access mode asks)",
+        "`logprobs(rollout, k, temperature, vocab_size) -> TeacherScores`; `provides`",
+    ),
     "signal": Stage("Signals", "`signal`", "`__call__(student, teacher, ctx) -> values_N`"),
     "weights": Stage(
         "Token weights",
@@ -103,6 +108,8 @@ def stages_of(cls) -> tuple[str, ...]:
         found.append("prefixes")
     if callable(getattr(cls, "score", None)):
         found.append("teacher")
+    if callable(getattr(cls, "logprobs", None)) and hasattr(cls, "describe"):
+        found.append("teacher object")
     if "__call__" in _own_attrs(cls):  # not `type.__call__`, nor torch.nn.Module's
         params = _call_params(cls)
         if params[:1] and params[0].startswith("values"):

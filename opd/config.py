@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -31,151 +30,15 @@ from opd.config_check import range_text as _range_text
 from opd.config_check import validate_field as _validate_field
 from opd.config_io import atomic_write_text, parse_override, read_yaml_file, unique_run_dir
 from opd.config_names import suggest
+from opd.config_sections import (  # noqa: F401 - re-exported: opd.config is the entry
+    DataConfig,
+    MethodConfig,
+    ModelConfig,
+    RunConfig,
+    SamplingConfig,
+    TrainConfig,
+)
 from opd.errors import ConfigError
-
-
-def _f(default, doc: str, *, ge=None, gt=None, le=None, choices=None, factory=None):
-    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "choices": choices}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class ModelConfig:
-    teacher: str = _f(
-        "embedded",
-        "teacher: 'embedded' (SmolLM2-135M-Instruct), a HF folder or a .gguf file; "
-        "several, comma-separated, make an ensemble",
-    )
-    teacher_weights: str = _f("", "ensemble weights, comma-separated (e.g. 0.7,0.3); empty = equal")
-    student: str = _f(
-        "", "student: a HF folder or .gguf file; empty = a depth-pruned copy of the teacher"
-    )
-    student_layers: int = _f(15, "layers kept when the student is pruned from the teacher", ge=1)
-    dtype: str = _f(
-        "float32", "parameter dtype of both models", choices=("float32", "bfloat16", "float16")
-    )
-    device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda[:i]'")
-    allow_download: bool = _f(
-        False,
-        "download a teacher/student given as a Hugging Face Hub id (org/name) when it is not "
-        "in the local Hugging Face cache (HF_HUB_CACHE or HF_HOME); false = cache only",
-    )
-
-
-@dataclass
-class DataConfig:
-    train: str = _f(
-        "task:arithmetic",
-        "training prompts: a .jsonl/.json/.csv/.parquet file, a datasets save_to_disk "
-        "folder (DIR or DIR:SPLIT), hf:ORG/NAME:SPLIT, or 'task:NAME[:split]'",
-    )
-    eval: str = _f(
-        "",
-        "held-out prompts (same forms); empty = follow data.train: a shipped task's test "
-        "split, else rows held out from data.train (see docs/data.md)",
-    )
-    eval_count: int = _f(
-        32, "number of held-out prompts used for evaluation (0 = no evaluation)", ge=0
-    )
-    max_prompt_tokens: int = _f(256, "prompts longer than this are truncated or rejected", ge=1)
-    truncation: str = _f(
-        "left",
-        "over-long prompts: 'left' (keep the end, count) or 'error'",
-        choices=("left", "error"),
-    )
-    chat_template: str = _f(
-        "auto",
-        "use the tokenizer's chat template: auto, true or false",
-        choices=("auto", "true", "false"),
-    )
-    system_prompt: str = _f("", "system message prepended to chat prompts (empty = none)")
-    skip_bad_rows: bool = _f(False, "skip and count malformed rows instead of stopping")
-    allow_download: bool = _f(
-        False, "allow data.train/data.eval=hf:ORG/NAME:SPLIT to download from the Hugging Face Hub"
-    )
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = _f(32, "longest completion, in tokens", ge=1)
-    temperature: float = _f(1.0, "sampling temperature of rollouts (0 = greedy)", ge=0.0)
-    top_p: float = _f(1.0, "nucleus sampling mass (1 = off)", gt=0.0, le=1.0)
-    top_k: int = _f(0, "sample from the k most likely tokens only (0 = off)", ge=0)
-    backend: str = _f(
-        "auto",
-        "'auto' (lean static-cache decoding for Llama-family models, else Hugging Face "
-        "generate), 'fast' (the lean loop or an error) or 'hf' (generate, the reference)",
-        choices=("auto", "fast", "hf"),
-    )
-
-
-@dataclass
-class MethodConfig:
-    recipe: str = _f("on_policy_rkl", "recipe name, see `opd recipes`")
-    args: dict = _f(None, "recipe arguments, e.g. {beta: 0.5}", factory=dict)
-
-
-@dataclass
-class TrainConfig:
-    steps: int = _f(60, "optimizer steps", ge=1)
-    epochs: float = _f(
-        0.0, "passes over the training prompts; > 0 sets train.steps (0 = use train.steps)", ge=0.0
-    )
-    batch_size: int = _f(8, "prompts per micro-batch", ge=1)
-    grad_accum: int = _f(1, "micro-batches per optimizer step", ge=1)
-    lr: float = _f(5e-5, "peak learning rate (AdamW)", gt=0.0)
-    weight_decay: float = _f(0.0, "AdamW weight decay", ge=0.0)
-    warmup_steps: int = _f(0, "linear warm-up steps before the cosine decay", ge=0)
-    min_lr_ratio: float = _f(0.1, "cosine decays to this fraction of lr", ge=0.0, le=1.0)
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)", ge=0.0)
-    seed: int = _f(0, "seed for data order, sampling and initialisation")
-    eval_every: int = _f(0, "evaluate held-out KL every N steps (0 = only before/after)", ge=0)
-    checkpoint_every: int = _f(
-        50, "save a checkpoint every N steps (0 = off; also at the end and on Ctrl-C)", ge=0
-    )
-    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", ge=1)
-    # 256 rows × V=49,152 × 4 B = 50 MB per logits block. At N=4,096 the chunked peak is
-    # about ⅐ of the materialized one with 512-row chunks, ¼ with 1024
-    # (benchmarks/results_chunked.md); 256 rows cut the speed benchmark's peak at V=49,152
-    # from 851 to 519 MB at the same step time (benchmarks/results_speed.md).
-    chunk_size: int = _f(256, "rows per chunk in the memory-lean divergence", ge=1)
-    loss_path: str = _f(
-        "chunked",
-        "'chunked' (memory-lean) or 'materialized' (reference)",
-        choices=("chunked", "materialized"),
-    )
-    threads: int = _f(0, "torch CPU threads (0 = torch default)", ge=0)
-    progress: bool = _f(True, "show a progress bar")
-    log_to: str = _f(
-        "",
-        "experiment trackers mirroring metrics.jsonl, comma-separated: tensorboard, wandb, "
-        "mlflow (empty = none); see docs/tracking.md",
-    )
-    sample_every: int = _f(
-        0,
-        "every N steps, write held-out prompts with student and teacher greedy completions "
-        "to samples.jsonl and the trackers (0 = off)",
-        ge=0,
-    )
-    sample_count: int = _f(3, "held-out prompts per sample point (train.sample_every)", ge=1)
-    checkpoint_minutes: float = _f(
-        10.0,
-        "also save a checkpoint when this many minutes passed since the last (0 = off)",
-        ge=0.0,
-    )
-
-
-@dataclass
-class RunConfig:
-    output_dir: str = _f("", "run folder; empty = runs/<recipe>-<timestamp>")
-    model: ModelConfig = _f(None, "models", factory=ModelConfig)
-    data: DataConfig = _f(None, "prompt sets", factory=DataConfig)
-    sampling: SamplingConfig = _f(None, "rollout sampling", factory=SamplingConfig)
-    method: MethodConfig = _f(None, "the distillation method", factory=MethodConfig)
-    train: TrainConfig = _f(None, "optimisation", factory=TrainConfig)
-
 
 SECTIONS = ("model", "data", "sampling", "method", "train")
 

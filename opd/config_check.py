@@ -88,6 +88,11 @@ def validate_field(name: str, f: dataclasses.Field, value):
         raise ConfigError(f"{name}: must be <= {m['le']}, got {value!r}")
 
 
+def is_served(spec: str) -> bool:
+    """True when a `model.teacher` value names a served teacher (http:// or https://)."""
+    return spec.strip().lower().startswith(("http://", "https://"))
+
+
 FIXED_ON_RESUME = (
     ("method", "recipe"),
     ("method", "args"),
@@ -110,6 +115,10 @@ FIXED_ON_RESUME = (
 def check_resume_overrides(run_dir, saved: dict, now: dict) -> None:
     """Refuse an override on --resume that changes a setting in `FIXED_ON_RESUME`."""
     for section, key in FIXED_ON_RESUME:
+        if (section, key) == ("model", "teacher") and all(
+            is_served(v[section][key]) for v in (now, saved)
+        ):
+            continue  # a served teacher may come back at another address after a restart
         if now[section][key] != saved[section][key]:
             raise ConfigError(
                 f"{section}.{key}={now[section][key]!r}: the run in '{run_dir}' was started "

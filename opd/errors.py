@@ -21,3 +21,8 @@ class DataError(OpdError):
 
 class ModelError(OpdError):
     """A model path is missing or a model/tokenizer pair is unusable."""
+
+
+class TeacherUnreachable(OpdError):
+    """A served teacher did not answer within its retry budget (the message names the URL and
+    the last failure). The training loop writes a checkpoint first; `--resume` continues."""

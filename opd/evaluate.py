@@ -18,8 +18,9 @@ import torch
 from opd.context import StepContext
 from opd.models import decoder_and_head
 from opd.sampling import GenerationParams, make_backend, make_rollout
-from opd.signals import Divergence
-from opd.teachers import FullLogits
+from opd.signals import Divergence, TopKDivergence
+from opd.teachers import FullLogits, TopK
+from opd.teachers.base import as_teacher
 from opd.types import StudentRows, TeacherScores, completion_rows
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
@@ -55,6 +56,32 @@ def _as_float(ts: TeacherScores) -> TeacherScores:
     return TeacherScores(hidden_ND=ts.hidden_ND.float(), head_VD=ts.head_VD.float())
 
 
+SERVED_EVAL_K = 20
+"""Buckets of the held-out KL when the teacher gives only top-k log-probs (vLLM's default cap)."""
+
+
+def kl_kind(teacher) -> str:
+    """How `heldout_kl` measures KL(q_student ‖ p_teacher) with this teacher."""
+    if "full_logits" in as_teacher(teacher).provides:
+        return "full vocabulary"
+    return f"top-{SERVED_EVAL_K} + tail buckets (a lower bound of the full-vocabulary KL)"
+
+
+def _reverse_kl_N(rows, teacher, rollout, vocab_size, chunk_size):
+    """Per-token KL(q_student ‖ p_teacher): over the full vocabulary with a local teacher; on
+    the teacher's top-k + tail buckets with a served one (KL of a coarsening ≤ the full KL)."""
+    t, ctx = as_teacher(teacher), StepContext(chunk_size=chunk_size)
+    if "full_logits" in t.provides:
+        tscores = _as_float(FullLogits().score(t, rollout, vocab_size))
+        return Divergence("reverse_kl")(rows, tscores, ctx)
+    k = min(SERVED_EVAL_K, vocab_size)
+    tscores = TopK(k=k).score(t, rollout, vocab_size)
+    tscores = TeacherScores(
+        topk_ids_NK=tscores.topk_ids_NK, topk_logprobs_NK=tscores.topk_logprobs_NK.float()
+    )
+    return TopKDivergence("reverse_kl")(rows, tscores, ctx)
+
+
 @torch.no_grad()
 def heldout_kl(
     student,
@@ -77,7 +104,8 @@ def heldout_kl(
     generation pass serves both numbers.
 
     Returns:
-      {"kl": float, "tokens": int, "mean_length": float, "accuracy": float | None}
+      {"kl_kind": str (see `kl_kind`), "kl": float, "tokens": int, "mean_length": float,
+       "accuracy": float | None}
     """
     comps = greedy_completions(student, examples, pad_id, stop_ids, max_new_tokens, batch_size)
     accuracy = None
@@ -97,13 +125,12 @@ def heldout_kl(
             s_dec(ro.input_ids_BL.to(device), ro.attention_mask_BL.to(device)), ro
         )
         rows = StudentRows(hidden_ND.float(), s_head[:vocab_size].float(), None, None)
-        tscores = FullLogits().score(teacher, ro, vocab_size)
-        tscores = _as_float(tscores)
-        kl_N = Divergence("reverse_kl")(rows, tscores, StepContext(chunk_size=chunk_size))
+        kl_N = _reverse_kl_N(rows, teacher, ro, vocab_size, chunk_size)
         total += float(kl_N.sum())
         count += kl_N.numel()
     lengths = [len(c) for c in comps]
     return {
+        "kl_kind": kl_kind(teacher),
         "kl": total / max(count, 1),
         "tokens": count,
         "mean_length": sum(lengths) / max(len(lengths), 1),

@@ -38,6 +38,7 @@ from opd.recipes import get_recipe
 from opd.samples import truncate_samples
 from opd.sampling import GenerationParams, make_backend
 from opd.stream import PromptStream
+from opd.teachers.base import check_teacher_serves, teacher_model
 from opd.tracking import open_trackers, parse_log_to
 
 EMBEDDED = "embedded SmolLM2-135M-Instruct"
@@ -108,7 +109,8 @@ def make_run_dir(run_dir: Path) -> None:
 def finish_vocab(models: Models) -> Models:
     """Compute `vocab_size` when it is 0; refuse one larger than a head or the tokenizer."""
     tok = models.tokenizer
-    members = list(getattr(models.teacher, "members", [models.teacher]))
+    local = teacher_model(models.teacher)
+    members = list(getattr(local, "members", [local])) if local is not None else [models.student]
     shared = min(shared_vocab_size(models.student, tok, m, tok) for m in members)
     if models.vocab_size == 0:
         models.vocab_size = shared
@@ -225,6 +227,7 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     models_given = models is not None
     method = method or build_method(cfg)
     models = finish_vocab(models or build_models(cfg))
+    check_teacher_serves(method, models.teacher)  # e.g. a served teacher gives no full logits
     check_trainable_dtype(models)
     data = data if data is not None else build_data(cfg, models.tokenizer)
     check_data_fits(method, data)
@@ -268,7 +271,7 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     verify = data.task.verify if data.task is not None else generic_verify
     ctx = StepContext(
         student=models.student,
-        teacher=models.teacher,
+        teacher=teacher_model(models.teacher),  # the local model that writes, if any
         backend=make_backend(cfg.sampling.backend),
         params=gen,
         pad_id=models.pad_id,

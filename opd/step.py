@@ -225,6 +225,9 @@ def train_step(run, step: int) -> dict:
             f"step {step + 1}: the gradient norm is not finite ({grad_norm}); "
             f"{causes}; the student was not updated at this step"
         )
+    pop_stats = getattr(models.teacher, "pop_stats", None)  # a served teacher's counters
+    if pop_stats is not None:
+        info.update(pop_stats())
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()

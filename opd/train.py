@@ -39,10 +39,18 @@ from pathlib import Path
 from opd.build import Models, PromptSets
 from opd.checkpoint import save_checkpoint
 from opd.config import RunConfig, resolve_output_dir
+from opd.errors import TeacherUnreachable
 from opd.evaluate import heldout_kl
 from opd.logs import Progress
 from opd.method import Method
-from opd.run_setup import Run, build_method, component_states, lr_lambda, setup_run
+from opd.run_setup import (
+    Run,
+    build_method,
+    component_states,
+    load_component_states,
+    lr_lambda,
+    setup_run,
+)
 from opd.samples import sample_due, write_samples
 from opd.step import (
     REVERSE_KL,
@@ -142,6 +150,8 @@ def run_eval(run: Run, step: int) -> dict | None:
         "heldout_accuracy": res["accuracy"],
         "heldout_length": res["mean_length"],
     }
+    if res["kl_kind"] != "full vocabulary":  # a served teacher: top-k buckets
+        row["heldout_kl_kind"] = res["kl_kind"]
     run.metrics_log.write(row)
     return row
 
@@ -241,7 +251,7 @@ def _train(run: Run, stop_after, evaluate, log) -> RunResult:
     last_save = _clock()
     with StopRequests() as stop:
         for step in range(run.start_step, last_step):
-            row = train_step(run, step)
+            row = _step_or_checkpoint(run, step, bar)
             run.losses.append(row["loss"])
             run.metrics_log.write(row)
             result.metrics.append(row)
@@ -293,6 +303,48 @@ def _train(run: Run, stop_after, evaluate, log) -> RunResult:
             f"opd distill --resume {run.run_dir}"
         )
     return result
+
+
+def _step_or_checkpoint(run: Run, step: int, bar) -> dict:
+    """`train_step`; when the served teacher stays unreachable, rewind the step's random
+    state and data position, write a checkpoint of the `step` finished steps and stop with
+    one line (exit code 2) saying how to continue. The student was not updated."""
+    before = _rewind_point(run)
+    try:
+        return train_step(run, step)
+    except TeacherUnreachable as err:
+        bar.close()
+        _rewind(run, before)
+        checkpoint(run, step)
+        raise TeacherUnreachable(
+            f"{err}; stopped at step {step + 1} with a checkpoint of step {step}: when the "
+            f"teacher answers again, continue with opd distill --resume {run.run_dir} (add "
+            "model.teacher=URL if it moved)"
+        ) from None
+
+
+def _rewind_point(run: Run) -> tuple:
+    import random
+
+    import torch
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    states = component_states(run.method)
+    return run.stream.state_dict(), torch.get_rng_state(), cuda, random.getstate(), states
+
+
+def _rewind(run: Run, point: tuple) -> None:
+    import random
+
+    import torch
+
+    data, cpu, cuda, py, states = point
+    run.stream.load_state_dict(data)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(py)
+    load_component_states(run.method, states)
 
 
 def save_student(models: Models, path: Path) -> None:

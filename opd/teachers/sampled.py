@@ -16,11 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from opd.losses import chunked_token_logprobs
-from opd.teachers.local import FullLogits
-from opd.teachers.topk import completion_targets
+from opd.teachers.base import LocalTeacher, as_teacher
 from opd.types import Rollout, TeacherScores
 
 
@@ -35,14 +31,14 @@ class SampledLogprobs:
     chunk_size: int = 512
     provides: frozenset = frozenset({"token_logprobs"})
 
-    @torch.no_grad()
-    def score(self, teacher: torch.nn.Module, rollout: Rollout, vocab_size: int) -> TeacherScores:
-        full = FullLogits().score(teacher, rollout, vocab_size)
-        targets_N = completion_targets(rollout, full.head_VD.device)
-        token_logprobs_N = chunked_token_logprobs(
-            full.hidden_ND, full.head_VD, targets_N, chunk_size=self.chunk_size
-        )
-        return TeacherScores(token_logprobs_N=token_logprobs_N)
+    needs: frozenset = frozenset({"token_logprobs"})
+
+    def score(self, teacher, rollout: Rollout, vocab_size: int) -> TeacherScores:
+        t = as_teacher(teacher)
+        if isinstance(t, LocalTeacher) and t.chunk_size != self.chunk_size:
+            t = LocalTeacher(t.model, self.chunk_size)
+        scores = t.logprobs(rollout, 0, 1.0, vocab_size)
+        return TeacherScores(token_logprobs_N=scores.token_logprobs_N)
 
     def describe(self) -> str:
-        return "sampled-token log-probs log p(y_t) (local teacher)"
+        return "sampled-token log-probs log p(y_t)"

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from opd.losses import chunked_token_logprobs, chunked_topk
-from opd.teachers.local import FullLogits
+from opd.losses import chunked_topk
 from opd.types import Rollout, TeacherScores
 
 TAIL_ID = -1
@@ -121,24 +120,16 @@ class TopK:
         if not self.temperature > 0:
             raise ValueError(f"TopK: temperature must be > 0, got {self.temperature}")
 
-    @torch.no_grad()
-    def score(self, teacher: torch.nn.Module, rollout: Rollout, vocab_size: int) -> TeacherScores:
-        full = FullLogits().score(teacher, rollout, vocab_size)
-        if self.k > full.head_VD.shape[0]:
-            raise ValueError(
-                f"TopK: k = {self.k} exceeds the vocabulary V = {full.head_VD.shape[0]}"
-            )
-        ids_NK, logprobs_NK = teacher_topk_buckets(
-            full.hidden_ND, full.head_VD, self.k, self.temperature, self.chunk_size
-        )
-        targets_N = completion_targets(rollout, full.head_VD.device)
-        token_logprobs_N = chunked_token_logprobs(
-            full.hidden_ND, full.head_VD, targets_N, self.temperature, self.chunk_size
-        )
-        return TeacherScores(
-            topk_ids_NK=ids_NK, topk_logprobs_NK=logprobs_NK, token_logprobs_N=token_logprobs_N
-        )
+    needs: frozenset = frozenset({"topk_logprobs"})
+
+    def score(self, teacher, rollout: Rollout, vocab_size: int) -> TeacherScores:
+        from opd.teachers.base import LocalTeacher, as_teacher
+
+        t = as_teacher(teacher)
+        if isinstance(t, LocalTeacher) and t.chunk_size != self.chunk_size:
+            t = LocalTeacher(t.model, self.chunk_size)
+        return t.logprobs(rollout, self.k, self.temperature, vocab_size)
 
     def describe(self) -> str:
         t = f", temperature={self.temperature}" if self.temperature != 1.0 else ""
-        return f"top-{self.k} log-probs + tail bucket{t} (local teacher)"
+        return f"top-{self.k} log-probs + tail bucket{t}"
