@@ -122,11 +122,11 @@ def teacher_model(teacher) -> torch.nn.Module | None:
 def method_needs(method) -> dict[str, str]:
     """The teacher outputs `method` needs, each with the part that needs it."""
     needs = {}
+    if getattr(method.prefixes, "needs_teacher_model", False):  # the teacher writes
+        needs["text"] = f"prefix source '{method.prefixes.describe()}'"
     access = method.teacher
     for output in sorted(getattr(access, "needs", access.provides)):
         needs.setdefault(output, f"teacher access '{access.describe()}'")
-    if getattr(method.prefixes, "needs_teacher_model", False):
-        needs.setdefault("text", f"prefix source '{method.prefixes.describe()}'")
     return needs
 
 

@@ -57,7 +57,7 @@ class FullLogits:
     def describe(self) -> str:
         if self.ensemble:
             return "full logits of every teacher in an ensemble (mixture p = Σ w_k p_k)"
-        return "full logits (local white-box teacher)"
+        return "full logits (white-box teacher)"
 
 
 @torch.no_grad()
