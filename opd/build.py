@@ -118,6 +118,7 @@ def build_models(cfg: RunConfig) -> Models:
     teacher, tok = loaded[0]
     if cfg.model.student:
         student, stok = load(cfg.model.student)
+        student = _pruned_given_student(student, cfg)
     else:
         student, stok = _pruned_student(teacher, cfg.model.student_layers, specs[0]), tok
     if len(loaded) > 1:
@@ -161,9 +162,24 @@ def _served_models(cfg: RunConfig, dtype, device) -> Models:
         cfg.model.student, dtype=dtype, device=device, allow_download=cfg.model.allow_download
     )
     check_head(student, cfg.model.student)
+    student = _pruned_given_student(student, cfg)
     teacher = served_teacher(cfg)
     teacher.check_tokenizer(tok)  # refused before anything is trained
     return finish_models(teacher, student, tok)
+
+
+def _pruned_given_student(student, cfg: RunConfig):
+    """``model.student_prune_to=n``: keep n evenly spaced layers of the loaded student."""
+    n = cfg.model.student_prune_to
+    if not n:
+        return student
+    total = num_decoder_layers(student)
+    if n > total:
+        raise ConfigError(
+            f"model.student_prune_to={n}: the student '{cfg.model.student}' has only {total} "
+            f"decoder layers (valid: 1..{total}, or 0 to keep all)"
+        )
+    return student_from_teacher(student, n, option="model.student_prune_to")
 
 
 def _pruned_student(teacher, layers: int, teacher_spec: str):

@@ -100,6 +100,7 @@ FIXED_ON_RESUME = (
     ("model", "teacher_weights"),
     ("model", "student"),
     ("model", "student_layers"),
+    ("model", "student_prune_to"),
     ("model", "dtype"),
     ("data", "train"),
     ("data", "eval"),

@@ -46,6 +46,13 @@ class ModelConfig:
         "", "student: a HF folder or .gguf file; empty = a depth-pruned copy of the teacher"
     )
     student_layers: int = _f(15, "layers kept when the student is pruned from the teacher", ge=1)
+    student_prune_to: int = _f(
+        0,
+        "prune the given model.student to this many evenly spaced layers after loading "
+        "(0 = keep all); e.g. with a served teacher: model.student=embedded "
+        "model.student_prune_to=15",
+        ge=0,
+    )
     dtype: str = _f(
         "float32", "parameter dtype of both models", choices=("float32", "bfloat16", "float16")
     )

@@ -139,3 +139,64 @@ def test_unreachable_teacher_checkpoints_and_resume_matches_uninterrupted(
         resume=True,
     )
     assert resumed.losses == pytest.approx(full.losses, rel=1e-6, abs=1e-7)
+
+
+def test_student_prune_to_prunes_a_given_student_and_refuses_too_many(tmp_path, prompt_file):
+    from opd.build import build_models
+    from opd.models import num_decoder_layers
+    from tests.helpers import save_tiny_models
+
+    t, s = save_tiny_models(tmp_path / "m")  # student: 2 layers
+    cfg = tiny_cfg(tmp_path, prompt_file, f"model.teacher={t}", f"model.student={s}")
+    assert num_decoder_layers(build_models(cfg).student) == 2
+    cfg.model.student_prune_to = 1
+    assert num_decoder_layers(build_models(cfg).student) == 1
+    cfg.model.student_prune_to = 3
+    with pytest.raises(ConfigError, match=r"student_prune_to=3.*only 2 decoder layers"):
+        build_models(cfg)
+
+
+def test_served_teacher_needs_a_student_and_no_ensemble(tmp_path, prompt_file):
+    from opd.build import build_models
+
+    cfg = tiny_cfg(tmp_path, prompt_file, "model.teacher=http://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="model.student: required with a served teacher"):
+        build_models(cfg)
+
+
+def test_resume_may_move_a_served_teacher_but_not_a_local_one():
+    from opd.config_check import check_resume_overrides
+
+    def cfg(teacher):
+        sections = {k: {} for k in ("method", "data", "train")}
+        sections["method"] = {"recipe": "sampled_rkl", "args": {}}
+        sections["data"] = {"train": "x", "eval": "", "eval_count": 1}
+        sections["train"] = {"batch_size": 1, "grad_accum": 1, "seed": 0}
+        sections["model"] = {
+            "teacher": teacher,
+            "teacher_weights": "",
+            "student": "s",
+            "student_layers": 1,
+            "student_prune_to": 0,
+            "dtype": "float32",
+        }
+        return sections
+
+    check_resume_overrides("run", cfg("http://127.0.0.1:8000"), cfg("http://127.0.0.1:8001"))
+    with pytest.raises(ConfigError, match="model.teacher"):
+        check_resume_overrides("run", cfg("a"), cfg("http://127.0.0.1:8001"))
+
+
+def test_readme_teacher_table_matches_the_recipes():
+    from pathlib import Path
+
+    from opd.teachers.table import render, rows
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    inside = readme.split("<!-- teacher-table -->\n")[1].split("<!-- /teacher-table -->")[0]
+    assert inside == render(), "regenerate: python -m opd.teachers.table"
+    table = {name: ok for name, _, ok in rows()}
+    assert table["sampled_rkl"] == [True, False, True]  # local, ensemble, served
+    assert table["on_policy_rkl"] == [True, True, False]
+    assert table["multi_teacher"] == [False, True, False]
+    assert table["seqkd"][2] is False and table["topk_rkl"][2] is True
