@@ -26,8 +26,9 @@ class FakeTeacherServer:
     mimics a server that ignores τ in prompt log-probs. `max_logprobs` caps k (vLLM: HTTP 400).
     """
 
-    def __init__(self, model, tok, api="vllm", max_logprobs=20, apply_temperature=True,
-                 server_tok=None):
+    def __init__(
+        self, model, tok, api="vllm", max_logprobs=20, apply_temperature=True, server_tok=None
+    ):
         self.model, self.tok, self.api = model, tok, api
         self.server_tok = server_tok or tok
         self.max_logprobs = max_logprobs
@@ -110,8 +111,10 @@ class FakeTeacherServer:
     def _completions(self, body):
         k = body.get("prompt_logprobs") or 0
         if k > self.max_logprobs:
-            msg = (f"Requested prompt logprobs of {k}, which is greater than max allowed: "
-                   f"{self.max_logprobs}")
+            msg = (
+                f"Requested prompt logprobs of {k}, which is greater than max allowed: "
+                f"{self.max_logprobs}"
+            )
             return 400, {"error": {"message": msg, "type": "BadRequestError", "code": 400}}
         self.scoring_bodies.append(body)
         fault = self._fault()
@@ -125,7 +128,8 @@ class FakeTeacherServer:
     def _generate(self, body):
         if "text" in body:
             ids = [self.server_tok.bos_token_id] + self.server_tok.encode(
-                body["text"], add_special_tokens=False)
+                body["text"], add_special_tokens=False
+            )
             return 200, self.sglang_item(ids, 0, 1.0)
         self.scoring_bodies.append(body)
         fault = self._fault()
@@ -164,11 +168,13 @@ class FakeTeacherServer:
             raw = await request.body()
             body = json.loads(raw) if raw else None
             status, out = await asyncio.to_thread(
-                self.answer, request.method, "/" + path, body, dict(request.headers))
+                self.answer, request.method, "/" + path, body, dict(request.headers)
+            )
             if status == "timeout":
                 await asyncio.sleep(1.0)
                 status, out = await asyncio.to_thread(
-                    self.answer, request.method, "/" + path, body, dict(request.headers))
+                    self.answer, request.method, "/" + path, body, dict(request.headers)
+                )
             if status == "500":
                 return JSONResponse({"object": "error", "message": "boom"}, status_code=500)
             if status == "badjson":

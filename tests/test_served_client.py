@@ -59,11 +59,11 @@ POSITIONS = [[1, 2, 3, 4], [1]]
 def test_parsers_read_the_documented_bodies(parse, name):
     body = json.loads((FIXTURES / name).read_text())
     row0, row1 = parse(body, ROWS, POSITIONS, k=2, vocab_size=100)
-    # realised token in the top-k; outside it (rank 7); fewer entries than asked; an id
-    # beyond the student's vocabulary (250) left out of the top-k
+    # realised token in the top-k; outside it (rank 7) where fewer entries than asked came;
+    # fewer entries; an id beyond the student's vocabulary (250) left out of the top-k
     assert row0.token_logprobs == [-0.5, -4.0, -0.1, -0.7]
-    assert row0.top_ids == [[7, 3], [12, 5], [4], [2]]
-    assert row0.top_logprobs == [[-0.5, -1.2], [-0.3, -1.9], [-0.1], [-0.7]]
+    assert row0.top_ids == [[7, 3], [12], [4], [2]]
+    assert row0.top_logprobs == [[-0.5, -1.2], [-0.3], [-0.1], [-0.7]]
     # vLLM: choices answered out of order; SGLang: the null first position left out
     assert (row1.token_logprobs, row1.top_ids) == ([-0.25], [[6, 8]])
 
@@ -122,8 +122,10 @@ def test_served_scores_equal_the_local_teacher(api, teacher, tok, rollout):
     assert got.topk_ids_NK is None
     assert_same_scores(got, SampledLogprobs().score(teacher, rollout, V), k=0)
     # rows packed into requests of at most 9 tokens (prompt + completion, padding dropped)
-    sizes = [sum(map(len, b["prompt"] if isinstance(b["prompt"][0], list) else [b["prompt"]]))
-             for b in fake.scoring_bodies]
+    sizes = [
+        sum(map(len, b["prompt"] if isinstance(b["prompt"][0], list) else [b["prompt"]]))
+        for b in fake.scoring_bodies
+    ]
     assert len(sizes) >= 3 and max(sizes) <= 9
     stats = client.pop_stats()
     assert stats["teacher_retries"] == stats["teacher_topk_short"] == 0
@@ -176,7 +178,11 @@ def test_500_and_malformed_answers_are_retried_with_backoff(teacher, tok, rollou
     got = client.logprobs(rollout, 2, 1.0, len(tok))
     assert_same_scores(got, TopK(2).score(teacher, rollout, len(tok)), k=2)
     stats = client.pop_stats()
-    assert (stats["teacher_requests"], stats["teacher_retries"], stats["teacher_errors"]) == (4, 3, 3)
+    assert (stats["teacher_requests"], stats["teacher_retries"], stats["teacher_errors"]) == (
+        4,
+        3,
+        3,
+    )
     assert sleeps == pytest.approx([0.1, 0.2, 0.4])
 
 
@@ -218,7 +224,6 @@ def test_connection_refused_after_the_budget():
     client.close()
 
 
-@pytest.mark.slow
 def test_a_real_local_server_slow_500_and_malformed_then_right_answers(teacher, tok, rollout):
     fake = FakeTeacherServer(teacher, tok, api="opd")
     with serve_in_thread(fake.app()) as url:
@@ -285,6 +290,6 @@ def test_the_api_is_detected_or_the_error_names_the_url(teacher, tok):
         assert client.api == api
     client, _ = served(FakeTeacherServer(teacher, tok, api="tgi"), api="auto")
     with pytest.raises(ConfigError, match=f"{URL} speaks .*model.teacher_api"):
-        client.api
+        _ = client.api
     with pytest.raises(ConfigError, match="not an http"):
         ServedTeacher("127.0.0.1:8000")
