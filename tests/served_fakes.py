@@ -37,6 +37,8 @@ class FakeTeacherServer:
         self.scoring_bodies: list[dict] = []
         self.headers: list[dict] = []
         self.lock = threading.Lock()
+        self.latency_s = 0.0  # each scoring request waits this long (in-process transport)
+        self.in_flight = self.max_in_flight = 0
 
     # ------------------------------------------------------------------ the model
 
@@ -146,7 +148,15 @@ class FakeTeacherServer:
     def mock_transport(self) -> httpx.MockTransport:
         def handler(request: httpx.Request) -> httpx.Response:
             body = json.loads(request.content) if request.content else None
-            status, out = self.answer(request.method, request.url.path, body, request.headers)
+            with self.lock:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                time.sleep(self.latency_s if request.method == "POST" else 0.0)
+                status, out = self.answer(request.method, request.url.path, body, request.headers)
+            finally:
+                with self.lock:
+                    self.in_flight -= 1
             if status == "timeout":
                 raise httpx.ReadTimeout("timed out", request=request)
             if status == "500":

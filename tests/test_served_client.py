@@ -293,3 +293,24 @@ def test_the_api_is_detected_or_the_error_names_the_url(teacher, tok):
         _ = client.api
     with pytest.raises(ConfigError, match="not an http"):
         ServedTeacher("127.0.0.1:8000")
+
+
+def test_a_rollout_without_counted_tokens_sends_nothing(teacher, tok, rollout):
+    fake = FakeTeacherServer(teacher, tok, api="vllm")
+    client, _ = served(fake, model="tiny-teacher")
+    empty = dataclasses.replace(
+        rollout, completion_mask_BT=torch.zeros_like(rollout.completion_mask_BT)
+    )
+    got = client.logprobs(empty, 3, 1.0, len(tok))
+    assert got.token_logprobs_N.shape == (0,) and got.topk_ids_NK.shape == (0, 4)
+    assert fake.scoring_bodies == [] and client.pop_stats()["teacher_requests"] == 0
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_requests_run_concurrently_and_come_back_in_order(concurrency, teacher, tok, rollout):
+    fake = FakeTeacherServer(teacher, tok, api="vllm")
+    fake.latency_s = 0.1
+    client, _ = served(fake, model="tiny-teacher", batch_tokens=1, concurrency=concurrency)
+    got = client.logprobs(rollout, 2, 1.0, len(tok))  # 3 scored rows: 3 requests
+    assert len(fake.scoring_bodies) == 3 and fake.max_in_flight == min(concurrency, 3)
+    assert_same_scores(got, TopK(2).score(teacher, rollout, len(tok)), k=2)
