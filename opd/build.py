@@ -141,6 +141,7 @@ def served_teacher(cfg: RunConfig):
     return ServedTeacher(
         m.teacher.strip(),
         api=m.teacher_api,
+        model=m.teacher_model or None,
         concurrency=m.teacher_concurrency,
         batch_tokens=m.teacher_batch_tokens,
         timeout_s=m.teacher_timeout,

@@ -28,6 +28,9 @@ class ModelConfig:
         "served teacher's API: auto (detected), vllm, sglang or opd",
         choices=("auto", "vllm", "sglang", "opd"),
     )
+    teacher_model: str = _f(
+        "", "served teacher: the model name to ask for (empty = the server's first model)"
+    )
     teacher_concurrency: int = _f(4, "served teacher: requests in flight at once", ge=1)
     teacher_batch_tokens: int = _f(
         16384, "served teacher: most tokens (prompt + completion) in one request", ge=1

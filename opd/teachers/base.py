@@ -116,7 +116,8 @@ def teacher_model(teacher) -> torch.nn.Module | None:
     """The local model behind `teacher`, or None for a teacher that is not in this process."""
     if isinstance(teacher, torch.nn.Module):
         return teacher
-    return getattr(teacher, "model", None)
+    model = getattr(teacher, "model", None)
+    return model if isinstance(model, torch.nn.Module) else None
 
 
 def method_needs(method) -> dict[str, str]:

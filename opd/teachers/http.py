@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from opd.errors import ConfigError, OpdError
+from opd.errors import ConfigError, TeacherUnreachable  # noqa: F401 - re-exported
 from opd.teachers.wire import server_message
 
 MAX_BACKOFF_S = 30.0
@@ -40,10 +40,6 @@ COUNTERS = (
     "teacher_seconds",
     "teacher_topk_short",
 )
-
-
-class TeacherUnreachable(OpdError):
-    """The served teacher did not answer usefully within the retry budget (the run may resume)."""
 
 
 class TeacherRejected(ConfigError):
