@@ -16,11 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
 from opd.losses.chunked import chunked_topk
 from opd.losses.mixture import mixture_logits
 from opd.models import decoder_and_head, load_model
+from opd.serve import ServeSettings, create_app
+from opd.serve.engine import TeacherEngine
 from opd.teachers.fingerprint import tokenizer_fingerprint
 from opd.tiny import char_tokenizer
 from tests.helpers import assert_clean_error, run_opd, save_tiny_models
@@ -77,17 +80,13 @@ class Server:
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    """Three servers started at once: the tiny teacher, a 0.7/0.3 ensemble, a fault server."""
+    """Two server processes started at once: the tiny teacher and the fault server."""
     root = tmp_path_factory.mktemp("serve")
     teacher, student = save_tiny_models(root)
     opd = [sys.executable, "-m", "opd", "serve-teacher"]
     limits = ["--max-logprobs", "8", "--max-request-tokens", "64", "--batch-wait-ms", "50"]
     started = {
         "one": Server([*opd, str(teacher), "--name", "tiny", *limits], root / "one"),
-        "mix": Server(
-            [*opd, f"{teacher},{student}", "--weights", "0.7,0.3", "--max-logprobs", "4"],
-            root / "mix",
-        ),
         "fault": Server(
             [sys.executable, "tests/fault_server.py", str(teacher), "--fail-first", "1"]
             + ["--malformed-first", "1", "--delay-first", "3", "--delay", "0.2"],
@@ -150,7 +149,7 @@ def _check_entries(entries, seq, ref_LV: torch.Tensor, k: int) -> int:
             assert len(entry) == k + 1
             lp = row[target].item()  # true rank, allowing for float ties at the tolerance
             low = 1 + int((row > lp + TOL).sum())
-            high = 1 + int((row > lp - TOL).sum())
+            high = int((row > lp - TOL).sum())  # counts the realised token itself
             assert low <= realised["rank"] <= high and realised["rank"] > k
         else:
             assert len(entry) == k
@@ -237,7 +236,7 @@ def test_bad_requests_get_vllm_errors(servers):
     _error(httpx.post(url, json={"prompt": [1, 2], "temperature": 0}), 400, "temperature")
     _error(httpx.post(url, json={"prompt": [1, 2], "max_tokens": 5}), 400, "max_tokens")
     _error(httpx.post(url, json={"prompt": [1, 2], "model": "other"}), 404, "other", "tiny")
-    _error(httpx.post(url, content=b"x" * 70_000_000), 413, "--max-request-tokens")
+    _error(httpx.post(url, content=b"x" * 100_000), 413, "--max-request-tokens")
     assert httpx.get(f"{servers['one'].url}/health").status_code == 200
 
 
@@ -269,11 +268,14 @@ def test_tokenizer_fingerprint_stable_and_distinct(tmp_path):
 
 
 def test_ensemble_serves_the_mixture(servers, local):
+    """In this process (the app a server runs, without a third process to start)."""
     teacher, student, _ = local
     seq, tau = SEQS[0], 2.0
-    (res,) = _post_all(
-        servers["mix"].url, [{"prompt": seq, "prompt_logprobs": 3, "temperature": tau}]
-    )
+    specs = [str(servers["teacher"]), str(servers["student"])]
+    engine = TeacherEngine.load(specs, weights=[7.0, 3.0])  # normalised to 0.7, 0.3
+    with TestClient(create_app(engine, ServeSettings(name="mix", max_logprobs=4))) as client:
+        body = {"prompt": seq, "prompt_logprobs": 3, "temperature": tau}
+        res = client.post("/v1/completions", json=body)
     assert res.status_code == 200, res.text
     with torch.no_grad():
         z_t = teacher(input_ids=torch.tensor([seq])).logits[0]
@@ -312,6 +314,17 @@ def test_bad_model_path_is_one_clean_error(tmp_path):
     assert_clean_error(res, "no-such-model", "does not exist")
 
 
-def test_bad_port_file_folder_is_one_clean_error(tmp_path):
-    res = run_opd(["serve-teacher", "embedded", "--port-file", tmp_path / "nope" / "port"])
-    assert_clean_error(res, "--port-file", "does not exist")
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["embedded", "--port-file", "{tmp}/nope/port"], ["--port-file", "does not exist"]),
+        (["a,b", "--weights", "1"], ["--weights", "1 weights for the 2 models"]),
+        (["a", "--weights", "1"], ["--weights", "only one model"]),
+        (["a,b", "--weights", "x,1"], ["--weights", "'x,1'"]),
+        (["embedded", "--port", "70000"], ["--port", "65535"]),
+        (["embedded", "--max-logprobs", "-1"], ["--max-logprobs", ">= 0"]),
+    ],
+)
+def test_bad_options_are_one_clean_error(tmp_path, argv, needles):
+    res = run_opd(["serve-teacher", *(a.format(tmp=tmp_path) for a in argv)])
+    assert_clean_error(res, *needles)

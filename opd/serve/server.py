@@ -24,9 +24,12 @@ def _check_weights(text: str, count: int) -> list[float] | None:
     if count == 1:
         raise ConfigError("--weights: set, but MODEL names only one model (give a comma list)")
     try:
-        return [float(x) for x in text.split(",")]
+        weights = [float(x) for x in text.split(",")]
     except ValueError:
         raise ConfigError(f"--weights: expected comma-separated numbers, got {text!r}") from None
+    if len(weights) != count:
+        raise ConfigError(f"--weights: {len(weights)} weights for the {count} models of MODEL")
+    return weights
 
 
 def load_engine(args):
