@@ -65,24 +65,28 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-logprobs",
+        metavar="K",
         type=_int_at_least(0),
         default=20,
         help="largest prompt_logprobs k a request may ask for (default 20)",
     )
     p.add_argument(
         "--max-batch-tokens",
+        metavar="N",
         type=_int_at_least(1),
         default=16384,
         help="padded tokens per forward pass of the dynamic batcher (default 16384)",
     )
     p.add_argument(
         "--batch-wait-ms",
+        metavar="MS",
         type=_wait_ms,
         default=2.0,
         help="how long the batcher waits for more requests before a forward (default 2)",
     )
     p.add_argument(
         "--max-request-tokens",
+        metavar="N",
         type=_int_at_least(1),
         default=32768,
         help="largest number of prompt tokens in one request; larger ones get 413 (default 32768)",
@@ -90,9 +94,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i (default auto)")
     p.add_argument(
-        "--weights", default="", help="ensemble weights, one per MODEL entry, e.g. 0.5,0.5"
+        "--weights",
+        default="",
+        metavar="W1,W2",
+        help="ensemble weights, one per MODEL entry, e.g. 0.5,0.5",
     )
-    p.add_argument("--threads", type=_int_at_least(1), help="CPU threads for torch")
+    p.add_argument("--threads", type=_int_at_least(1), metavar="N", help="CPU threads for torch")
     return p
 
 

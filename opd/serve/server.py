@@ -121,6 +121,13 @@ def run_app(app, sock: socket.socket, *, label: str, port_file: str | None = Non
 
 def serve_teacher(args) -> int:
     """The `opd serve-teacher` command (arguments from `opd.serve.args`)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            f"opd serve-teacher needs FastAPI and uvicorn ({err}); pip install 'opd[serve]'"
+        ) from None
     if args.port_file and not Path(args.port_file).parent.is_dir():
         raise ConfigError(f"--port-file {args.port_file}: its folder does not exist")
     engine = load_engine(args)
