@@ -78,9 +78,10 @@ def add_faults(app, args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        settings = ServeSettings.from_args(args)
         engine = load_engine(args)
         sock = bind_socket(args.host, args.port)
-        app = create_app(engine, ServeSettings.from_args(args))
+        app = create_app(engine, settings)
         add_faults(app, args)
         return run_app(app, sock, label=args.model, port_file=args.port_file)
     except OpdError as err:

@@ -25,7 +25,7 @@ from opd.models import decoder_and_head, load_model
 from opd.serve import ServeSettings, create_app
 from opd.serve.engine import TeacherEngine
 from opd.teachers.fingerprint import tokenizer_fingerprint
-from opd.tiny import char_tokenizer
+from opd.tiny import char_tokenizer, tiny_gguf
 from tests.helpers import assert_clean_error, run_opd, save_tiny_models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -323,8 +323,40 @@ def test_bad_model_path_is_one_clean_error(tmp_path):
         (["a,b", "--weights", "x,1"], ["--weights", "'x,1'"]),
         (["embedded", "--port", "70000"], ["--port", "65535"]),
         (["embedded", "--max-logprobs", "-1"], ["--max-logprobs", ">= 0"]),
+        (["embedded", "--api-key-env", "OPD_TEST_UNSET_KEY"], ["OPD_TEST_UNSET_KEY", "not set"]),
     ],
 )
 def test_bad_options_are_one_clean_error(tmp_path, argv, needles):
     res = run_opd(["serve-teacher", *(a.format(tmp=tmp_path) for a in argv)])
     assert_clean_error(res, *needles)
+
+
+# ---------------------------------------------------------------- the app in this process
+
+
+def test_gguf_teacher_and_one_token_sequences(tmp_path):
+    model, _ = tiny_gguf(tmp_path / "t.gguf", seed=3)
+    engine = TeacherEngine.load([str(tmp_path / "t.gguf")])
+    seqs = [[5], [5, 6, 7, 200], [8, 9]]
+    with TestClient(create_app(engine, ServeSettings(name="g"))) as client:
+        res = client.post("/v1/completions", json={"prompt": seqs, "prompt_logprobs": 2})
+    assert res.status_code == 200, res.text
+    choices = res.json()["choices"]
+    assert choices[0]["prompt_logprobs"] == [None]  # one token: nothing predicts it
+    for seq, choice in zip(seqs, choices):
+        ref = _ref_logprobs(model.eval(), seq, 1.0)
+        _check_entries(choice["prompt_logprobs"], seq, ref, 2)
+        assert choice["text"] == engine.decoded[int(ref[-1].argmax())]
+
+
+def test_api_key_is_required_when_set(servers):
+    engine = TeacherEngine.load([str(servers["teacher"])])
+    settings = ServeSettings(name="k", api_key="s3cret")
+    assert "s3cret" not in repr(settings)
+    with TestClient(create_app(engine, settings)) as client:
+        assert client.get("/health").status_code == 200
+        _error(client.get("/v1/models"), 401, "Authorization: Bearer")
+        wrong = {"Authorization": "Bearer nope"}
+        _error(client.post("/v1/completions", json={"prompt": [1]}, headers=wrong), 401)
+        right = {"Authorization": "Bearer s3cret"}
+        assert client.post("/v1/completions", json={"prompt": [1]}, headers=right).is_success

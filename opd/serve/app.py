@@ -10,6 +10,7 @@ is parsed.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -69,6 +70,17 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
             await batcher.stop()
 
     app = FastAPI(title="opd serve-teacher", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    if settings.api_key:
+        expected = f"Bearer {settings.api_key}".encode()
+
+        @app.middleware("http")
+        async def bearer_token(request: Request, call_next):
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path != "/health" and not hmac.compare_digest(given, expected):
+                message = "missing or wrong API key (send `Authorization: Bearer KEY`)"
+                return JSONResponse(error_body(401, message), 401)
+            return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -99,6 +100,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="W1,W2",
         help="ensemble weights, one per MODEL entry, e.g. 0.5,0.5",
     )
+    p.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="require `Authorization: Bearer KEY` (all but /health), KEY read from this "
+        "environment variable",
+    )
     p.add_argument("--threads", type=_int_at_least(1), metavar="N", help="CPU threads for torch")
     return p
 
@@ -112,13 +119,26 @@ class ServeSettings:
     max_batch_tokens: int = 16384
     batch_wait_ms: float = 2.0
     max_request_tokens: int = 32768
+    api_key: str | None = field(default=None, repr=False)  # never printed or logged
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeSettings:
+        """Settings from parsed options; the API key is read from --api-key-env's variable."""
+        from opd.errors import ConfigError
+
+        key = None
+        if args.api_key_env:
+            key = os.environ.get(args.api_key_env, "")
+            if not key.strip():
+                raise ConfigError(
+                    f"--api-key-env {args.api_key_env}: that environment variable is not set "
+                    f"or empty"
+                )
         return cls(
             name=args.name or args.model,
             max_logprobs=args.max_logprobs,
             max_batch_tokens=args.max_batch_tokens,
             batch_wait_ms=args.batch_wait_ms,
             max_request_tokens=args.max_request_tokens,
+            api_key=key.strip() if key else None,
         )

@@ -130,15 +130,16 @@ def serve_teacher(args) -> int:
         ) from None
     if args.port_file and not Path(args.port_file).parent.is_dir():
         raise ConfigError(f"--port-file {args.port_file}: its folder does not exist")
+    settings = ServeSettings.from_args(args)
     engine = load_engine(args)
     sock = bind_socket(args.host, args.port)
-    if not _is_loopback(args.host):
+    if not _is_loopback(args.host) and not settings.api_key:
         print(
             f"opd serve-teacher: warning: listening on {args.host}, reachable from other "
-            f"machines, without authentication",
+            f"machines, without authentication (see --api-key-env)",
             file=sys.stderr,
         )
     from opd.serve.app import create_app
 
-    app = create_app(engine, ServeSettings.from_args(args))
+    app = create_app(engine, settings)
     return run_app(app, sock, label=args.model, port_file=args.port_file)
