@@ -6,6 +6,7 @@ tokenizer endpoints, the ensemble mixture, and the fault-injecting server of the
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import subprocess
@@ -29,6 +30,8 @@ from opd.tiny import char_tokenizer, tiny_gguf
 from tests.helpers import assert_clean_error, run_opd, save_tiny_models
 
 ROOT = Path(__file__).resolve().parent.parent
+_post = functools.partial(httpx.post, timeout=60)  # a busy CI machine: generous timeouts
+_get = functools.partial(httpx.get, timeout=60)
 TOL = 1e-5
 # Prompts of different lengths (char-tokenizer ids), so a batch of them needs padding.
 SEQS = [
@@ -204,10 +207,10 @@ def test_served_topk_equals_chunked_topk(servers, local):
 
 
 def test_dynamic_batcher_padded_concurrent_requests(servers):
-    before = httpx.get(f"{servers['one'].url}/opd/stats").json()
+    before = _get(f"{servers['one'].url}/opd/stats").json()
     bodies = [{"prompt": s, "prompt_logprobs": 1} for s in SEQS * 2]
     assert all(r.status_code == 200 for r in _post_all(servers["one"].url, bodies))
-    after = httpx.get(f"{servers['one'].url}/opd/stats").json()
+    after = _get(f"{servers['one'].url}/opd/stats").json()
     assert after["requests"] - before["requests"] == len(bodies)
     assert after["sequences"] - before["sequences"] == len(bodies)
     assert after["batches"] - before["batches"] < len(bodies)  # requests shared forwards
@@ -226,31 +229,31 @@ def _error(res: httpx.Response, status: int, *needles: str) -> str:
 
 def test_bad_requests_get_vllm_errors(servers):
     url = f"{servers['one'].url}/v1/completions"
-    _error(httpx.post(url, json={"prompt": [1, 2], "prompt_logprobs": 9}), 400, "--max-logprobs")
-    _error(httpx.post(url, json={"prompt": [1] * 65}), 413, "--max-request-tokens", "65")
-    _error(httpx.post(url, json={"prompt": [[1] * 40, [2] * 40]}), 413, "--max-request-tokens")
-    _error(httpx.post(url, json={"prompt": "1+2="}), 400, "send token ids")
-    _error(httpx.post(url, json={"prompt": ["1+2="]}), 400, "send token ids")
-    _error(httpx.post(url, content=b'{"prompt": [1,'), 400, "not valid JSON")
-    _error(httpx.post(url, json={"prompt": [1, 105]}), 400, "105", "[0, 105)")
-    _error(httpx.post(url, json={"prompt": [1, 2], "temperature": 0}), 400, "temperature")
-    _error(httpx.post(url, json={"prompt": [1, 2], "max_tokens": 5}), 400, "max_tokens")
-    _error(httpx.post(url, json={"prompt": [1, 2], "model": "other"}), 404, "other", "tiny")
-    _error(httpx.post(url, content=b"x" * 100_000), 413, "--max-request-tokens")
-    assert httpx.get(f"{servers['one'].url}/health").status_code == 200
+    _error(_post(url, json={"prompt": [1, 2], "prompt_logprobs": 9}), 400, "--max-logprobs")
+    _error(_post(url, json={"prompt": [1] * 65}), 413, "--max-request-tokens", "65")
+    _error(_post(url, json={"prompt": [[1] * 40, [2] * 40]}), 413, "--max-request-tokens")
+    _error(_post(url, json={"prompt": "1+2="}), 400, "send token ids")
+    _error(_post(url, json={"prompt": ["1+2="]}), 400, "send token ids")
+    _error(_post(url, content=b'{"prompt": [1,'), 400, "not valid JSON")
+    _error(_post(url, json={"prompt": [1, 105]}), 400, "105", "[0, 105)")
+    _error(_post(url, json={"prompt": [1, 2], "temperature": 0}), 400, "temperature")
+    _error(_post(url, json={"prompt": [1, 2], "max_tokens": 5}), 400, "max_tokens")
+    _error(_post(url, json={"prompt": [1, 2], "model": "other"}), 404, "other", "tiny")
+    _error(_post(url, content=b"x" * 100_000), 413, "--max-request-tokens")
+    assert _get(f"{servers['one'].url}/health").status_code == 200
 
 
 def test_models_tokenize_and_fingerprint(servers, local):
     _, _, tok = local
     url = servers["one"].url
     assert servers["one"].banner == f"opd serve-teacher: serving {servers['teacher']} on {url}"
-    (card,) = httpx.get(f"{url}/v1/models").json()["data"]
+    (card,) = _get(f"{url}/v1/models").json()["data"]
     assert card["id"] == "tiny" and card["object"] == "model" and card["owned_by"] == "opd"
     assert (card["max_logprobs"], card["vocab_size"], card["max_model_len"]) == (8, 105, 512)
-    got = httpx.post(f"{url}/tokenize", json={"prompt": "3+4=7", "add_special_tokens": False})
+    got = _post(f"{url}/tokenize", json={"prompt": "3+4=7", "add_special_tokens": False})
     ids = tok("3+4=7", add_special_tokens=False)["input_ids"]
     assert got.json() == {"tokens": ids, "count": 5, "max_model_len": 512}
-    info = httpx.get(f"{url}/opd/tokenizer").json()
+    info = _get(f"{url}/opd/tokenizer").json()
     assert info == {"fingerprint": tokenizer_fingerprint(tok), "vocab_size": 105, "name": "tiny"}
 
 
@@ -296,16 +299,16 @@ def test_fault_server_fails_breaks_delays_then_serves(servers):
     url = servers["fault"].url
     body = {"prompt": SEQS[1], "prompt_logprobs": 2}
     t0 = time.monotonic()
-    first = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    first = _post(f"{url}/v1/completions", json=body)
     _error(first, 500, "injected")
-    second = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    second = _post(f"{url}/v1/completions", json=body)
     assert second.status_code == 200
     with pytest.raises(json.JSONDecodeError):
         json.loads(second.content)
-    third = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+    third = _post(f"{url}/v1/completions", json=body)
     assert time.monotonic() - t0 >= 0.6  # three delayed requests
     assert len(third.json()["choices"][0]["prompt_logprobs"]) == len(SEQS[1])
-    stats = httpx.get(f"{url}/fault/stats").json()
+    stats = _get(f"{url}/fault/stats").json()
     assert stats == {"completions": 3, "failed": 1, "malformed": 1, "delayed": 3}
 
 
