@@ -9,6 +9,7 @@ import asyncio
 import functools
 import json
 import math
+import socket
 import subprocess
 import sys
 import time
@@ -326,6 +327,7 @@ def test_bad_model_path_is_one_clean_error(tmp_path):
         (["a,b", "--weights", "x,1"], ["--weights", "'x,1'"]),
         (["embedded", "--port", "70000"], ["--port", "65535"]),
         (["embedded", "--max-logprobs", "-1"], ["--max-logprobs", ">= 0"]),
+        (["embedded", "--host", "no.such.host.invalid"], ["--host", "cannot resolve"]),
         (["embedded", "--api-key-env", "OPD_TEST_UNSET_KEY"], ["OPD_TEST_UNSET_KEY", "not set"]),
     ],
 )
@@ -363,3 +365,12 @@ def test_api_key_is_required_when_set(servers):
         _error(client.post("/v1/completions", json={"prompt": [1]}, headers=wrong), 401)
         right = {"Authorization": "Bearer s3cret"}
         assert client.post("/v1/completions", json={"prompt": [1]}, headers=right).is_success
+
+
+def test_busy_port_is_one_clean_error_before_loading():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = run_opd(["serve-teacher", "/no/such/model", "--port", port])
+    assert_clean_error(res, f"--port {port}", "cannot bind", "--port 0")

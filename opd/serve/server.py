@@ -131,8 +131,12 @@ def serve_teacher(args) -> int:
     if args.port_file and not Path(args.port_file).parent.is_dir():
         raise ConfigError(f"--port-file {args.port_file}: its folder does not exist")
     settings = ServeSettings.from_args(args)
-    engine = load_engine(args)
-    sock = bind_socket(args.host, args.port)
+    sock = bind_socket(args.host, args.port)  # before the (slow) load: a busy port fails fast
+    try:
+        engine = load_engine(args)
+    except BaseException:
+        sock.close()
+        raise
     if not _is_loopback(args.host) and not settings.api_key:
         print(
             f"opd serve-teacher: warning: listening on {args.host}, reachable from other "
