@@ -1,4 +1,4 @@
-"""`opd serve-teacher`: load the teacher(s), bind, serve with uvicorn, announce the port.
+"""`opd serve-teacher`: bind, load the teacher(s), serve with uvicorn, announce the port.
 
 The socket is bound here (so `--port 0` can report the port the OS picked and a busy port is
 a one-line error); once uvicorn is accepting connections the server prints one line,
