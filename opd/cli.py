@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from opd.errors import OpdError
+from opd.serve.args import add_serve_arguments
+from opd.serve.server import serve_teacher
 
 DEMO_DEFAULTS = [
     "model.teacher=embedded",
@@ -126,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a run folder and/or overrides, e.g. model.student=DIR data.eval=FILE",
     )
     e.add_argument("--config", help="a YAML config file (not with RUN_DIR)")
+    add_serve_arguments(sub.add_parser("serve-teacher", help="serve a teacher over HTTP"))
     p.set_defaults(_commands=sub.choices)
     return p
 
@@ -363,6 +366,8 @@ def _dispatch(args) -> int:
         return cmd_recipes(args.name)
     if args.command == "eval":
         return cmd_eval(args)
+    if args.command == "serve-teacher":
+        return serve_teacher(args)
     if args.command == "bench":
         from opd.bench import main_quality, main_speed
 

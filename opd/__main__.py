@@ -1,0 +1,7 @@
+"""`python -m opd`: the same as the `opd` command."""
+
+import sys
+
+from opd.cli import main
+
+sys.exit(main())
