@@ -20,7 +20,6 @@ from tests.helpers import (
     assert_clean_error,
     run_opd,
     save_tiny_models,
-    small_cli_args,
     tree_digest,
     write_prompts,
 )
@@ -122,6 +121,7 @@ def test_five_steps_with_the_served_teacher_equal_the_local_teacher(pair, server
     assert all(r["teacher_requests"] >= 1 and r["teacher_retries"] == 0 for r in rows)
 
 
+@pytest.mark.slow  # starts its own server processes (~15 s each on 2 cores)
 def test_killed_server_checkpoints_exit_2_and_resume_matches(pair, server):
     tmp, t, s, prompts = pair
     extra = ("recipe=sampled_rkl", "train.steps=5", "train.checkpoint_every=1")
@@ -135,7 +135,7 @@ def test_killed_server_checkpoints_exit_2_and_resume_matches(pair, server):
         stop(proc)
     line = assert_clean_error(res, url, "unreachable", "--resume", "checkpoint of step 3")
     assert "step 4" in line
-    ckpts = sorted(p.name for p in (tmp / "cut" / "checkpoints").glob("step-*"))
+    ckpts = sorted(p.name for p in (tmp / "cut" / "checkpoints").glob("step_*"))
     assert ckpts[-1].endswith("3"), ckpts
     proc, url2 = start(tmp, t, name="back")
     try:
@@ -165,6 +165,7 @@ def _argv(tmp, name, teacher, student, prompts, *extra):
     ]
 
 
+@pytest.mark.slow  # starts its own server processes (~15 s each on 2 cores)
 def test_slow_answers_time_out_are_retried_and_counted(pair):
     tmp, t, s, prompts = pair
     proc, url = start(
@@ -182,6 +183,7 @@ def test_slow_answers_time_out_are_retried_and_counted(pair):
     assert rows[1]["teacher_timeouts"] == 0
 
 
+@pytest.mark.slow  # starts its own server processes (~15 s each on 2 cores)
 def test_500_and_malformed_json_are_retried_then_a_clear_error(pair):
     tmp, t, s, prompts = pair
     proc, url = start(
@@ -206,6 +208,7 @@ def test_500_and_malformed_json_are_retried_then_a_clear_error(pair):
         stop(proc)
 
 
+@pytest.mark.slow  # starts its own server processes (~15 s each on 2 cores)
 def test_a_server_with_another_tokenizer_is_refused_before_training(pair, tmp_path):
     from opd.tiny import tiny_llama
 
