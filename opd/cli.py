@@ -180,6 +180,8 @@ def teacher_row(models, data, cfg):
     from opd.evaluate import task_accuracy
 
     verify = data.task.verify if data.task is not None else None
+    if getattr(models, "teacher_tokenizer", None) is not None:  # [crosstok] prompts are the
+        return {"accuracy": None, "n": 0, "samples": []}  # student's ids, not the teacher's
     return task_accuracy(
         models.teacher,
         models.tokenizer,

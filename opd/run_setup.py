@@ -109,6 +109,8 @@ def finish_vocab(models: Models) -> Models:
     """Compute `vocab_size` when it is 0; refuse one larger than a head or the tokenizer."""
     tok = models.tokenizer
     members = list(getattr(models.teacher, "members", [models.teacher]))
+    if getattr(models, "teacher_tokenizer", None) is not None:  # [crosstok] student's own V
+        members = [models.student]
     shared = min(shared_vocab_size(models.student, tok, m, tok) for m in members)
     if models.vocab_size == 0:
         models.vocab_size = shared
@@ -255,7 +257,8 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     )
-    for part in (method.prompts, method.prefixes, method.signal, *method.weights):
+    parts = (method.prompts, method.prefixes, method.teacher, method.signal, *method.weights)
+    for part in parts:  # method.teacher: [crosstok] reads the two tokenizers
         if isinstance(part, Preparable):  # e.g. G-OPD snapshots the initial student as π_ref
             part.prepare(models)
     stream = PromptStream(data.train, tc.batch_size, seed=tc.seed)

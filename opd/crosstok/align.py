@@ -15,12 +15,23 @@ it (the last span when it comes at the end); zero-byte tokens at the same place 
 pair up like any other shared cut. When the two byte strings differ (a lossy tokeniser), the
 spans run up to the last shared cut inside the common prefix; everything after it is one span
 marked `aligned=False` (the caller masks it and counts it).
+
+`align_completion` applies this to a student completion (token ids): the completion is cut
+at its special tokens (each one its own span, mapped to the teacher's counterpart, e.g. the
+student's '<|im_end|>' or eos to the teacher's end-of-turn); each run of text tokens is
+turned into bytes, decoded as UTF-8 (an invalid or cut sequence becomes U+FFFD in the text
+the teacher reads, and every span touching it is masked), tokenised by the teacher, and the
+two byte sequences aligned. A teacher that prepends a dummy space to the text
+(SentencePiece's '▁' prefix) has that byte dropped before aligning. A student token with no
+bytes that is not special masks its span.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import accumulate
+
+REPLACEMENT = "\ufffd".encode()  # what an invalid UTF-8 sequence becomes in the text
 
 
 @dataclass(frozen=True)
@@ -125,3 +136,134 @@ def align_spans(student_bytes: list[bytes], teacher_bytes: list[bytes]) -> list[
     if s0 < len(s_ends) or t0 < len(t_ends):
         spans.append(Span(s0, len(s_ends), t0, len(t_ends), aligned=False))
     return spans
+
+
+@dataclass
+class Alignment:
+    """A student completion and the teacher's tokenisation of the same text.
+
+    Attributes:
+      teacher_ids: the teacher's token ids of the completion (specials mapped).
+      spans: spans over student positions [0, n) and teacher positions [0, len(teacher_ids)).
+    """
+
+    teacher_ids: list
+    spans: list
+
+    @property
+    def unaligned_tokens(self) -> int:
+        """Student tokens in spans that are masked."""
+        return sum(sp.student_len for sp in self.spans if not sp.aligned)
+
+
+def utf8_pieces(data: bytes) -> list[tuple[int, int, bool]]:
+    """(start, end, valid) runs of `data`: maximal valid UTF-8 runs and the invalid bytes
+    between them (each invalid run is what one U+FFFD replaces)."""
+    out, pos = [], 0
+    while pos < len(data):
+        try:
+            data[pos:].decode("utf-8")
+            out.append((pos, len(data), True))
+            break
+        except UnicodeDecodeError as err:
+            if err.start > 0:
+                out.append((pos, pos + err.start, True))
+            out.append((pos + err.start, pos + err.end, False))
+            pos += err.end
+    return out
+
+
+def _normalised(token_bytes: list[bytes]) -> tuple[list[bytes], list[bool], str]:
+    """Per-token bytes with each invalid run replaced by U+FFFD (given to the token holding
+    its last byte), per-token 'touches invalid bytes' flags, and the text the teacher reads."""
+    data = b"".join(token_bytes)
+    pieces = utf8_pieces(data)
+    piece_of = []  # piece index of every byte
+    for k, (a, b, _) in enumerate(pieces):
+        piece_of += [k] * (b - a)
+    norm, bad, pos = [], [], 0
+    for tb in token_bytes:
+        out, touched = bytearray(), False
+        for p in range(pos, pos + len(tb)):
+            start, end, valid = pieces[piece_of[p]]
+            if valid:
+                out.append(data[p])
+            else:
+                touched = True
+                if p == end - 1:
+                    out += REPLACEMENT
+        pos += len(tb)
+        norm.append(bytes(out))
+        bad.append(touched or not tb)
+    text = "".join(data[a:b].decode("utf-8") if valid else "\ufffd" for a, b, valid in pieces)
+    return norm, bad, text
+
+
+def _teacher_encode(tokenizer, text: str) -> list[int]:
+    """The teacher's ids of plain text: special-token strings in it stay text."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, split_special_tokens=True)
+    except TypeError:  # a tokenizer without split_special_tokens
+        enc = tokenizer(text, add_special_tokens=False)
+    return [int(i) for i in enc["input_ids"]]
+
+
+def align_text_run(token_bytes: list[bytes], teacher) -> Alignment:
+    """Align a run of student text tokens (their bytes) with the teacher's tokenisation.
+
+    Args:
+      token_bytes: the bytes of each student token (none of them special).
+      teacher: the teacher's `opd.crosstok.bytes.TokenBytes`.
+    """
+    norm, bad, text = _normalised(token_bytes)
+    ids = _teacher_encode(teacher.tokenizer, text) if text else []
+    t_bytes = [teacher.of(t) or b"" for t in ids]
+    target = b"".join(norm)
+    got = b"".join(t_bytes)
+    if got != target and got == b" " + target and t_bytes and t_bytes[0][:1] == b" ":
+        t_bytes[0] = t_bytes[0][1:]  # the dummy prefix space of SentencePiece-style tokenizers
+    spans = []
+    for sp in align_spans(norm, t_bytes):
+        ok = sp.aligned and not any(bad[sp.s_start : sp.s_end]) and sp.teacher_len > 0
+        spans.append(Span(sp.s_start, sp.s_end, sp.t_start, sp.t_end, ok))
+    return Alignment(ids, spans)
+
+
+def align_completion(student_ids, student, teacher) -> Alignment:
+    """Align a student completion with the teacher's tokenisation of the same text.
+
+    Args:
+      student_ids: the student's completion token ids.
+      student, teacher: `opd.crosstok.bytes.TokenBytes` of the two tokenizers.
+
+    Returns:
+      An `Alignment`; its spans cover every student position once, in order.
+    """
+    teacher_ids, spans, run = [], [], []
+
+    def flush():
+        if not run:
+            return
+        part = align_text_run([student.of(student_ids[i]) for i in run], teacher)
+        s0, t0 = run[0], len(teacher_ids)
+        for sp in part.spans:
+            spans.append(
+                Span(sp.s_start + s0, sp.s_end + s0, sp.t_start + t0, sp.t_end + t0, sp.aligned)
+            )
+        teacher_ids.extend(part.teacher_ids)
+        run.clear()
+
+    for i, sid in enumerate(student_ids):
+        if student.of(sid) is not None:
+            run.append(i)
+            continue
+        flush()
+        tid = student.map_special(sid, teacher)
+        t0 = len(teacher_ids)
+        if tid is None:
+            spans.append(Span(i, i + 1, t0, t0, aligned=False))
+        else:
+            teacher_ids.append(tid)
+            spans.append(Span(i, i + 1, t0, t0 + 1))
+    flush()
+    return Alignment(teacher_ids, spans)
