@@ -17,8 +17,8 @@ token log-probs serves, so local, GGUF and served teachers alike) and summed per
     span_teacher_logprobs_G[g] = Σ_{u ∈ g} log p_teacher(u | prompt_T, u_<)      (G,)
     span_index_N[n]            = the span of counted student token n, −1 when masked  (N,)
 
-Spans that cannot be aligned (invalid UTF-8, a special with no teacher counterpart, a
-student token with no bytes, text the teacher's tokenizer does not reproduce) get no g.
+Spans that cannot be aligned (a student token with no bytes, text the teacher's tokenizer
+does not reproduce; with the options, invalid UTF-8 and specials the teacher lacks) get no g.
 
 Identical tokenizers (`Models.teacher_tokenizer` None, or the same vocabulary): the teacher
 scores the student's own rollout and every counted token is its own span, so the numbers
@@ -76,9 +76,15 @@ class CrossTokenizerLogprobs:
 
     Attributes:
       chunk_size: rows per chunk when scoring a local teacher.
+      mask_invalid: mask spans touching invalid UTF-8 (default: score them against the
+        teacher's U+FFFD, `opd.crosstok.align`).
+      literal_specials: a student special the teacher lacks is scored as its literal text
+        (default) instead of masked.
     """
 
     chunk_size: int = 512
+    mask_invalid: bool = False
+    literal_specials: bool = True
     provides: frozenset = frozenset({"span_logprobs"})
     cross_tokenizer: ClassVar[bool] = True  # opd.build allows differing vocabularies
     _state: dict = field(default_factory=dict, compare=False, repr=False)
@@ -131,7 +137,13 @@ class CrossTokenizerLogprobs:
             prompt_ids = rollout.input_ids_BL[b, :P][rollout.attention_mask_BL[b, :P].bool()]
             text = s_tok.decode(prompt_ids.tolist()) if raw is None else ""
             prompts.append(render_prompt(raw, t_tok, text))
-            al = align_completion(ids_BT[b][mask_BT[b]].tolist(), st["student"], st["teacher"])
+            al = align_completion(
+                ids_BT[b][mask_BT[b]].tolist(),
+                st["student"],
+                st["teacher"],
+                self.mask_invalid,
+                self.literal_specials,
+            )
             comps.append(al.teacher_ids)
             spans.append(al.spans)
         pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else t_tok.eos_token_id

@@ -18,12 +18,20 @@ marked `aligned=False` (the caller masks it and counts it).
 
 `align_completion` applies this to a student completion (token ids): the completion is cut
 at its special tokens (each one its own span, mapped to the teacher's counterpart, e.g. the
-student's '<|im_end|>' or eos to the teacher's end-of-turn); each run of text tokens is
-turned into bytes, decoded as UTF-8 (an invalid or cut sequence becomes U+FFFD in the text
-the teacher reads, and every span touching it is masked), tokenised by the teacher, and the
-two byte sequences aligned. A teacher that prepends a dummy space to the text
-(SentencePiece's '▁' prefix) has that byte dropped before aligning. A student token with no
-bytes that is not special masks its span.
+student's '<|im_end|>' or eos to the teacher's end-of-turn; a special the teacher lacks is
+scored as its literal text, e.g. '<|im_start|>' as 12 characters, or masked with
+`literal_specials=False`); each run of text tokens is turned into bytes, decoded as UTF-8,
+tokenised by the teacher, and the two byte sequences aligned. A teacher that prepends a dummy
+space to the text (SentencePiece's '▁' prefix) has that byte dropped before aligning. A
+student token with no bytes that is not special masks its span.
+
+Invalid UTF-8 (a cut or impossible byte sequence) becomes U+FFFD in the text the teacher
+reads. With `mask_invalid=True` every span touching it is masked; by default (False) the
+span is aligned with the teacher's tokens of that U+FFFD (the student's invalid bytes count
+as one replacement character). Deviation from masking them: in a measured run, masked
+spans got no gradient, so the student learned to write ever more invalid bytes to escape
+the teacher's penalty (its teacher NLL per byte rose); scored against U+FFFD they are
+penalised like any text the teacher finds unlikely.
 """
 
 from __future__ import annotations
@@ -173,7 +181,9 @@ def utf8_pieces(data: bytes) -> list[tuple[int, int, bool]]:
     return out
 
 
-def _normalised(token_bytes: list[bytes]) -> tuple[list[bytes], list[bool], str]:
+def _normalised(
+    token_bytes: list[bytes], mask_invalid: bool
+) -> tuple[list[bytes], list[bool], str]:
     """Per-token bytes with each invalid run replaced by U+FFFD (given to the token holding
     its last byte), per-token 'touches invalid bytes' flags, and the text the teacher reads."""
     data = b"".join(token_bytes)
@@ -194,7 +204,7 @@ def _normalised(token_bytes: list[bytes]) -> tuple[list[bytes], list[bool], str]
                     out += REPLACEMENT
         pos += len(tb)
         norm.append(bytes(out))
-        bad.append(touched or not tb)
+        bad.append((touched and mask_invalid) or not tb)
     text = "".join(data[a:b].decode("utf-8") if valid else "\ufffd" for a, b, valid in pieces)
     return norm, bad, text
 
@@ -208,14 +218,15 @@ def _teacher_encode(tokenizer, text: str) -> list[int]:
     return [int(i) for i in enc["input_ids"]]
 
 
-def align_text_run(token_bytes: list[bytes], teacher) -> Alignment:
+def align_text_run(token_bytes: list[bytes], teacher, mask_invalid: bool = False) -> Alignment:
     """Align a run of student text tokens (their bytes) with the teacher's tokenisation.
 
     Args:
       token_bytes: the bytes of each student token (none of them special).
       teacher: the teacher's `opd.crosstok.bytes.TokenBytes`.
+      mask_invalid: mask the spans that touch invalid UTF-8 (module docstring).
     """
-    norm, bad, text = _normalised(token_bytes)
+    norm, bad, text = _normalised(token_bytes, mask_invalid)
     ids = _teacher_encode(teacher.tokenizer, text) if text else []
     t_bytes = [teacher.of(t) or b"" for t in ids]
     target = b"".join(norm)
@@ -229,12 +240,16 @@ def align_text_run(token_bytes: list[bytes], teacher) -> Alignment:
     return Alignment(ids, spans)
 
 
-def align_completion(student_ids, student, teacher) -> Alignment:
+def align_completion(
+    student_ids, student, teacher, mask_invalid: bool = False, literal_specials: bool = True
+) -> Alignment:
     """Align a student completion with the teacher's tokenisation of the same text.
 
     Args:
       student_ids: the student's completion token ids.
       student, teacher: `opd.crosstok.bytes.TokenBytes` of the two tokenizers.
+      mask_invalid: mask spans touching invalid UTF-8 instead of scoring them as U+FFFD.
+      literal_specials: score a special the teacher lacks as its literal text (else mask).
 
     Returns:
       An `Alignment`; its spans cover every student position once, in order.
@@ -244,7 +259,7 @@ def align_completion(student_ids, student, teacher) -> Alignment:
     def flush():
         if not run:
             return
-        part = align_text_run([student.of(student_ids[i]) for i in run], teacher)
+        part = align_text_run([student.of(student_ids[i]) for i in run], teacher, mask_invalid)
         s0, t0 = run[0], len(teacher_ids)
         for sp in part.spans:
             spans.append(
@@ -260,7 +275,12 @@ def align_completion(student_ids, student, teacher) -> Alignment:
         flush()
         tid = student.map_special(sid, teacher)
         t0 = len(teacher_ids)
-        if tid is None:
+        literal = student.tokenizer.convert_ids_to_tokens(int(sid)) if tid is None else None
+        if tid is None and literal_specials and literal:
+            ids = _teacher_encode(teacher.tokenizer, literal)
+            teacher_ids.extend(ids)
+            spans.append(Span(i, i + 1, t0, t0 + len(ids), aligned=bool(ids)))
+        elif tid is None:
             spans.append(Span(i, i + 1, t0, t0, aligned=False))
         else:
             teacher_ids.append(tid)
