@@ -9,8 +9,11 @@ Needs only sampled-token log-probs of the teacher, so local, GGUF and served tea
 Deviations:
 - Span-level rather than token-level advantages (what makes differing tokenizers comparable);
   the teacher scores one tokenisation of the text, not the sum over all of them.
-- Spans that cannot be aligned are masked (loss 0) but still counted in the token mean;
-  their count is logged as `xtok_unaligned`.
+- Spans that cannot be aligned (a token with no bytes, text the teacher's tokenizer does not
+  reproduce) are masked (loss 0) but still counted in the token mean; their count is logged
+  as `xtok_unaligned`. Invalid UTF-8 is scored against the teacher's U+FFFD and a special the
+  teacher lacks as its literal text, not masked (masking let the student escape the teacher's
+  penalty by writing invalid bytes); `mask_invalid=true` masks invalid UTF-8 instead.
 - No discount over future spans (tinker's default, γ = 0).
 """
 
@@ -29,10 +32,10 @@ from opd.sampling import student
     access="sampled",
     granularity="token",
 )
-def xtok_sampled_rkl():
+def xtok_sampled_rkl(mask_invalid: bool = False):
     """Tinker-style OPD across tokenizers: per-span advantages on shared byte boundaries."""
     return Method(
         prefixes=student(),
-        teacher=CrossTokenizerLogprobs(),
+        teacher=CrossTokenizerLogprobs(mask_invalid=mask_invalid),
         signal=SpanSampledRKL(),
     )
