@@ -42,7 +42,7 @@ def test_identical_tokenizers_equal_sampled_rkl_exactly(tok, prompt_file, tmp_pa
         cfg = tiny_cfg(tmp_path, prompt_file, f"method.recipe={name}", "train.steps=3", name=name)
         res = distill(cfg, models=fresh_models(tok), evaluate=False, log=quiet)
         params = [p.detach().clone() for p in res.models.student.parameters()]
-        out[name] = (res.losses, params, [m["tokens"] for m in res.metrics])
+        out[name] = (res.losses, params, [(m["tokens"], m["teacher_kl"]) for m in res.metrics])
     (loss_a, params_a, tokens_a), (loss_b, params_b, tokens_b) = out.values()
     assert len(loss_a) == 3 and loss_a == loss_b and tokens_a == tokens_b
     assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))

@@ -120,7 +120,9 @@ class CrossTokenizerLogprobs:
         if st["same"]:
             logp_N = sampled.score(teacher, rollout, vocab_size).token_logprobs_N
             index_N = torch.arange(logp_N.shape[0], device=logp_N.device)
-            return TeacherScores(span_index_N=index_N, span_teacher_logprobs_G=logp_N)
+            return TeacherScores(  # token_logprobs_N too: the loop logs teacher_kl from it
+                token_logprobs_N=logp_N, span_index_N=index_N, span_teacher_logprobs_G=logp_N
+            )
         t_rollout, spans_per_row = self.teacher_rollout(rollout)
         logp_M = sampled.score(teacher, t_rollout, st["teacher_vocab"]).token_logprobs_N
         return span_scores(rollout, t_rollout, spans_per_row, logp_M)
