@@ -68,21 +68,22 @@ def _random_text(rng: random.Random) -> str:
 @pytest.mark.parametrize(
     ("s_name", "t_name"), [("bl300", "sp420"), ("sp420", "bl300"), ("bl300", "bl360")]
 )
-def test_spans_cover_every_byte_once_in_order(toks, s_name, t_name):
+@pytest.mark.parametrize("mask", [False, True])
+def test_spans_cover_every_byte_once_in_order(toks, s_name, t_name, mask):
     """Random multi-byte texts and random (non-canonical, special-laden) token sequences:
     the spans partition both token sequences in order, and each aligned span holds the same
     bytes on both sides, so the aligned and masked spans cover the completion's bytes once."""
     s_tok, t_tok = toks[s_name], toks[t_name]
     sb, tb = TokenBytes(s_tok), TokenBytes(t_tok)
     rng = random.Random(0)
-    n_masked = n_aligned = 0
+    n_masked = n_aligned = n_replaced = 0
     for seed in range(150):
         if seed % 3 == 2:  # what a random student samples: any id, specials included
             ids = [rng.randrange(len(s_tok)) for _ in range(rng.randint(0, 25))]
         else:
             ids = s_tok(_random_text(rng), add_special_tokens=False).input_ids
             ids = ids + [s_tok.eos_token_id] if seed % 2 else ids
-        al = align_completion(ids, sb, tb)
+        al = align_completion(ids, sb, tb, mask_invalid=mask, literal_specials=not mask)
         # student and teacher positions: each exactly once, in order
         assert [i for sp in al.spans for i in range(sp.s_start, sp.s_end)] == list(range(len(ids)))
         assert [u for sp in al.spans for u in range(sp.t_start, sp.t_end)] == list(
@@ -91,32 +92,62 @@ def test_spans_cover_every_byte_once_in_order(toks, s_name, t_name):
         s_parts = _bytes_of(sb, ids)
         t_parts = _bytes_of(tb, al.teacher_ids)
         covered = b""
-        for sp in al.spans:
+        for k, sp in enumerate(al.spans):
             s_bytes = b"".join(b or b"" for b in s_parts[sp.s_start : sp.s_end])
             covered += s_bytes
-            if sp.aligned:
+            if sp.aligned and s_parts[sp.s_start] is None:  # a special: its own span
+                assert sp.student_len == 1
+                t_ids = al.teacher_ids[sp.t_start : sp.t_end]
+                literal = t_tok.decode(t_ids).strip()
+                assert (len(t_ids) == 1 and t_parts[sp.t_start] is None) or literal == (
+                    s_tok.convert_ids_to_tokens(ids[sp.s_start])
+                )
+                n_aligned += 1
+            elif sp.aligned:
                 t_bytes = b"".join(b or b"" for b in t_parts[sp.t_start : sp.t_end])
+                # invalid UTF-8 is scored as the U+FFFD the teacher reads (one per invalid
+                # run, as bytes.decode(errors="replace")), never split across spans
+                fixed = s_bytes.decode("utf-8", errors="replace").encode()
                 # the teacher's dummy prefix space may open a text run (start, after a special)
-                run_start = sp.t_start == 0 or t_parts[sp.t_start - 1] is None
-                assert t_bytes == s_bytes or (run_start and t_bytes == b" " + s_bytes)
+                run_start = k == 0 or s_parts[al.spans[k - 1].s_end - 1] is None
+                if run_start and t_bytes[:1] == b" " and s_bytes[:1] != b" ":
+                    t_bytes = t_bytes[1:]
+                assert t_bytes in (s_bytes, fixed), (s_bytes, t_bytes)
+                n_replaced += t_bytes != s_bytes
                 n_aligned += 1
             else:
                 n_masked += sp.student_len
         assert covered == b"".join(b or b"" for b in s_parts)
         if seed % 3 != 2:  # canonical text tokens of valid UTF-8: nothing is masked
             assert all(sp.aligned for sp in al.spans), (ids, al.spans)
-    assert n_aligned > 500 and n_masked > 0  # both kinds were exercised
+    assert n_aligned > 500  # and the special cases were exercised:
+    assert n_masked > 0 if mask else n_replaced > 0
 
 
-def test_invalid_utf8_is_masked_and_counted(toks):
+def test_invalid_utf8_scored_as_replacement_or_masked(toks):
     bl, sp = TokenBytes(toks["bl300"]), TokenBytes(toks["sp420"])
     ids = toks["bl300"]("a 你", add_special_tokens=False).input_ids
     byte_ids = [toks["bl300"].convert_tokens_to_ids(bytes_to_unicode()[b]) for b in "你".encode()]
     cut = toks["bl300"]("a ", add_special_tokens=False).input_ids + byte_ids[:2]  # cut char
-    al = align_completion(cut, bl, sp)
-    assert al.unaligned_tokens >= 2 and al.spans[0].aligned
-    assert "\ufffd" in toks["sp420"].decode(al.teacher_ids)
-    assert align_completion(ids, bl, sp).unaligned_tokens == 0
+    scored = align_completion(cut, bl, sp)  # default: against the teacher's U+FFFD
+    assert scored.unaligned_tokens == 0 and scored.spans[-1].aligned
+    assert toks["sp420"].decode(scored.teacher_ids).endswith("\ufffd")
+    assert scored.spans[-1].s_end - scored.spans[-1].s_start >= 2  # both cut bytes, one span
+    masked = align_completion(cut, bl, sp, mask_invalid=True)
+    assert masked.unaligned_tokens >= 2 and masked.spans[0].aligned
+    assert masked.teacher_ids == scored.teacher_ids
+    assert align_completion(ids, bl, sp, mask_invalid=True).unaligned_tokens == 0
+
+
+def test_missing_special_scored_as_literal_text_or_masked(toks):
+    bl, sp = TokenBytes(toks["bl300"]), TokenBytes(toks["sp420"])
+    im_start = toks["bl300"].convert_tokens_to_ids("<|im_start|>")
+    ids = toks["bl300"]("the", add_special_tokens=False).input_ids + [im_start]
+    literal = align_completion(ids, bl, sp)
+    assert literal.unaligned_tokens == 0
+    assert toks["sp420"].decode(literal.teacher_ids).replace(" ", "") == "the<|im_start|>"
+    masked = align_completion(ids, bl, sp, literal_specials=False)
+    assert masked.unaligned_tokens == 1 and not masked.spans[-1].aligned
 
 
 def test_raw_prompt_rendered_with_the_teachers_template(toks):

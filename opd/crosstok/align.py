@@ -183,9 +183,10 @@ def utf8_pieces(data: bytes) -> list[tuple[int, int, bool]]:
 
 def _normalised(
     token_bytes: list[bytes], mask_invalid: bool
-) -> tuple[list[bytes], list[bool], str]:
+) -> tuple[list[bytes], list[bool], str, list[tuple[int, int]]]:
     """Per-token bytes with each invalid run replaced by U+FFFD (given to the token holding
-    its last byte), per-token 'touches invalid bytes' flags, and the text the teacher reads."""
+    its last byte), per-token 'masked' flags, the text the teacher reads, and the invalid
+    runs (start, end) as raw byte offsets."""
     data = b"".join(token_bytes)
     pieces = utf8_pieces(data)
     piece_of = []  # piece index of every byte
@@ -206,7 +207,21 @@ def _normalised(
         norm.append(bytes(out))
         bad.append((touched and mask_invalid) or not tb)
     text = "".join(data[a:b].decode("utf-8") if valid else "\ufffd" for a, b, valid in pieces)
-    return norm, bad, text
+    invalid = [(a, b) for a, b, valid in pieces if not valid]
+    return norm, bad, text, invalid
+
+
+def _merge_split_runs(spans: list[Span], raw_ends: list[int], invalid) -> list[Span]:
+    """Merge neighbouring spans whose boundary falls inside an invalid UTF-8 run, so each run
+    (and its U+FFFD on the teacher's side) lies in one span."""
+    out: list[Span] = []
+    for sp in spans:
+        cut = raw_ends[sp.s_start - 1] if sp.s_start > 0 else 0
+        if out and any(a < cut < b for a, b in invalid):
+            last = out.pop()
+            sp = Span(last.s_start, sp.s_end, last.t_start, sp.t_end, last.aligned and sp.aligned)
+        out.append(sp)
+    return out
 
 
 def _teacher_encode(tokenizer, text: str) -> list[int]:
@@ -226,7 +241,7 @@ def align_text_run(token_bytes: list[bytes], teacher, mask_invalid: bool = False
       teacher: the teacher's `opd.crosstok.bytes.TokenBytes`.
       mask_invalid: mask the spans that touch invalid UTF-8 (module docstring).
     """
-    norm, bad, text = _normalised(token_bytes, mask_invalid)
+    norm, bad, text, invalid = _normalised(token_bytes, mask_invalid)
     ids = _teacher_encode(teacher.tokenizer, text) if text else []
     t_bytes = [teacher.of(t) or b"" for t in ids]
     target = b"".join(norm)
@@ -234,7 +249,10 @@ def align_text_run(token_bytes: list[bytes], teacher, mask_invalid: bool = False
     if got != target and got == b" " + target and t_bytes and t_bytes[0][:1] == b" ":
         t_bytes[0] = t_bytes[0][1:]  # the dummy prefix space of SentencePiece-style tokenizers
     spans = []
-    for sp in align_spans(norm, t_bytes):
+    found = align_spans(norm, t_bytes)
+    if invalid:
+        found = _merge_split_runs(found, list(accumulate(len(b) for b in token_bytes)), invalid)
+    for sp in found:
         ok = sp.aligned and not any(bad[sp.s_start : sp.s_end]) and sp.teacher_len > 0
         spans.append(Span(sp.s_start, sp.s_end, sp.t_start, sp.t_end, ok))
     return Alignment(ids, spans)
