@@ -286,6 +286,10 @@ def cmd_eval(args) -> int:
     data = build_data(cfg, models.tokenizer, need_train=False)
     if not data.eval:
         raise OpdError("opd eval: no held-out prompts; set data.eval=FILE")
+    if getattr(models, "teacher_tokenizer", None) is not None:  # [crosstok] no shared vocabulary
+        from opd.crosstok.evaluate import print_eval
+
+        return print_eval(models, data, cfg)
     res = heldout_kl(
         models.student,
         models.teacher,

@@ -179,3 +179,6 @@ def test_cli_cross_tokenizer_pair(tmp_path):
     assert (tmp_path / "ok" / "student" / "tokenizer.json").is_file()
     saved = json.loads((tmp_path / "ok" / "student" / "tokenizer.json").read_text())
     assert len(saved["model"]["vocab"]) == 300  # the student keeps its own tokenizer
+    ev = run_opd(["eval", tmp_path / "ok"])
+    assert ev.code == 0 and ev.traceback is None, ev.err + (ev.traceback or "")
+    assert "teacher NLL per byte of the student's greedy outputs:" in ev.out

@@ -97,3 +97,10 @@ def eval_row(run, step: int) -> dict:
         "heldout_accuracy": scored["accuracy"],
         "heldout_length": res["mean_length"],
     }
+
+
+def print_eval(models, data, cfg) -> int:
+    """`opd eval` for a pair of different tokenizers: print the teacher NLL per byte."""
+    res = teacher_nll_per_byte(models, data.eval, max_new_tokens=cfg.sampling.max_new_tokens)
+    print(f"teacher NLL per byte of the student's greedy outputs: {res['nll_per_byte']:.4f}")
+    return 0
