@@ -277,6 +277,7 @@ def _eval_target(args):
 def cmd_eval(args) -> int:
     from opd.build import build_data, build_models
     from opd.config_io import atomic_write_text
+    from opd.crosstok.evaluate import print_eval as crosstok_eval
     from opd.evaluate import EvalTable, heldout_kl
 
     cfg, run_dir = _eval_target(args)
@@ -287,9 +288,7 @@ def cmd_eval(args) -> int:
     if not data.eval:
         raise OpdError("opd eval: no held-out prompts; set data.eval=FILE")
     if getattr(models, "teacher_tokenizer", None) is not None:  # [crosstok] no shared vocabulary
-        from opd.crosstok.evaluate import print_eval
-
-        return print_eval(models, data, cfg)
+        return crosstok_eval(models, data, cfg)
     res = heldout_kl(
         models.student,
         models.teacher,
