@@ -28,6 +28,7 @@ from opd.build import Models, PromptSets, build_data, build_models
 from opd.checkpoint import load_newest
 from opd.config import RunConfig, resolve_steps, save_config, to_dict
 from opd.context import StepContext
+from opd.crosstok.models import check_pair
 from opd.errors import ConfigError, ModelError
 from opd.evaluate import generic_verify
 from opd.logs import MetricsLog
@@ -228,6 +229,7 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     method = method or build_method(cfg)
     models = finish_vocab(models or build_models(cfg))
     check_trainable_dtype(models)
+    check_pair(models, method, cfg)  # [crosstok] another tokenizer needs a cross-tokenizer method
     data = data if data is not None else build_data(cfg, models.tokenizer)
     check_data_fits(method, data)
     if tc.epochs > 0:

@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 
+from opd.build import Models
 from opd.context import StepContext
 from opd.crosstok.access import render_prompt
 from opd.crosstok.evaluate import teacher_nll_per_byte
 from opd.crosstok.models import cross_tokenizer_models
 from opd.data.sets import build_data
+from opd.errors import ModelError
 from opd.recipes import get_recipe
 from opd.sampling.sources import make_rollout
 from opd.step import micro_step
@@ -182,3 +184,14 @@ def test_cli_cross_tokenizer_pair(tmp_path):
     ev = run_opd(["eval", tmp_path / "ok"])
     assert ev.code == 0 and ev.traceback is None, ev.err + (ev.traceback or "")
     assert "teacher NLL per byte of the student's greedy outputs:" in ev.out
+
+
+def test_models_of_two_tokenizers_need_a_cross_tokenizer_method(tmp_path, prompt_file):
+    bl, sp = byte_level_tok(300), sentencepiece_tok(420)
+    teacher, student = tiny_llama(len(sp), seed=1), tiny_llama(len(bl), seed=2)
+    models = Models(teacher, student, bl, teacher_tokenizer=sp)
+    cfg = tiny_cfg(tmp_path, prompt_file, "method.recipe=sampled_rkl")
+    with pytest.raises(ModelError, match="recipe=xtok_sampled_rkl") as err:
+        distill(cfg, models=models, log=quiet)
+    assert "different tokenizers" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()

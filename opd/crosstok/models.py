@@ -48,6 +48,15 @@ def refusal(student_spec: str, teacher_spec: str, recipe: str) -> ModelError:
     )
 
 
+def check_pair(models, method, cfg) -> None:
+    """Refuse `Models` with a teacher tokenizer of its own unless `method` is cross-tokenizer
+    (models given in code; `opd.build.build_models` checks the ones it builds)."""
+    if getattr(models, "teacher_tokenizer", None) is None or is_cross_tokenizer(method):
+        return
+    student = cfg.model.student or "(given in code)"
+    raise refusal(student, cfg.model.teacher or "(given in code)", method.name)
+
+
 def cross_tokenizer_models(cfg, method, teacher, student, student_tok, teacher_tok, ensemble=False):
     """`opd.build.Models` for a pair with differing tokenizers (refused unless `method` is
     cross-tokenizer; a teacher ensemble is refused too)."""
