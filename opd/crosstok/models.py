@@ -38,13 +38,19 @@ def cross_tokenizer_recipes() -> list[str]:
     return out
 
 
-def refusal(student_spec: str, teacher_spec: str, recipe: str) -> ModelError:
+def refusal(
+    student_spec: str, teacher_spec: str, recipe: str, student_tok=None, teacher_tok=None
+) -> ModelError:
     """The one-line error for a pair with differing tokenizers and a same-tokenizer recipe."""
     names = ", ".join(f"recipe={n}" for n in cross_tokenizer_recipes())
+    sizes = ""
+    if student_tok is not None and teacher_tok is not None:
+        sizes = f": student {len(student_tok)} tokens, teacher {len(teacher_tok)} tokens"
     return ModelError(
         f"model.student '{student_spec}' and model.teacher '{teacher_spec}' have different "
-        f"tokenizers, and recipe {recipe!r} needs a shared vocabulary; use a cross-tokenizer "
-        f"recipe ({names}) or a student with the teacher's tokenizer"
+        f"tokenizers (they map tokens to ids differently{sizes}), and recipe {recipe!r} needs "
+        f"a shared vocabulary; use a cross-tokenizer recipe ({names}) or a student with the "
+        "teacher's tokenizer"
     )
 
 
@@ -54,7 +60,8 @@ def check_pair(models, method, cfg) -> None:
     if getattr(models, "teacher_tokenizer", None) is None or is_cross_tokenizer(method):
         return
     student = cfg.model.student or "(given in code)"
-    raise refusal(student, cfg.model.teacher or "(given in code)", method.name)
+    teacher = cfg.model.teacher or "(given in code)"
+    raise refusal(student, teacher, method.name, models.tokenizer, models.teacher_tokenizer)
 
 
 def cross_tokenizer_models(cfg, method, teacher, student, student_tok, teacher_tok, ensemble=False):
@@ -65,7 +72,9 @@ def cross_tokenizer_models(cfg, method, teacher, student, student_tok, teacher_t
     from opd.teachers.ensemble import TeacherEnsemble
 
     if not is_cross_tokenizer(method):
-        raise refusal(cfg.model.student, cfg.model.teacher, cfg.method.recipe)
+        raise refusal(
+            cfg.model.student, cfg.model.teacher, cfg.method.recipe, student_tok, teacher_tok
+        )
     if ensemble or isinstance(teacher, TeacherEnsemble):
         raise ModelError(
             f"model.teacher '{cfg.model.teacher}': a teacher ensemble cannot be combined with "
