@@ -35,9 +35,10 @@ class Rollout:
       row_writers: who wrote each row, when the rows have different writers (a paired
         rollout: the teacher's and the student's response to the same prompt); () means
         every row was written by `writer`.
-      raw_prompts: [crosstok] each row's prompt before the chat template (a tuple of
-        {"role", "content"} messages, or the plain prompt string; None for a row without
-        one), so a teacher with another tokenizer renders it with its own template; ().
+      raw_prompts: [crosstok] each row's prompt before the chat template
+        (`opd.data.Example.raw_prompt`: messages as ((key, value), ...) pairs, or the plain
+        prompt string; None for a row without one), so a teacher with another tokenizer
+        renders it with its own template; () = none known.
     """
 
     input_ids_BL: torch.Tensor
