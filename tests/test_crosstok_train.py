@@ -7,17 +7,23 @@ import json
 
 import pytest
 import torch
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from opd.build import Models
 from opd.context import StepContext
+from opd.crosstok import CrossTokenizerLogprobs, SpanSampledRKL
 from opd.crosstok.access import render_prompt
 from opd.crosstok.evaluate import teacher_nll_per_byte
 from opd.crosstok.models import cross_tokenizer_models
 from opd.data.sets import build_data
 from opd.errors import ModelError
+from opd.method import Method
+from opd.models import decoder_and_head
 from opd.recipes import get_recipe
+from opd.sampling import student as student_source
 from opd.sampling.sources import make_rollout
-from opd.step import micro_step
+from opd.step import micro_step, student_rows
+from opd.teachers import SampledLogprobs
 from opd.tiny import tiny_llama
 from opd.train import distill
 from tests.helpers import assert_clean_error, fresh_models, run_opd, tiny_cfg, write_prompts
@@ -195,3 +201,43 @@ def test_models_of_two_tokenizers_need_a_cross_tokenizer_method(tmp_path, prompt
         distill(cfg, models=models, log=quiet)
     assert "different tokenizers" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_span_scores_sum_the_teachers_tokens_and_masked_spans_are_counted():
+    """span_teacher_logprobs_G is Σ log p_teacher over each span's teacher tokens (checked
+    against scoring the teacher's rollout directly); with mask_invalid a cut character is
+    masked: span −1, loss 0 there, and counted in xtok_unaligned."""
+    bl, sp = byte_level_tok(300), sentencepiece_tok(420)
+    teacher, student = tiny_llama(len(sp), seed=1), tiny_llama(len(bl), seed=2)
+    models = Models(teacher, student, bl, len(bl), teacher_tokenizer=sp)
+    cut = [bl.convert_tokens_to_ids(bytes_to_unicode()[b]) for b in "你".encode()[:2]]
+    text_ids = bl("the cat sat", add_special_tokens=False).input_ids
+    comps = [text_ids + cut, text_ids + [bl.convert_tokens_to_ids("<|im_end|>")]]
+    prompts = [bl("3+4=", add_special_tokens=False).input_ids] * 2
+    ro = make_rollout(prompts, comps, 0, "student", raw_prompts=["3+4=", "3+4="])
+    access = CrossTokenizerLogprobs(mask_invalid=True)
+    access.prepare(models)
+    scores = access.score(teacher, ro, len(bl))
+    t_ro, spans = access.teacher_rollout(ro)
+    assert t_ro.completion_ids_BT[1][t_ro.completion_mask_BT[1].bool()][-1] == sp.eos_token_id
+    row0 = sp.decode(t_ro.input_ids_BL[0][t_ro.attention_mask_BL[0].bool()])
+    assert row0.strip() == "3+4= the cat sat\ufffd"  # raw prompt + the teacher's completion
+    logp_M = SampledLogprobs().score(teacher, t_ro, len(sp)).token_logprobs_N
+    m0 = int(t_ro.completion_mask_BT[0].sum())
+    expected = [
+        float(logp_M[off + s.t_start : off + s.t_end].sum())
+        for off, row in ((0, spans[0]), (m0, spans[1]))
+        for s in row
+        if s.aligned
+    ]
+    assert scores.span_teacher_logprobs_G.tolist() == pytest.approx(expected, abs=1e-5)
+    index = scores.span_index_N.tolist()
+    n0 = len(comps[0])
+    assert index[n0 - 2 : n0] == [-1, -1] and min(index[: n0 - 2] + index[n0:]) >= 0
+    method = Method(prefixes=student_source(), teacher=access, signal=SpanSampledRKL())
+    ctx = StepContext(chunk_size=4, models=models)
+    loss, _, _ = micro_step(method, models, ro, ctx, torch.device("cpu"))
+    assert ctx.metrics["xtok_unaligned"] == 2 and bool(torch.isfinite(loss))
+    srows = student_rows(*decoder_and_head(student, verify=False)[:2], ro, torch.device("cpu"))
+    values_N = SpanSampledRKL()(srows, scores, ctx)
+    assert values_N[n0 - 2 : n0].tolist() == [0.0, 0.0] and bool(values_N[: n0 - 2].ne(0).all())
