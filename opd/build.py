@@ -12,6 +12,7 @@ import torch
 
 from opd.config import RunConfig
 from opd.config_check import is_served
+from opd.crosstok.models import cross_tokenizer_models, same_vocabulary
 from opd.data import end_of_turn_ids
 from opd.data.sets import PromptSets, build_data  # noqa: F401 - re-exported: opd.build is the entry
 from opd.errors import ConfigError
@@ -23,6 +24,7 @@ from opd.models import (
     shared_vocab_size,
     student_from_teacher,
 )
+from opd.recipes import get_recipe
 from opd.teachers.ensemble import TeacherEnsemble
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,12 +32,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Models:
-    """Teacher, student and the tokenizer they share (plus the shared vocabulary size)."""
+    """Teacher, student and the tokenizer they share (plus the shared vocabulary size).
+
+    `teacher_tokenizer` ([crosstok]): the teacher's own tokenizer when it differs from the
+    student's (`tokenizer` is then the student's); None = the teacher uses `tokenizer`.
+    """
 
     teacher: object  # an nn.Module (or TeacherEnsemble), or a Teacher such as ServedTeacher
     student: torch.nn.Module
     tokenizer: object
     vocab_size: int = 0
+    teacher_tokenizer: object = None
 
     @property
     def pad_id(self) -> int:
@@ -121,6 +128,9 @@ def build_models(cfg: RunConfig) -> Models:
         student = _pruned_given_student(student, cfg)
     else:
         student, stok = _pruned_student(teacher, cfg.model.student_layers, specs[0]), tok
+    if cfg.model.student and not same_vocabulary(stok, tok):  # [crosstok] opd.crosstok.models
+        method = get_recipe(cfg.method.recipe).build(**cfg.method.args)
+        return cross_tokenizer_models(cfg, method, teacher, student, stok, tok, len(loaded) > 1)
     if len(loaded) > 1:
         for member, mtok in loaded[1:]:
             shared_vocab_size(student, stok, member, mtok)  # each member must share the vocabulary

@@ -183,6 +183,8 @@ def teacher_row(models, data, cfg):
     from opd.evaluate import task_accuracy
 
     verify = data.task.verify if data.task is not None else None
+    if getattr(models, "teacher_tokenizer", None) is not None:  # [crosstok] prompts are the
+        return {"accuracy": None, "n": 0, "samples": []}  # student's ids, not the teacher's
     return task_accuracy(
         models.teacher,
         models.tokenizer,
@@ -278,6 +280,7 @@ def _eval_target(args):
 def cmd_eval(args) -> int:
     from opd.build import build_data, build_models
     from opd.config_io import atomic_write_text
+    from opd.crosstok.evaluate import print_eval as crosstok_eval
     from opd.evaluate import EvalTable, heldout_kl
 
     cfg, run_dir = _eval_target(args)
@@ -287,6 +290,8 @@ def cmd_eval(args) -> int:
     data = build_data(cfg, models.tokenizer, need_train=False)
     if not data.eval:
         raise OpdError("opd eval: no held-out prompts; set data.eval=FILE")
+    if getattr(models, "teacher_tokenizer", None) is not None:  # [crosstok] no shared vocabulary
+        return crosstok_eval(models, data, cfg)
     res = heldout_kl(
         models.student,
         models.teacher,

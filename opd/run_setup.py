@@ -28,6 +28,7 @@ from opd.build import Models, PromptSets, build_data, build_models
 from opd.checkpoint import load_newest
 from opd.config import RunConfig, resolve_steps, save_config, to_dict
 from opd.context import StepContext
+from opd.crosstok.models import check_pair
 from opd.errors import ConfigError, ModelError
 from opd.evaluate import generic_verify
 from opd.logs import MetricsLog
@@ -111,6 +112,8 @@ def finish_vocab(models: Models) -> Models:
     tok = models.tokenizer
     local = teacher_model(models.teacher)
     members = list(getattr(local, "members", [local])) if local is not None else [models.student]
+    if getattr(models, "teacher_tokenizer", None) is not None:  # [crosstok] student's own V
+        members = [models.student]
     shared = min(shared_vocab_size(models.student, tok, m, tok) for m in members)
     if models.vocab_size == 0:
         models.vocab_size = shared
@@ -229,6 +232,7 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     models = finish_vocab(models or build_models(cfg))
     check_teacher_serves(method, models.teacher)  # e.g. a served teacher gives no full logits
     check_trainable_dtype(models)
+    check_pair(models, method, cfg)  # [crosstok] another tokenizer needs a cross-tokenizer method
     data = data if data is not None else build_data(cfg, models.tokenizer)
     check_data_fits(method, data)
     if tc.epochs > 0:
@@ -258,7 +262,8 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     )
-    for part in (method.prompts, method.prefixes, method.signal, *method.weights):
+    parts = (method.prompts, method.prefixes, method.teacher, method.signal, *method.weights)
+    for part in parts:  # method.teacher: [crosstok] reads the two tokenizers
         if isinstance(part, Preparable):  # e.g. G-OPD snapshots the initial student as π_ref
             part.prepare(models)
     stream = PromptStream(data.train, tc.batch_size, seed=tc.seed)

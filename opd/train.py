@@ -131,6 +131,11 @@ def run_eval(run: Run, step: int) -> dict | None:
     if not run.data.eval:
         return None
     m, tc = run.models, run.cfg.train
+    if getattr(m, "teacher_tokenizer", None) is not None:  # [crosstok] no shared vocabulary
+        from opd.crosstok.evaluate import eval_row
+
+        run.metrics_log.write(eval_row(run, step))  # teacher NLL per byte, heldout_kl null
+        return None
     res = heldout_kl(
         m.student,
         m.teacher,

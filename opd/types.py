@@ -35,6 +35,10 @@ class Rollout:
       row_writers: who wrote each row, when the rows have different writers (a paired
         rollout: the teacher's and the student's response to the same prompt); () means
         every row was written by `writer`.
+      raw_prompts: [crosstok] each row's prompt before the chat template
+        (`opd.data.Example.raw_prompt`: messages as ((key, value), ...) pairs, or the plain
+        prompt string; None for a row without one), so a teacher with another tokenizer
+        renders it with its own template; () = none known.
     """
 
     input_ids_BL: torch.Tensor
@@ -46,6 +50,7 @@ class Rollout:
     answers: tuple = ()
     info: dict = field(default_factory=dict)
     row_writers: tuple = ()
+    raw_prompts: tuple = ()  # [crosstok] see opd.crosstok.access
 
     def writer_of_row(self, b: int) -> str:
         return self.row_writers[b] if self.row_writers else self.writer
@@ -64,6 +69,7 @@ class Rollout:
             answers=tuple(self.answers[b] for b in rows) if self.answers else (),
             info=self.info,
             row_writers=tuple(self.row_writers[b] for b in rows) if self.row_writers else (),
+            raw_prompts=tuple(self.raw_prompts[b] for b in rows) if self.raw_prompts else (),
         )
 
     @property
@@ -112,6 +118,9 @@ class TeacherScores:
       token_logprobs_N: sampled access: log p_teacher(y_t) of the tokens actually written.
       members, member_weights: a teacher ensemble: one full-logit TeacherScores per member
         and the mixture weights w_k (p = Σ_k w_k p_k); hidden_ND/head_VD are then None.
+      span_index_N, span_teacher_logprobs_G: [crosstok] a teacher with another tokenizer:
+        the aligned span g of each counted student token (−1 = masked) and, per span,
+        Σ log p_teacher over the teacher's tokens of that span (`opd.crosstok.access`).
     """
 
     hidden_ND: torch.Tensor | None = None
@@ -121,6 +130,8 @@ class TeacherScores:
     token_logprobs_N: torch.Tensor | None = None
     members: tuple = ()
     member_weights: tuple = ()
+    span_index_N: torch.Tensor | None = None  # [crosstok]
+    span_teacher_logprobs_G: torch.Tensor | None = None  # [crosstok]
 
     @property
     def has_full_logits(self) -> bool:
@@ -140,6 +151,8 @@ class TeacherScores:
             token_logprobs_N=rows(self.token_logprobs_N),
             members=tuple(m.take(index_N) for m in self.members),
             member_weights=self.member_weights,
+            span_index_N=rows(self.span_index_N),  # [crosstok] spans keep their numbers
+            span_teacher_logprobs_G=self.span_teacher_logprobs_G,
         )
 
 

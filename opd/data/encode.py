@@ -57,6 +57,10 @@ class Example:
     """The `Row.source` this example came from."""
     prompt_text: str
     """The rendered prompt string (what `prompt_ids` decode to), for display."""
+    raw_prompt: object = None
+    """[crosstok] the prompt before the chat template: a tuple of (("role", r), ("content", c))
+    messages (chat) or the prompt string (plain); None when the prompt was truncated. A
+    teacher with another tokenizer renders it with its own template (`opd.crosstok`)."""
 
 
 @dataclass(frozen=True)
@@ -138,8 +142,9 @@ def cut_to_budget(text: str, tokenizer: Any, max_tokens: int) -> tuple[str, bool
 
 def _render(
     row: Row, tokenizer: Any, chat: bool, system_prompt: str | None, max_tokens: int
-) -> tuple[str, list[int], bool]:
-    """The prompt text, its token ids, and whether a text field was cut to bound the work."""
+) -> tuple[str, list[int], bool, object]:
+    """The prompt text, its token ids, whether a text field was cut to bound the work, and
+    the raw prompt (messages or string, before the template; [crosstok])."""
     if chat:
         turns, cut = [], False
         for turn in row.messages or [{"role": "user", "content": row.prompt}]:
@@ -150,7 +155,8 @@ def _render(
             turns.insert(0, {"role": "system", "content": system_prompt})
         kw = {"add_generation_prompt": True}
         text = tokenizer.apply_chat_template(turns, tokenize=False, **kw)
-        return text, _as_ids(tokenizer.apply_chat_template(turns, tokenize=True, **kw)), cut
+        ids = _as_ids(tokenizer.apply_chat_template(turns, tokenize=True, **kw))
+        return text, ids, cut, tuple(tuple(t.items()) for t in turns)  # hashable
     if row.prompt is None:
         raise DataError(
             f"{row.source}: a chat-list row needs a chat template, but data.chat_template is "
@@ -159,7 +165,7 @@ def _render(
         )
     prompt, cut = cut_to_budget(row.prompt, tokenizer, max_tokens)
     text = prompt if system_prompt is None else f"{system_prompt}\n\n{prompt}"
-    return text, list(tokenizer(text, add_special_tokens=True).input_ids), cut
+    return text, list(tokenizer(text, add_special_tokens=True).input_ids), cut, text
 
 
 def encode_rows(
@@ -215,8 +221,9 @@ def encode_rows(
 
     examples, truncated = [], 0
     for row in rows:
-        text, ids, cut = _render(row, tokenizer, chat, system_prompt, max_prompt_tokens)
+        text, ids, cut, raw = _render(row, tokenizer, chat, system_prompt, max_prompt_tokens)
         if cut or len(ids) > max_prompt_tokens:
+            raw = None  # [crosstok] the teacher re-tokenises the kept text instead
             if truncation == "error":
                 size = f"at least {len(ids)}" if cut else f"{len(ids)}"
                 raise DataError(
@@ -233,5 +240,5 @@ def encode_rows(
                 raise ModelError(f"{row.source}: the tokenizer has no eos or end-of-turn token")
             body = tokenizer(row.completion, add_special_tokens=False).input_ids
             completion_ids = (*(int(i) for i in body), int(end_id))
-        examples.append(Example(tuple(ids), completion_ids, row.answer, row.source, text))
+        examples.append(Example(tuple(ids), completion_ids, row.answer, row.source, text, raw))
     return EncodeResult(examples=examples, truncated=truncated)

@@ -41,10 +41,12 @@ def make_rollout(
     writer: str,
     answers: Sequence = (),
     info: dict | None = None,
+    raw_prompts: Sequence = (),
 ) -> Rollout:
     """Pack token lists into a `Rollout` (prompts left-padded, completions right-padded).
 
-    A completion may be empty; its row then contributes no tokens.
+    A completion may be empty; its row then contributes no tokens. `raw_prompts` ([crosstok]):
+    each row's prompt before the chat template (`opd.data.Example.raw_prompt`), or ().
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -64,12 +66,18 @@ def make_rollout(
         writer=writer,
         answers=tuple(answers),
         info=dict(info or {}),
+        raw_prompts=tuple(raw_prompts),
     )
 
 
 def prompts_of(examples) -> list[tuple[int, ...]]:
     """The prompt token ids of a batch of `opd.data.Example`s."""
     return [ex.prompt_ids for ex in examples]
+
+
+def raw_prompts_of(examples) -> tuple:
+    """[crosstok] The prompts before the chat template (None where unknown)."""
+    return tuple(getattr(ex, "raw_prompt", None) for ex in examples)
 
 
 def answers_of(examples) -> list:
@@ -130,7 +138,12 @@ class StudentPrefixes:
     def rollout(self, examples, ctx: StepContext) -> Rollout:
         comps = ctx.generate(ctx.student, prompts_of(examples))
         return make_rollout(
-            prompts_of(examples), comps, ctx.pad_id, "student", answers_of(examples)
+            prompts_of(examples),
+            comps,
+            ctx.pad_id,
+            "student",
+            answers_of(examples),
+            raw_prompts=raw_prompts_of(examples),  # [crosstok]
         )
 
     def describe(self) -> str:
