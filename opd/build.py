@@ -12,7 +12,12 @@ import torch
 
 from opd.config import RunConfig
 from opd.config_check import is_served
-from opd.crosstok.models import cross_tokenizer_models, same_vocabulary
+from opd.crosstok.models import (
+    cross_tokenizer_models,
+    is_cross_tokenizer,
+    refusal,
+    same_vocabulary,
+)
 from opd.data import end_of_turn_ids
 from opd.data.sets import PromptSets, build_data  # noqa: F401 - re-exported: opd.build is the entry
 from opd.errors import ConfigError
@@ -20,6 +25,7 @@ from opd.models import (
     check_head,
     decoder_and_head,
     load_model,
+    load_tokenizer,
     num_decoder_layers,
     shared_vocab_size,
     student_from_teacher,
@@ -175,7 +181,15 @@ def _served_models(cfg: RunConfig, dtype, device) -> Models:
     check_head(student, cfg.model.student)
     student = _pruned_given_student(student, cfg)
     teacher = served_teacher(cfg)
-    teacher.check_tokenizer(tok)  # refused before anything is trained
+    ttok = load_tokenizer(cfg.model.teacher_tokenizer) if cfg.model.teacher_tokenizer else tok
+    teacher.check_tokenizer(ttok)  # refused before anything is trained
+    if not same_vocabulary(tok, ttok):  # a served teacher of another tokenizer: xtok recipes
+        method = get_recipe(cfg.method.recipe).build(**cfg.method.args)
+        if not is_cross_tokenizer(method):
+            raise refusal(cfg.model.student, cfg.model.teacher, method.name, tok, ttok)
+        decoder_and_head(student, verify=True)
+        vocab = shared_vocab_size(student, tok, student, tok)
+        return Models(teacher, student, tok, vocab, teacher_tokenizer=ttok)
     return finish_models(teacher, student, tok)
 
 

@@ -31,6 +31,11 @@ class ModelConfig:
     teacher_model: str = _f(
         "", "served teacher: the model name to ask for (empty = the server's first model)"
     )
+    teacher_tokenizer: str = _f(
+        "",
+        "served teacher of another tokenizer (cross-tokenizer recipes): a folder holding that "
+        "tokenizer, checked against the server; empty = the student's",
+    )
     teacher_concurrency: int = _f(4, "served teacher: requests in flight at once", ge=1)
     teacher_batch_tokens: int = _f(
         16384, "served teacher: most tokens (prompt + completion) in one request", ge=1

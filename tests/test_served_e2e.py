@@ -267,3 +267,30 @@ def test_serve_embedded_and_distill_against_it_lowers_heldout_kl(tmp_path):
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 4
     assert evals[-1]["heldout_kl"] < evals[0]["heldout_kl"]
     assert "top-20" in evals[-1]["heldout_kl_kind"]
+
+
+@pytest.mark.slow  # one more server process
+def test_cross_tokenizer_recipe_with_a_served_teacher_equals_the_local_one(tmp_path):
+    from opd.tiny import tiny_llama
+    from tests.test_crosstok_tokenizers import byte_level_tok, sentencepiece_tok
+
+    bl, sp = byte_level_tok(300), sentencepiece_tok(420)
+    for name, tok, seed in (("teacher", sp, 1), ("student", bl, 2)):
+        tiny_llama(len(tok), hidden=48, layers=2, seed=seed).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    prompts = write_prompts(tmp_path / "p.jsonl", n=8)
+    t, s = tmp_path / "teacher", tmp_path / "student"
+    extra = ("recipe=xtok_sampled_rkl", "train.steps=3", "data.chat_template=true")
+    local = distill(cfg(tmp_path, "local", t, s, prompts, *extra), evaluate=False)
+    proc, url = start(tmp_path, t, name="sp")
+    try:
+        with pytest.raises(ConfigError, match="model.teacher_tokenizer|tokenizer"):
+            distill(cfg(tmp_path, "no-tok", url, s, prompts, *extra), evaluate=False)
+        served = distill(
+            cfg(tmp_path, "served", url, s, prompts, *extra, f"model.teacher_tokenizer={t}"),
+            evaluate=False,
+        )
+    finally:
+        stop(proc)
+    assert served.losses == pytest.approx(local.losses, rel=1e-4, abs=1e-5)
+    assert any(v != 0 for v in served.losses)

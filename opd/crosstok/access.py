@@ -38,6 +38,7 @@ from opd.crosstok.bytes import TokenBytes
 from opd.errors import ConfigError
 from opd.models import shared_vocab_size
 from opd.sampling.sources import make_rollout
+from opd.teachers.base import teacher_model
 from opd.teachers.sampled import SampledLogprobs
 from opd.types import Rollout, TeacherScores
 
@@ -86,6 +87,7 @@ class CrossTokenizerLogprobs:
     mask_invalid: bool = False
     literal_specials: bool = True
     provides: frozenset = frozenset({"span_logprobs"})
+    needs: frozenset = frozenset({"token_logprobs"})  # of the teacher, on its own tokens
     cross_tokenizer: ClassVar[bool] = True  # opd.build allows differing vocabularies
     _state: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -100,9 +102,7 @@ class CrossTokenizerLogprobs:
                 teacher_tok=teacher_tok,
                 student=TokenBytes(student_tok),
                 teacher=TokenBytes(teacher_tok),
-                teacher_vocab=shared_vocab_size(
-                    models.teacher, teacher_tok, models.teacher, teacher_tok
-                ),
+                teacher_vocab=_teacher_vocab(models.teacher, teacher_tok),
             )
 
     def _prepared(self) -> dict:
@@ -177,3 +177,12 @@ def span_scores(rollout: Rollout, t_rollout: Rollout, spans_per_row, logp_M) -> 
     logp_G = torch.zeros(g, dtype=logp_M.dtype, device=logp_M.device)
     logp_G.index_add_(0, t_span[keep].to(logp_M.device), logp_M[keep.to(logp_M.device)])
     return TeacherScores(span_index_N=index_N, span_teacher_logprobs_G=logp_G)
+
+
+def _teacher_vocab(teacher, teacher_tok) -> int:
+    """Rows of the teacher's vocabulary: its head (local), or its tokenizer (served: the
+    server checked that its tokenizer is this one)."""
+    local = teacher_model(teacher)
+    if local is None:
+        return len(teacher_tok)
+    return shared_vocab_size(local, teacher_tok, local, teacher_tok)

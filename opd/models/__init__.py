@@ -26,7 +26,7 @@ from opd.models.embedded import (
 )
 from opd.models.heads import check_head, decoder_and_head, shared_vocab_size
 from opd.models.hub import hub_cache_dir, looks_like_hub_id
-from opd.models.loading import load_model
+from opd.models.loading import load_model, load_tokenizer
 from opd.models.pruning import num_decoder_layers, pruned_layer_indices, student_from_teacher
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "embedded_gguf_path",
     "hub_cache_dir",
     "load_model",
+    "load_tokenizer",
     "looks_like_hub_id",
     "num_decoder_layers",
     "pruned_layer_indices",

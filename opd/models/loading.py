@@ -197,6 +197,22 @@ def load_gguf(path: Path, dtype: torch.dtype):
     return model, tok
 
 
+def load_tokenizer(spec: str | os.PathLike):
+    """A tokenizer alone, from a folder (no model weights needed) or a .gguf file."""
+    path = Path(spec)
+    common = {"local_files_only": True, "trust_remote_code": False}
+    if path.suffix == ".gguf" and path.is_file():
+        common["gguf_file"], path = path.name, path.parent
+    elif not path.is_dir():
+        raise ModelError(f"tokenizer '{spec}': not a folder or a .gguf file")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **common)
+    except (*_LOAD_ERRORS, KeyError) as e:
+        raise ModelError(f"cannot load the tokenizer in '{spec}': {_first_line(e)}") from e
+    _prepare_tokenizer(tok, spec)
+    return tok
+
+
 def _prepare_tokenizer(tok, spec) -> None:
     """Left padding (generation appends on the right) and a pad token: eos, else unk."""
     tok.padding_side = "left"
