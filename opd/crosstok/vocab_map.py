@@ -10,13 +10,16 @@ vocabulary although both mean b" the". Here a token's string is the bytes it dec
     SentencePiece     "▁" → b" ", a byte-fallback token "<0xNN>" → the byte 0xNN, anything
                       else its UTF-8 encoding
     other             the token string's UTF-8 encoding (e.g. opd.tiny's character vocabulary)
-    special tokens    no bytes (None): they never match
+    special tokens    no bytes; they match only a special token of the same spelling
+                      ("<|im_end|>" ↔ "<|im_end|>"), so identical tokenizers match every id
 
-    matches = { (s, t) : bytes_s(s) == bytes_t(t) ≠ None }, made one-to-one by keeping the
+    matches = { (s, t) : key_s(s) == key_t(t) }, key = the bytes (or the special token's
+              name), made one-to-one by keeping the
               lowest id on each side when several ids decode to the same bytes (e.g. "A" and
               its byte-fallback twin "<0x41>"); the others stay in the unmatched remainder.
 
 `vocab_matches(student_tok, teacher_tok, V, U) -> (ids_s_M, ids_t_M)` sorted by student id.
+Ids past the tokenizer's vocabulary (a model's padded rows) never match.
 """
 
 from __future__ import annotations
@@ -78,13 +81,19 @@ def piece_bytes(piece: str, kind: str) -> bytes:
     return piece.encode("utf-8")
 
 
-def vocab_bytes(tokenizer, size: int) -> list[bytes | None]:
-    """Bytes of ids 0..size-1 (None for special tokens and ids the tokenizer does not know)."""
-    kind = tokenizer_kind(tokenizer)
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the special tokens (eos, pad, chat markers, added special tokens)."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     for tid, added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
         if getattr(added, "special", False):
             special.add(int(tid))
+    return special
+
+
+def vocab_bytes(tokenizer, size: int) -> list[bytes | None]:
+    """Bytes of ids 0..size-1 (None for special tokens and ids the tokenizer does not know)."""
+    kind = tokenizer_kind(tokenizer)
+    special = special_ids(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
     out: list[bytes | None] = []
     for i, piece in enumerate(pieces):
@@ -92,18 +101,28 @@ def vocab_bytes(tokenizer, size: int) -> list[bytes | None]:
     return out
 
 
+def vocab_keys(tokenizer, size: int) -> list:
+    """The matching key of ids 0..size-1: the bytes, ("special", name) for a special token,
+    None for ids the tokenizer does not know."""
+    keys: list = list(vocab_bytes(tokenizer, size))
+    pieces = tokenizer.convert_ids_to_tokens(sorted(i for i in special_ids(tokenizer) if i < size))
+    for i, piece in zip(sorted(i for i in special_ids(tokenizer) if i < size), pieces):
+        keys[i] = ("special", piece)
+    return keys
+
+
 def exact_matches(
-    student_bytes: Sequence[bytes | None], teacher_bytes: Sequence[bytes | None]
+    student_keys: Sequence, teacher_keys: Sequence
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids_s_M, ids_t_M): one-to-one pairs of ids with equal, non-None bytes, sorted by
-    student id; the lowest id wins on each side when several share the same bytes."""
-    first_t: dict[bytes, int] = {}
-    for t, b in enumerate(teacher_bytes):
+    """(ids_s_M, ids_t_M): one-to-one pairs of ids with equal keys (bytes; None and b"" never
+    match), sorted by student id; the lowest id wins on each side when keys repeat."""
+    first_t: dict = {}
+    for t, b in enumerate(teacher_keys):
         if b is not None and b != b"" and b not in first_t:
             first_t[b] = t
-    seen: set[bytes] = set()
+    seen: set = set()
     ids_s, ids_t = [], []
-    for s, b in enumerate(student_bytes):
+    for s, b in enumerate(student_keys):
         if b is None or b == b"" or b in seen or b not in first_t:
             continue
         seen.add(b)
@@ -117,5 +136,5 @@ def vocab_matches(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact matches of the first `student_size` / `teacher_size` ids of two tokenizers."""
     return exact_matches(
-        vocab_bytes(student_tokenizer, student_size), vocab_bytes(teacher_tokenizer, teacher_size)
+        vocab_keys(student_tokenizer, student_size), vocab_keys(teacher_tokenizer, teacher_size)
     )
