@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from opd.crosstok.uld import chunked_gold_loss, complement_ids, gold_loss, sorted_l1
-from opd.crosstok.vocab_map import exact_matches, piece_bytes, vocab_bytes, vocab_matches
+from opd.crosstok.vocab_map import (
+    exact_matches,
+    piece_bytes,
+    tokenizer_kind,
+    vocab_bytes,
+    vocab_keys,
+    vocab_matches,
+)
 from opd.losses import divergence
 from opd.tiny import char_tokenizer
 
@@ -144,6 +151,280 @@ def test_exact_matches_are_one_to_one_and_skip_special_tokens():
 def test_vocab_matches_of_two_character_tokenizers():
     s_tok, t_tok = char_tokenizer(), char_tokenizer("cab!")
     ids_s, ids_t = vocab_matches(s_tok, t_tok, len(s_tok), len(t_tok))
-    assert [s_tok.convert_ids_to_tokens(i) for i in ids_s.tolist()] == ["a", "b", "c", "!"]
-    assert [t_tok.convert_ids_to_tokens(i) for i in ids_t.tolist()] == ["a", "b", "c", "!"]
-    assert vocab_bytes(s_tok, 6)[:5] == [None] * 5  # the chat special tokens never match
+    names = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "a", "b", "c", "!"]
+    assert [s_tok.convert_ids_to_tokens(i) for i in ids_s.tolist()] == names
+    assert [t_tok.convert_ids_to_tokens(i) for i in ids_t.tolist()] == names
+    assert vocab_bytes(s_tok, 6)[:5] == [None] * 5  # special tokens have no bytes...
+    assert vocab_keys(s_tok, 6)[4] == ("special", "<|im_end|>")  # ...they match by name
+    # identical tokenizers: every id matches itself; padded model rows never match
+    ids_s, ids_t = vocab_matches(s_tok, s_tok, len(s_tok) + 3, len(s_tok))
+    assert ids_s.tolist() == ids_t.tolist() == list(range(len(s_tok)))
+
+
+CORPUS = [
+    "the cat sat on the mat. 12+30=42 and 7+8=15",
+    "then the other cat said hello to the world",
+    "héllo wörld: naïve café, 3+4=7, the end",
+] * 4
+
+
+def bpe_tokenizer(kind: str, vocab_size: int):
+    """A tiny trained BPE tokenizer: byte-level (GPT-2 style) or SentencePiece-style
+    (Metaspace + byte-fallback <0xNN> entries), with opd.tiny's special tokens."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from opd.tiny import BOS, CHATML_TEMPLATE, EOS, IM_END, IM_START, PAD, SPECIAL_TOKENS
+
+    core = Tokenizer(models.BPE())
+    if kind == "byte_level":
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        core.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+        core.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        )
+        alphabet = []
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    core.train_from_iterator(CORPUS, trainer)
+    if kind == "sentencepiece":  # byte-fallback entries as ordinary vocabulary tokens
+        spec = json.loads(core.to_str())
+        vocab = spec["model"]["vocab"]
+        for b in range(256):
+            vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+        spec["model"]["byte_fallback"] = True
+        core = Tokenizer.from_str(json.dumps(spec))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        additional_special_tokens=[IM_START, IM_END],
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "sentencepiece"])
+def test_token_bytes_of_trained_tokenizers_rebuild_the_text(kind):
+    tok = bpe_tokenizer(kind, 120)
+    assert tokenizer_kind(tok) == kind
+    table = vocab_bytes(tok, len(tok))
+    for text in ["the cat said hello", "naïve 12+30=42", "unseen ✓ glyph"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert b"".join(table[i] for i in ids) == text.encode("utf-8"), (kind, text)
+    if kind == "sentencepiece":
+        assert table[tok.convert_tokens_to_ids("<0xE2>")] == b"\xe2"
+
+
+def test_byte_level_and_sentencepiece_vocabularies_match_on_bytes():
+    bl, sp = bpe_tokenizer("byte_level", 330), bpe_tokenizer("sentencepiece", 120)
+    ids_s, ids_t = vocab_matches(bl, sp, len(bl), len(sp))
+    pairs = {
+        bl.convert_ids_to_tokens(s): sp.convert_ids_to_tokens(t)
+        for s, t in zip(ids_s.tolist(), ids_t.tolist())
+    }
+    assert pairs["Ġthe"] == "▁the" and pairs["<|im_end|>"] == "<|im_end|>"
+    assert len(set(pairs.values())) == len(pairs)  # one-to-one
+
+
+# ---------------------------------------------------------------------------------------------
+# The access mode, the signal and the recipe (the span alignment comes from opd.crosstok.align)
+
+
+def _rollout_and_models(t_tok=None, sampled=True, n=3, dtype=torch.float64):
+    """Tiny models (student on opd.tiny's character tokenizer, teacher on `t_tok`) and a
+    rollout: sampled from the student, or fixed English completions (ending with <|im_end|>
+    on the first row) that a trained teacher tokenizer merges into multi-character tokens."""
+    from opd.build import Models
+    from opd.context import StepContext
+    from opd.data import Example
+    from opd.sampling import GenerationParams, HFBackend, student
+    from opd.tiny import IM_END, tiny_llama
+    from opd.types import Rollout
+
+    s_tok = char_tokenizer()
+    t_tok = t_tok or s_tok
+    teacher = tiny_llama(len(t_tok), hidden=64, layers=3, seed=11).to(dtype)
+    s_model = tiny_llama(len(s_tok), hidden=48, layers=2, seed=12).to(dtype)
+    models = Models(teacher=teacher, student=s_model, tokenizer=s_tok, vocab_size=len(s_tok))
+    models.teacher_tokenizer = t_tok
+    prompts = [s_tok.encode(p) for p in ["the cat", "12+30=", "then "][:n]]
+    if sampled:
+        exs = [Example(tuple(p), (), "", f"m:{i}", "") for i, p in enumerate(prompts)]
+        ctx = StepContext(
+            s_model, teacher, HFBackend(), GenerationParams(8, 1.0), models.pad_id, models.stop_ids
+        )
+        torch.manual_seed(0)
+        return models, student().rollout(exs, ctx)
+    comps = [s_tok.encode(" sat on the mat") + [s_tok.convert_tokens_to_ids(IM_END)]]
+    comps += [s_tok.encode(c) for c in ["42 and the cat", "the other"]][: n - 1]
+    P, T = max(map(len, prompts)), max(map(len, comps))
+    ids = torch.full((n, P + T), models.pad_id, dtype=torch.long)
+    attn, mask = torch.zeros_like(ids), torch.zeros(n, T, dtype=torch.long)
+    for b, (p, c) in enumerate(zip(prompts, comps)):
+        ids[b, P - len(p) : P], ids[b, P : P + len(c)] = torch.tensor(p), torch.tensor(c)
+        attn[b, P - len(p) : P + len(c)] = 1
+        mask[b, : len(c)] = 1
+    return models, Rollout(ids, attn, P, mask, writer="student")
+
+
+def _micro_step(method, models, rollout, materialize):
+    from opd.context import StepContext
+    from opd.train import micro_step
+
+    models.student.zero_grad()
+    ctx = StepContext(chunk_size=5, materialize=materialize, models=models)
+    loss, _, _ = micro_step(method, models, rollout, ctx, "cpu")
+    loss.backward()
+    grads = [p.grad.clone() for p in models.student.parameters()]
+    return loss.detach(), grads, ctx.metrics
+
+
+def test_identical_tokenizers_give_on_policy_rkl_exactly():
+    pytest.importorskip("opd.crosstok.align")
+    from opd.recipes import get_recipe
+
+    models, rollout = _rollout_and_models()
+    gold = get_recipe("xtok_gold").build(uld_weight=2.0)
+    gold.teacher.prepare(models)
+    ref = get_recipe("on_policy_rkl").build()
+    for materialize in (False, True):
+        loss, grads, metrics = _micro_step(gold, models, rollout, materialize)
+        loss_ref, grads_ref, _ = _micro_step(ref, models, rollout, materialize)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-10, atol=1e-12)
+        for a, b in zip(grads, grads_ref):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+        assert metrics["gold_pairs"] == rollout.num_tokens
+        assert metrics["gold_masked_tokens"] == metrics["gold_masked_spans"] == 0
+
+
+def _span_bytes(table, ids, start, end):
+    return b"".join(table[i] or b"" for i in ids[start:end])
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "sentencepiece"])
+def test_different_tokenizers_pair_positions_that_follow_the_same_bytes(kind):
+    pytest.importorskip("opd.crosstok.align")
+    from opd.crosstok.gold import SpanLogits
+
+    t_tok = bpe_tokenizer(kind, 330 if kind == "byte_level" else 120)
+    models, rollout = _rollout_and_models(t_tok, sampled=False)
+    access = SpanLogits()
+    access.prepare(models)
+    s_table = vocab_bytes(models.tokenizer, len(models.tokenizer))
+    t_table = vocab_bytes(t_tok, len(t_tok))
+    multi = 0
+    for b, (_, t_comp, spans, n_s) in enumerate(access.teacher_rows(rollout, len(s_table))):
+        comp = rollout.completion_ids_BT[b][rollout.completion_mask_BT[b].bool()].tolist()
+        assert n_s == len(comp)
+        assert [sp.s_start for sp in spans] == [0] + [sp.s_end for sp in spans[:-1]]
+        assert spans[-1].s_end == n_s and spans[-1].t_end == len(t_comp)
+        for sp in spans:
+            if sp.aligned and sp.t_end > sp.t_start:  # same bytes, hence the same context
+                same = _span_bytes(s_table, comp, sp.s_start, sp.s_end)
+                assert same == _span_bytes(t_table, t_comp, sp.t_start, sp.t_end)
+                assert _span_bytes(s_table, comp, 0, sp.s_start) == _span_bytes(
+                    t_table, t_comp, 0, sp.t_start
+                )
+            multi += sp.s_end - sp.s_start > 1
+    assert multi > 0  # the teacher's merges make spans of several student characters
+    scores = access.score(models.teacher, rollout, len(s_table))
+    P = scores.pair_student_P.numel()
+    assert P + scores.masked_tokens == rollout.num_tokens and scores.masked_spans == 0
+    assert scores.pair_hidden_PE.shape == (P, 64)
+    one = SpanLogits(span_rule="one_to_one")
+    one.prepare(models)
+    strict = one.score(models.teacher, rollout, len(s_table))
+    assert strict.pair_student_P.numel() < P and strict.masked_spans > 0
+    assert set(strict.pair_student_P.tolist()) <= set(scores.pair_student_P.tolist())
+
+
+def test_different_tokenizers_chunked_equals_materialized_and_training_lowers_matched_part():
+    pytest.importorskip("opd.crosstok.align")
+    from opd.context import StepContext
+    from opd.models import decoder_and_head
+    from opd.recipes import get_recipe
+    from opd.step import student_rows
+
+    t_tok = bpe_tokenizer("byte_level", 330)
+    models, rollout = _rollout_and_models(t_tok, sampled=False)
+    method = get_recipe("xtok_gold").build(temperature=1.5)
+    method.teacher.prepare(models)
+    loss_c, grads_c, metrics = _micro_step(method, models, rollout, False)
+    loss_m, grads_m, _ = _micro_step(method, models, rollout, True)
+    torch.testing.assert_close(loss_c, loss_m, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads_c, grads_m):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+    assert metrics["gold_masked_tokens"] > 0 and loss_c > 0
+    # Every student id (ASCII characters, specials) has a teacher twin, so the student's
+    # unmatched remainder is empty and the ULD part is the teacher's mass on tokens the
+    # student cannot write (its merges): a constant. The matched divergence is what trains.
+    scores = method.teacher.score(models.teacher, rollout, len(models.tokenizer))
+    assert scores.match_s_M.numel() == len(models.tokenizer)
+    signal = method.signal
+    matched = get_recipe("xtok_gold").build(temperature=1.5, uld_weight=0.0).signal
+    uld = get_recipe("xtok_gold").build(temperature=1.5, matched_weight=0.0).signal
+    logits_t = scores.pair_hidden_PE @ scores.pair_head_UE.T
+    rest_t = complement_ids(scores.match_t_M, logits_t.shape[1])
+    opt = torch.optim.Adam(models.student.parameters(), lr=1e-2)
+    dec, head, _ = decoder_and_head(models.student, verify=False)
+    ctx, idx, parts = StepContext(chunk_size=5), scores.pair_student_P, []
+    for _ in range(12):
+        rows = student_rows(dec, head, rollout, "cpu")
+        with torch.no_grad():
+            u = uld(rows, scores, ctx)[idx]
+            torch.testing.assert_close(u, torch.softmax(logits_t / 1.5, -1)[:, rest_t].sum(-1))
+            parts.append(float(matched(rows, scores, ctx).sum()))
+        opt.zero_grad()
+        signal(rows, scores, ctx).sum().backward()
+        opt.step()
+    assert parts[-1] < 0.5 * parts[0], parts
+
+
+def test_recipe_arguments_and_part_checks():
+    from opd.errors import ConfigError
+    from opd.method import Method
+    from opd.recipes import get_recipe
+    from opd.sampling import student
+    from opd.signals import Divergence
+    from opd.teachers import FullLogits
+
+    m = get_recipe("xtok_gold").build(divergence="generalized_jsd", beta=0.25)
+    assert m.signal.params == {"beta": 0.25}
+    assert "generalized_jsd(beta=0.25)" in m.signal.describe()
+    assert get_recipe("xtok_gold").build().signal.params == {}  # reverse_kl takes no beta
+    with pytest.raises(ConfigError, match="span_rule must be one of first, one_to_one"):
+        get_recipe("xtok_gold").build(span_rule="all")
+    with pytest.raises(ConfigError, match="unknown divergence 'nope'"):
+        get_recipe("xtok_gold").build(divergence="nope")
+    with pytest.raises(ConfigError, match="uld_weight must be >= 0"):
+        get_recipe("xtok_gold").build(uld_weight=-1.0)
+    with pytest.raises(ConfigError, match="span_full_logits"):
+        Method(prefixes=student(), teacher=FullLogits(), signal=m.signal)
+    with pytest.raises(ConfigError, match="full_logits"):
+        Method(prefixes=student(), teacher=m.teacher, signal=Divergence())
+
+
+def test_xtok_gold_runs_through_distill_and_logs_its_counts(tmp_path, prompt_file, tok):
+    pytest.importorskip("opd.crosstok.align")
+    from opd.train import distill
+    from tests.helpers import fresh_models, tiny_cfg
+
+    cfg = tiny_cfg(tmp_path, prompt_file, "train.steps=2", "method.recipe=xtok_gold")
+    res = distill(cfg, models=fresh_models(tok), evaluate=False, log=lambda *_: None)
+    assert len(res.losses) == 2 and all(x > 0 for x in res.losses)
+    row = res.metrics[-1]
+    assert row["gold_pairs"] == row["tokens"] / cfg.train.grad_accum
+    assert row["gold_masked_tokens"] == 0 and row["grad_norm"] > 0
+    assert row["loss"] == pytest.approx(row["gold_value"], rel=1e-5)
