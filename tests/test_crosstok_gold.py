@@ -325,9 +325,11 @@ def test_different_tokenizers_pair_positions_that_follow_the_same_bytes(kind):
     s_table = vocab_bytes(models.tokenizer, len(models.tokenizer))
     t_table = vocab_bytes(t_tok, len(t_tok))
     multi = 0
-    for b, (_, t_comp, spans, n_s) in enumerate(access.teacher_rows(rollout, len(s_table))):
+    t_rollout, spans_per_row = access.teacher_rollout(rollout)
+    for b, spans in enumerate(spans_per_row):
         comp = rollout.completion_ids_BT[b][rollout.completion_mask_BT[b].bool()].tolist()
-        assert n_s == len(comp)
+        t_comp = t_rollout.completion_ids_BT[b][t_rollout.completion_mask_BT[b].bool()].tolist()
+        n_s = len(comp)
         assert [sp.s_start for sp in spans] == [0] + [sp.s_end for sp in spans[:-1]]
         assert spans[-1].s_end == n_s and spans[-1].t_end == len(t_comp)
         for sp in spans:

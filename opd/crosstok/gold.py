@@ -18,11 +18,11 @@ Unaligned spans (bytes that differ, e.g. a cut UTF-8 character) are always maske
 Counted per micro-batch with ctx.log: gold_pairs, gold_masked_spans, gold_masked_tokens
 (student tokens without a value), gold_value (mean over the pairs).
 
-The teacher's prompt is the student's prompt decoded to text (special tokens kept, padding
-dropped) and encoded by the teacher's tokenizer. Deviation: the issue asks for the raw
-prompt rendered with the teacher's own chat template; that needs the raw prompt carried in
-the Rollout (the cross-tokenizer access mode of `opd.crosstok` adds it); until then both
-tokenizers must spell the chat's special tokens the same way (true of ChatML models).
+The teacher's tokenisation comes from the cross-tokenizer access of `opd.crosstok.access`
+(raw prompt rendered with the teacher's chat template, completion re-tokenised, end-of-turn
+and other specials mapped, invalid UTF-8 scored against the teacher's U+FFFD); this module
+adds the full-logit scoring and the pairing. Matches between the vocabularies:
+`opd.crosstok.vocab_map`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from typing import ClassVar
 import torch
 
 from opd.crosstok.uld import chunked_gold_loss, gold_loss
-from opd.crosstok.vocab_map import exact_matches, vocab_bytes, vocab_keys
-from opd.data.encode import end_of_turn_ids
+from opd.crosstok.vocab_map import exact_matches, vocab_keys
 from opd.errors import ConfigError, OpdError
 from opd.signals.divergence import check_divergence_spec, params_key
 from opd.teachers import FullLogits
@@ -79,21 +78,32 @@ def span_pairs(spans, span_rule: str) -> tuple[list[tuple[int, int]], int]:
     return pairs, masked
 
 
-@dataclass(eq=False)
+def _one_token_spans(rollout: Rollout) -> list:
+    """Identical tokenizers: every counted token is its own span (both sides the same)."""
+    from opd.crosstok.align import Span
+
+    n_B = rollout.completion_mask_BT.sum(1).tolist()
+    return [[Span(i, i + 1, i, i + 1) for i in range(int(n))] for n in n_B]
+
+
+@dataclass(frozen=True)
 class SpanLogits:
     """Cross-tokenizer white-box access: teacher full logits at aligned span starts.
 
+    The teacher's tokenisation of the rollout (prompt rendered with its own chat template,
+    completion re-tokenised, specials mapped, spans) is `opd.crosstok.access.
+    CrossTokenizerLogprobs.teacher_rollout`; the local teacher then runs on it for full
+    logits (`FullLogits`), of which only the rows at the pairs' teacher positions are kept.
+    With identical tokenizers the student's own rollout is scored and every token is a pair.
+
     Attributes:
       span_rule: "first" or "one_to_one" (module docstring).
-      student_tokenizer, teacher_tokenizer: set by `prepare(models)` (the teacher's from
-        `models.teacher_tokenizer`, else the student's).
     """
 
     span_rule: str = "first"
-    student_tokenizer: object = None
-    teacher_tokenizer: object = None
     provides: frozenset = frozenset({"span_full_logits"})
-    _tables: dict = field(default_factory=dict, repr=False)
+    cross_tokenizer: ClassVar[bool] = True  # opd.build allows differing vocabularies
+    _state: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if self.span_rule not in SPAN_RULES:
@@ -102,136 +112,60 @@ class SpanLogits:
             )
 
     def prepare(self, models) -> None:
-        self.student_tokenizer = models.tokenizer
-        self.teacher_tokenizer = getattr(models, "teacher_tokenizer", None) or models.tokenizer
+        """Read both tokenizers from the run's `opd.build.Models` (before the first step)."""
+        from opd.crosstok.access import CrossTokenizerLogprobs
 
-    def _bytes(self, which: str, tok, size: int) -> list:
-        key = (which, size)
-        if key not in self._tables:
-            self._tables[key] = vocab_bytes(tok, size)
-        return self._tables[key]
+        inner = CrossTokenizerLogprobs()
+        inner.prepare(models)
+        s_tok = models.tokenizer
+        t_tok = getattr(models, "teacher_tokenizer", None) or s_tok
+        self._state.clear()
+        self._state.update(inner=inner, student_tok=s_tok, teacher_tok=t_tok, matches={})
 
     def _matches(self, V: int, U: int):
-        key = ("matches", V, U)
-        if key not in self._tables:
-            s_keys = vocab_keys(self.student_tokenizer, V)
-            t_keys = vocab_keys(self.teacher_tokenizer, U)
-            self._tables[key] = exact_matches(s_keys, t_keys)
-        return self._tables[key]
+        st = self._state
+        if (V, U) not in st["matches"]:
+            s_keys = vocab_keys(st["student_tok"], V)
+            t_keys = vocab_keys(st["teacher_tok"], U)
+            st["matches"][V, U] = exact_matches(s_keys, t_keys)
+        return st["matches"][V, U]
 
-    def _special_to_teacher(self, s_id: int, stops: set) -> int | None:
-        """The teacher id for the student's special token `s_id`: the same spelling, else the
-        teacher's last end-of-turn id for a stop token, else None (masked)."""
-        name = self.student_tokenizer.convert_ids_to_tokens(s_id)
-        t_id = self.teacher_tokenizer.convert_tokens_to_ids(name) if name is not None else None
-        if isinstance(t_id, int) and t_id != self.teacher_tokenizer.unk_token_id:
-            return t_id
-        ends = end_of_turn_ids(self.teacher_tokenizer) if s_id in stops else []
-        return ends[-1] if ends else None
-
-    def teacher_completion(self, comp: list[int], V: int):
-        """(teacher ids, spans) for the student completion ids `comp`.
-
-        Runs of ordinary tokens are decoded to bytes, re-encoded by the teacher and aligned
-        (`align_spans`); a special token (no bytes) is its own span, paired with the
-        teacher's token of the same spelling (end-of-turn mapped), masked when there is none.
-        """
-        from opd.crosstok.align import Span, align_spans  # the cross-tokenizer alignment
-
-        s_bytes = self._bytes("s", self.student_tokenizer, V)
-        t_size = len(self.teacher_tokenizer)
-        t_bytes = self._bytes("t", self.teacher_tokenizer, t_size)
-        stops = set(end_of_turn_ids(self.student_tokenizer))
-        t_ids: list[int] = []
-        spans: list = []
-        run: list[bytes] = []  # bytes of the open run of ordinary student tokens
-        s_pos = 0
-
-        def close_run():
-            nonlocal run
-            if not run:
-                return
-            text = b"".join(run).decode("utf-8", errors="replace")
-            seg = self.teacher_tokenizer.encode(text, add_special_tokens=False) if text else []
-            seg_bytes = [t_bytes[i] if i < t_size and t_bytes[i] is not None else b"" for i in seg]
-            s0, t0 = s_pos - len(run), len(t_ids)
-            for sp in align_spans(run, seg_bytes) if seg else []:
-                spans.append(
-                    Span(sp.s_start + s0, sp.s_end + s0, sp.t_start + t0, sp.t_end + t0, sp.aligned)
-                )
-            if not seg:
-                spans.append(Span(s0, s_pos, t0, t0, aligned=False))
-            t_ids.extend(seg)
-            run = []
-
-        for i in comp:
-            piece = s_bytes[i] if i < V else None
-            if piece is not None and piece != b"":
-                run.append(piece)
-                s_pos += 1
-                continue
-            close_run()
-            t_id = self._special_to_teacher(i, stops) if i < V else None
-            t0 = len(t_ids)
-            if t_id is None:
-                spans.append(Span(s_pos, s_pos + 1, t0, t0, aligned=False))
-            else:
-                t_ids.append(t_id)
-                spans.append(Span(s_pos, s_pos + 1, t0, t0 + 1))
-            s_pos += 1
-        close_run()
-        return t_ids, spans
-
-    def teacher_rows(self, rollout: Rollout, V: int):
-        """Per row: (teacher prompt ids, teacher completion ids, spans, student token count)."""
-        s_tok, t_tok = self.student_tokenizer, self.teacher_tokenizer
-        if s_tok is None:
-            raise ConfigError("SpanLogits needs the tokenizers: call prepare(models) first")
-        P = rollout.prompt_len
-        rows = []
-        for b in range(rollout.input_ids_BL.shape[0]):
-            ids = rollout.input_ids_BL[b].tolist()
-            attn = rollout.attention_mask_BL[b].tolist()
-            prompt = [i for i, a in zip(ids[:P], attn[:P]) if a]
-            mask = rollout.completion_mask_BT[b].bool().tolist()
-            comp = [i for i, m in zip(ids[P:], mask) if m]
-            t_prompt = t_tok.encode(
-                s_tok.decode(prompt, skip_special_tokens=False), add_special_tokens=False
+    def teacher_rollout(self, rollout: Rollout) -> tuple[Rollout, list]:
+        """The rollout in the teacher's tokenisation and each row's spans (the student's own
+        rollout and one-token spans when the tokenizers are the same)."""
+        if not self._state:
+            raise ConfigError(
+                "cross-tokenizer teacher access: call prepare(models) first (opd distill does; "
+                "in code pass Models with teacher_tokenizer set)"
             )
-            t_comp, spans = self.teacher_completion(comp, V)
-            rows.append((t_prompt, t_comp, spans, len(comp)))
-        return rows
+        inner = self._state["inner"]
+        if inner._prepared()["same"]:
+            return rollout, _one_token_spans(rollout)
+        return inner.teacher_rollout(rollout)
 
     @torch.no_grad()
     def score(self, teacher, rollout: Rollout, vocab_size: int) -> SpanPairScores:
-        rows = self.teacher_rows(rollout, vocab_size)
-        t_tok = self.teacher_tokenizer
-        pad = t_tok.pad_token_id if t_tok.pad_token_id is not None else t_tok.eos_token_id
-        P = max((len(r[0]) for r in rows), default=0)
-        T = max(1, max((len(r[1]) for r in rows), default=0))
-        ids = torch.full((len(rows), P + T), int(pad), dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        cmask = torch.zeros(len(rows), T, dtype=torch.long)
+        same = self._state["inner"]._prepared()["same"]
+        t_rollout, spans_per_row = self.teacher_rollout(rollout)
+        U = vocab_size if same else self._state["inner"]._prepared()["teacher_vocab"]
+        full = FullLogits().score(teacher, t_rollout, U)
+        n_B = rollout.completion_mask_BT.sum(1).tolist()
+        m_B = t_rollout.completion_mask_BT.sum(1).tolist()
         pairs_s, pairs_t, n_spans, masked_spans, masked_tokens = [], [], 0, 0, 0
         s_off = t_off = 0
-        for b, (t_prompt, t_comp, spans, n_s) in enumerate(rows):
-            ids[b, P - len(t_prompt) : P] = torch.tensor(t_prompt, dtype=torch.long)
-            attn[b, P - len(t_prompt) : P] = 1
-            ids[b, P : P + len(t_comp)] = torch.tensor(t_comp, dtype=torch.long)
-            attn[b, P : P + len(t_comp)] = 1
-            cmask[b, : len(t_comp)] = 1
+        for spans, n, m in zip(spans_per_row, n_B, m_B):
             pairs, masked = span_pairs(spans, self.span_rule)
             pairs_s += [s_off + s for s, _ in pairs]
             pairs_t += [t_off + t for _, t in pairs]
             n_spans += len(spans)
             masked_spans += masked
-            masked_tokens += n_s - len(pairs)
-            s_off, t_off = s_off + n_s, t_off + len(t_comp)
-        t_rollout = Rollout(ids, attn, P, cmask, writer=rollout.writer)
-        full = FullLogits().score(teacher, t_rollout, len(t_tok))
+            masked_tokens += int(n) - len(pairs)
+            s_off, t_off = s_off + int(n), t_off + int(m)
+        if same:
+            ms = mt = torch.arange(vocab_size)
+        else:
+            ms, mt = self._matches(vocab_size, full.head_VD.shape[0])
         index_t = torch.tensor(pairs_t, dtype=torch.long, device=full.hidden_ND.device)
-        U = full.head_VD.shape[0]
-        ms, mt = self._matches(vocab_size, U)
         return SpanPairScores(
             pair_student_P=torch.tensor(pairs_s, dtype=torch.long),
             pair_hidden_PE=full.hidden_ND[index_t],
