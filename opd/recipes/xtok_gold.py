@@ -29,8 +29,6 @@ Deviations:
   gold_masked_tokens); span_rule=one_to_one keeps only one-token-each spans.
 - Vocabularies are matched on the bytes each token stands for (so "Ġthe" matches "▁the"),
   not on raw vocabulary strings as in TRL.
-- The teacher's prompt is the student's prompt text re-encoded by the teacher's tokenizer,
-  not the raw prompt rendered with the teacher's chat template.
 """
 
 from opd.crosstok.gold import GoldSignal, SpanLogits
