@@ -236,3 +236,46 @@ def test_byte_level_and_sentencepiece_vocabularies_match_on_bytes():
     }
     assert pairs["Ġthe"] == "▁the" and pairs["<|im_end|>"] == "<|im_end|>"
     assert len(set(pairs.values())) == len(pairs)  # one-to-one
+
+
+def test_gold_signal_puts_values_at_the_pairs_and_zeros_elsewhere():
+    from opd.context import StepContext
+    from opd.crosstok.gold import GoldSignal, SpanPairScores
+    from opd.step import NonFiniteError
+    from opd.types import StudentRows
+
+    g = torch.Generator().manual_seed(3)
+    h_s = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    W_s = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    h_t = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    W_t = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    ms, mt = torch.tensor([1, 2, 5]), torch.tensor([0, 8, 4])
+    scores = SpanPairScores(
+        pair_student_P=torch.tensor([0, 2, 3]),
+        pair_hidden_PE=h_t,
+        pair_head_UE=W_t,
+        match_s_M=ms,
+        match_t_M=mt,
+        masked_tokens=2,
+    )
+    rows = StudentRows(h_s, W_s, torch.zeros(5, dtype=torch.long), torch.zeros(5, dtype=torch.long))
+    signal = GoldSignal(uld_weight=0.5, divergence="generalized_jsd", params={"beta": 0.5})
+    ctx = StepContext(chunk_size=2)
+    values = signal(rows, scores, ctx)
+    want = gold_loss(
+        h_s[[0, 2, 3]] @ W_s.T,
+        h_t @ W_t.T,
+        ms,
+        mt,
+        uld_weight=0.5,
+        divergence="generalized_jsd",
+        beta=0.5,
+    )
+    torch.testing.assert_close(values[[0, 2, 3]], want)
+    assert values[1] == 0 and values[4] == 0
+    (grad,) = torch.autograd.grad(values.sum(), h_s)
+    assert grad[[1, 4]].abs().sum() == 0 and grad[[0, 2, 3]].abs().sum() > 0
+    assert ctx.metrics["gold_pairs"] == 3 and ctx.metrics["gold_masked_tokens"] == 2
+    bad = SpanPairScores(**{**scores.__dict__, "pair_hidden_PE": h_t * float("nan")})
+    with pytest.raises(NonFiniteError, match="not finite"):
+        signal(rows, bad, ctx)

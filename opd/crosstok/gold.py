@@ -34,7 +34,7 @@ import torch
 
 from opd.crosstok.uld import chunked_gold_loss, gold_loss
 from opd.crosstok.vocab_map import exact_matches, vocab_keys
-from opd.errors import ConfigError, OpdError
+from opd.errors import ConfigError
 from opd.signals.divergence import check_divergence_spec, params_key
 from opd.teachers import FullLogits
 from opd.types import Rollout, StudentRows, TeacherScores
@@ -181,10 +181,6 @@ class SpanLogits:
         return f"teacher full logits at aligned span starts (cross-tokenizer, {self.span_rule})"
 
 
-class NonFiniteTeacher(OpdError):
-    """The teacher's hidden rows at the aligned pairs hold NaN/inf."""
-
-
 @dataclass(frozen=True)
 class GoldSignal:
     """GOLD-style values: matched-token divergence + ULD sorted L1 at aligned span starts.
@@ -229,7 +225,9 @@ class GoldSignal:
         t_hidden = teacher.pair_hidden_PE.to(device=device, dtype=h_s.dtype)
         t_head = teacher.pair_head_UE.to(device=device, dtype=h_s.dtype)
         if not bool(torch.isfinite(t_hidden).all()):
-            raise NonFiniteTeacher(
+            from opd.step import NonFiniteError  # the loop's check sees only its own fields
+
+            raise NonFiniteError(
                 f"step {ctx.step + 1}: the teacher's output is not finite (NaN/inf at the "
                 "aligned span starts); the student was not updated at this step"
             )
