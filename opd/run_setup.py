@@ -255,7 +255,8 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     )
-    for part in (method.prompts, method.prefixes, method.signal, *method.weights):
+    parts = (method.prompts, method.prefixes, method.teacher, method.signal, *method.weights)
+    for part in parts:  # method.teacher: [crosstok] reads the two tokenizers
         if isinstance(part, Preparable):  # e.g. G-OPD snapshots the initial student as π_ref
             part.prepare(models)
     stream = PromptStream(data.train, tc.batch_size, seed=tc.seed)

@@ -65,7 +65,6 @@ def _micro_step(method, models, rollout, materialize):
 
 
 def test_identical_tokenizers_give_on_policy_rkl_exactly():
-    pytest.importorskip("opd.crosstok.align")
     from opd.recipes import get_recipe
 
     models, rollout = _rollout_and_models()
@@ -192,7 +191,6 @@ def test_recipe_arguments_and_part_checks():
 
 
 def test_xtok_gold_runs_through_distill_and_logs_its_counts(tmp_path, prompt_file, tok):
-    pytest.importorskip("opd.crosstok.align")
     from opd.train import distill
     from tests.helpers import fresh_models, tiny_cfg
 

@@ -78,12 +78,21 @@ def span_pairs(spans, span_rule: str) -> tuple[list[tuple[int, int]], int]:
     return pairs, masked
 
 
+@dataclass(frozen=True)
+class _OneTokenSpan:
+    """A span of one token on each side (the fields `span_pairs` reads)."""
+
+    s_start: int
+    s_end: int
+    t_start: int
+    t_end: int
+    aligned: bool = True
+
+
 def _one_token_spans(rollout: Rollout) -> list:
     """Identical tokenizers: every counted token is its own span (both sides the same)."""
-    from opd.crosstok.align import Span
-
     n_B = rollout.completion_mask_BT.sum(1).tolist()
-    return [[Span(i, i + 1, i, i + 1) for i in range(int(n))] for n in n_B]
+    return [[_OneTokenSpan(i, i + 1, i, i + 1) for i in range(int(n))] for n in n_B]
 
 
 @dataclass(frozen=True)
@@ -113,14 +122,22 @@ class SpanLogits:
 
     def prepare(self, models) -> None:
         """Read both tokenizers from the run's `opd.build.Models` (before the first step)."""
-        from opd.crosstok.access import CrossTokenizerLogprobs
-
-        inner = CrossTokenizerLogprobs()
-        inner.prepare(models)
         s_tok = models.tokenizer
         t_tok = getattr(models, "teacher_tokenizer", None) or s_tok
+        same = t_tok is s_tok or t_tok.get_vocab() == s_tok.get_vocab()
+        try:
+            from opd.crosstok.access import CrossTokenizerLogprobs
+        except ImportError:  # a build without the cross-tokenizer access: one tokenizer only
+            if not same:
+                raise ConfigError(
+                    "xtok_gold: a teacher with another tokenizer needs opd.crosstok.access"
+                ) from None
+            inner = None
+        else:
+            inner = CrossTokenizerLogprobs()
+            inner.prepare(models)
         self._state.clear()
-        self._state.update(inner=inner, student_tok=s_tok, teacher_tok=t_tok, matches={})
+        self._state.update(inner=inner, same=same, student_tok=s_tok, teacher_tok=t_tok, matches={})
 
     def _matches(self, V: int, U: int):
         st = self._state
@@ -138,15 +155,14 @@ class SpanLogits:
                 "cross-tokenizer teacher access: call prepare(models) first (opd distill does; "
                 "in code pass Models with teacher_tokenizer set)"
             )
-        inner = self._state["inner"]
-        if inner._prepared()["same"]:
+        if self._state["same"]:
             return rollout, _one_token_spans(rollout)
-        return inner.teacher_rollout(rollout)
+        return self._state["inner"].teacher_rollout(rollout)
 
     @torch.no_grad()
     def score(self, teacher, rollout: Rollout, vocab_size: int) -> SpanPairScores:
-        same = self._state["inner"]._prepared()["same"]
         t_rollout, spans_per_row = self.teacher_rollout(rollout)
+        same = self._state["same"]
         U = vocab_size if same else self._state["inner"]._prepared()["teacher_vocab"]
         full = FullLogits().score(teacher, t_rollout, U)
         n_B = rollout.completion_mask_BT.sum(1).tolist()
