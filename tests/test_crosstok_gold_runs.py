@@ -286,3 +286,16 @@ def test_cli_runs_xtok_gold_between_two_tokenizer_families(tmp_path):
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 2 and all(r["gold_pairs"] > 0 for r in steps)
     assert all(r["gold_pairs"] + r["gold_masked_tokens"] == r["tokens"] for r in steps)
+
+
+def test_a_teacher_ensemble_is_refused_in_one_line():
+    from opd.errors import ConfigError
+    from opd.recipes import get_recipe
+    from opd.teachers.ensemble import TeacherEnsemble
+
+    models, rollout = _rollout_and_models()
+    access = get_recipe("xtok_gold").build().teacher
+    access.prepare(models)
+    pair = TeacherEnsemble([models.teacher, models.teacher])
+    with pytest.raises(ConfigError, match="one teacher, got an ensemble of 2"):
+        access.score(pair, rollout, len(models.tokenizer))

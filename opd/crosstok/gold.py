@@ -37,6 +37,7 @@ from opd.crosstok.vocab_map import exact_matches, vocab_keys
 from opd.errors import ConfigError
 from opd.signals.divergence import check_divergence_spec, params_key
 from opd.teachers import FullLogits
+from opd.teachers.ensemble import TeacherEnsemble
 from opd.types import Rollout, StudentRows, TeacherScores
 
 SPAN_RULES = ("first", "one_to_one")
@@ -161,6 +162,11 @@ class SpanLogits:
 
     @torch.no_grad()
     def score(self, teacher, rollout: Rollout, vocab_size: int) -> SpanPairScores:
+        if isinstance(teacher, TeacherEnsemble):
+            raise ConfigError(
+                "xtok_gold distills from one teacher, got an ensemble of "
+                f"{len(teacher.members)}; name one model.teacher"
+            )
         t_rollout, spans_per_row = self.teacher_rollout(rollout)
         same = self._state["same"]
         U = vocab_size if same else self._state["inner"]._prepared()["teacher_vocab"]
