@@ -135,6 +135,9 @@ def check_trainable_dtype(models: Models) -> None:
 def check_data_fits(method: Method, data: PromptSets) -> None:
     if not data.train:
         raise ConfigError("data.train: no training prompts")
+    check = getattr(method.prefixes, "check_data", None)  # [self-distillation] e.g. a row
+    if check is not None:  # without the privileged field the teacher is shown
+        check(data.train)
     if method.prefixes.needs_completions:
         missing = [ex.source for ex in data.train if ex.completion_ids is None]
         if missing:
@@ -201,6 +204,7 @@ def build_method(cfg: RunConfig) -> Method:
 def _stateful_components(method: Method) -> dict:
     """Parts of a method that keep state across steps (replay buffers, curricula)."""
     parts = {"prompts": method.prompts, "prefixes": method.prefixes, "signal": method.signal}
+    parts["teacher"] = method.teacher  # [self-distillation] e.g. an EMA self-teacher
     parts.update({f"weight{i}": w for i, w in enumerate(method.weights)})
     return {k: v for k, v in parts.items() if isinstance(v, Stateful)}
 
@@ -258,7 +262,7 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tc.warmup_steps, tc.steps, tc.min_lr_ratio)
     )
-    for part in (method.prompts, method.prefixes, method.signal, *method.weights):
+    for part in (method.prompts, method.prefixes, method.teacher, method.signal, *method.weights):
         if isinstance(part, Preparable):  # e.g. G-OPD snapshots the initial student as π_ref
             part.prepare(models)
     stream = PromptStream(data.train, tc.batch_size, seed=tc.seed)

@@ -35,6 +35,9 @@ class Rollout:
       row_writers: who wrote each row, when the rows have different writers (a paired
         rollout: the teacher's and the student's response to the same prompt); () means
         every row was written by `writer`.
+      teacher_prompts: [self-distillation] per row, the prompt ids a self-teacher sees
+        instead of the row's prompt (privileged context added, `opd.selfdistill`); () means
+        the teacher sees the student's prompt.
     """
 
     input_ids_BL: torch.Tensor
@@ -46,6 +49,7 @@ class Rollout:
     answers: tuple = ()
     info: dict = field(default_factory=dict)
     row_writers: tuple = ()
+    teacher_prompts: tuple = ()
 
     def writer_of_row(self, b: int) -> str:
         return self.row_writers[b] if self.row_writers else self.writer
@@ -64,6 +68,9 @@ class Rollout:
             answers=tuple(self.answers[b] for b in rows) if self.answers else (),
             info=self.info,
             row_writers=tuple(self.row_writers[b] for b in rows) if self.row_writers else (),
+            teacher_prompts=(
+                tuple(self.teacher_prompts[b] for b in rows) if self.teacher_prompts else ()
+            ),
         )
 
     @property

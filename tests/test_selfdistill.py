@@ -1,0 +1,238 @@
+"""Self-teachers (frozen / live / ema), the privileged teacher prompt, and the opsd / opcd
+recipes (issue 11, items 1, 2 and 4)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from opd.context import StepContext
+from opd.data.encode import encode_rows
+from opd.data.rows import parse_row
+from opd.errors import DataError
+from opd.recipes import get_recipe
+from opd.sampling.sources import make_rollout
+from opd.selfdistill import PrivilegedPrompts, SelfAccess, SelfTeacher, teacher_view
+from opd.selfdistill.context import teacher_prompt_ids
+from opd.step import micro_step
+from opd.tiny import tiny_llama
+from opd.train import distill
+from tests.helpers import (
+    assert_clean_error,
+    fresh_models,
+    run_opd,
+    save_tiny_models,
+    small_cli_args,
+    tiny_cfg,
+    write_privileged_prompts,
+    write_prompts,
+)
+
+QUIET = dict(evaluate=False, log=lambda *_: None)
+
+
+def examples(tok, records, chat=False):
+    rows = [parse_row(r, f"mem:{i + 1}") for i, r in enumerate(records)]
+    return encode_rows(rows, tok, use_chat_template=chat).examples
+
+
+class Fixed:
+    """A prefix source that returns the given completions (no sampling)."""
+
+    needs_completions = needs_teacher_model = False
+
+    def __init__(self, completions):
+        self.completions = completions
+
+    def rollout(self, exs, ctx):
+        prompts = [e.prompt_ids for e in exs]
+        return make_rollout(prompts, self.completions, ctx.pad_id, "student")
+
+    def describe(self):
+        return "fixed"
+
+
+# ---------------------------------------------------------------- the teacher's prompt
+
+
+def test_teacher_prompt_adds_the_field_by_the_template(tok):
+    (ex,) = examples(tok, [{"prompt": "3+4=", "solution": "7"}])
+    assert ex.privileged == {"solution": "7"}
+    ids = teacher_prompt_ids(ex, "7", tok)
+    assert ids == tuple(tok("3+4=\n\n7", add_special_tokens=True).input_ids)
+    assert tok.decode(teacher_prompt_ids(ex, "7", tok, "{context} {prompt}")).endswith("7 3+4=")
+    assert teacher_prompt_ids(ex, "", tok) == ex.prompt_ids  # empty context: the same prompt
+
+
+def test_teacher_prompt_is_chat_aware(tok):
+    record = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "1+1="},
+        ],
+        "solution": "2",
+    }
+    (ex,) = examples(tok, [record], chat=True)
+    text = tok.decode(teacher_prompt_ids(ex, "2", tok))
+    want = tok.apply_chat_template(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1=\n\n2"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert text == want  # inside the last user turn, before the generation prompt
+
+
+def test_missing_field_is_a_data_error_naming_row_and_field(tok):
+    exs = examples(tok, [{"prompt": "1+1=", "solution": "2"}, {"prompt": "2+2="}])
+    source = PrivilegedPrompts(Fixed([[1], [1]]), field="solution", who="recipe 'opsd'")
+    with pytest.raises(DataError, match=r"mem:2: row has no field 'solution'.*recipe 'opsd'"):
+        source.check_data(exs)
+
+
+def test_bad_privileged_field_type_is_a_data_error():
+    with pytest.raises(DataError, match="mem:1: field 'context' must be a string"):
+        parse_row({"prompt": "x", "context": ["a"]}, "mem:1")
+
+
+def test_teacher_view_aligns_completions_and_counts_the_same_tokens(tok):
+    recs = [{"prompt": "1+1=", "solution": "2"}, {"prompt": "12+13=", "solution": "twenty-five"}]
+    exs = examples(tok, recs)
+    comps = [
+        tok("2x", add_special_tokens=False).input_ids,
+        tok("25", add_special_tokens=False).input_ids[:1],
+    ]
+    ctx = StepContext(pad_id=0, tokenizer=tok)
+    rollout = PrivilegedPrompts(Fixed(comps), field="solution").rollout(exs, ctx)
+    view = teacher_view(rollout, pad_id=0)
+    assert view.prompt_len > rollout.prompt_len
+    assert torch.equal(view.completion_ids_BT, rollout.completion_ids_BT)
+    assert torch.equal(view.completion_mask_BT, rollout.completion_mask_BT)
+    # each row's teacher prompt, unpadded, followed by the same completion
+    for b, ex in enumerate(exs):
+        row = view.input_ids_BL[b][view.attention_mask_BL[b].bool()].tolist()
+        assert row == list(teacher_prompt_ids(ex, recs[b]["solution"], tok)) + comps[b]
+
+
+# ---------------------------------------------------------------- self-teachers
+
+
+def _models(tok):
+    return fresh_models(tok)
+
+
+def test_live_teacher_with_empty_context_gives_zero_loss_and_gradient(tok):
+    models = _models(tok)
+    exs = examples(tok, [{"prompt": "1+2=", "solution": ""}, {"prompt": "3+3=", "solution": ""}])
+    method = get_recipe("opsd").build(teacher="live")
+    method = dataclasses.replace(
+        method, prefixes=PrivilegedPrompts(Fixed([[5, 6, 7], [8]]), field="solution")
+    )
+    method.teacher.prepare(models)
+    ctx = StepContext(pad_id=models.pad_id, tokenizer=tok, models=models)
+    rollout = method.prefixes.rollout(exs, ctx)
+    loss, _kl, _ = micro_step(method, models, rollout, ctx, torch.device("cpu"))
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    grads = [p.grad for p in models.student.parameters() if p.grad is not None]
+    assert grads and all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+def test_live_teacher_with_a_solution_gives_a_positive_loss(tok):
+    models = _models(tok)
+    exs = examples(tok, [{"prompt": "1+2=", "solution": "3"}])
+    method = get_recipe("opsd").build(teacher="live")
+    method = dataclasses.replace(
+        method, prefixes=PrivilegedPrompts(Fixed([[5, 6]]), field="solution")
+    )
+    method.teacher.prepare(models)
+    ctx = StepContext(pad_id=models.pad_id, tokenizer=tok, models=models)
+    loss, _, _ = micro_step(method, models, method.prefixes.rollout(exs, ctx), ctx, "cpu")
+    assert float(loss.detach()) > 1e-6
+
+
+def test_ema_update_arithmetic_float64(tok):
+    student = tiny_llama(len(tok), hidden=16, layers=1, seed=3).double()
+    models = type("M", (), {"student": student, "pad_id": 0})()
+    teacher = SelfTeacher("ema", decay=0.75)
+    teacher.prepare(models)
+    start = {n: p.detach().clone() for n, p in teacher.model.named_parameters()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    teacher.after_optimizer_step()
+    for n, p in teacher.model.named_parameters():
+        assert torch.equal(p, 0.75 * start[n] + 0.25 * (start[n] + 1.0)), n  # = θ0 + 0.25
+    teacher.after_optimizer_step()
+    for n, p in teacher.model.named_parameters():
+        want = 0.75 * (start[n] + 0.25) + 0.25 * (start[n] + 1.0)
+        assert torch.allclose(p, want, rtol=0, atol=1e-15), n
+    assert teacher.updates == 2
+    assert all(not p.requires_grad for p in teacher.model.parameters())
+
+
+def test_frozen_teacher_keeps_the_initial_student_and_live_follows(tok):
+    models = _models(tok)
+    frozen, live = SelfTeacher("frozen"), SelfTeacher("live")
+    frozen.prepare(models), live.prepare(models)
+    first = copy.deepcopy(dict(frozen.model.named_parameters()))
+    with torch.no_grad():
+        for p in models.student.parameters():
+            p.mul_(2.0)
+    frozen.after_optimizer_step()
+    assert all(torch.equal(p, first[n]) for n, p in frozen.model.named_parameters())
+    assert live.model is models.student
+    assert SelfAccess("live").needs == frozenset()  # the external teacher is never asked
+
+
+def test_resume_with_an_ema_teacher_matches_the_uninterrupted_run(tmp_path, tok):
+    data = write_privileged_prompts(tmp_path / "p.jsonl", n=12)
+    args = ("recipe=opsd", "method.args.teacher=ema", "method.args.ema_decay=0.5", "train.steps=4")
+    full = distill(tiny_cfg(tmp_path, data, *args, name="full"), models=fresh_models(tok), **QUIET)
+    cfg = tiny_cfg(tmp_path, data, *args, name="cut")
+    distill(cfg, models=fresh_models(tok), stop_after=2, **QUIET)
+    ckpt = tmp_path / "cut" / "checkpoints" / "step_000002"
+    assert (ckpt / "components.safetensors").is_file()
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["components"]["teacher"]["updates"] == 2
+    cfg = tiny_cfg(tmp_path, data, *args, name="cut")
+    resumed = distill(cfg, models=fresh_models(tok), resume=True, **QUIET)
+    assert resumed.losses == full.losses
+    assert len(set(full.losses)) > 1 and all(x > 0 for x in full.losses)
+    ema_full = dict(full.method.teacher.teacher.model.named_parameters())
+    for n, p in resumed.method.teacher.teacher.model.named_parameters():
+        assert torch.equal(p, ema_full[n]), n
+
+
+# ---------------------------------------------------------------- recipes from the CLI
+
+
+@pytest.mark.parametrize("recipe", ["opsd", "opcd"])
+def test_recipe_runs_from_the_cli(tmp_path, recipe):
+    dirs = save_tiny_models(tmp_path)
+    data = write_privileged_prompts(tmp_path / "d.jsonl", n=8)
+    res = run_opd(
+        ["distill", "--no-report", *small_cli_args(tmp_path, dirs, data, f"recipe={recipe}")]
+    )
+    assert res.code == 0, res.err
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert (tmp_path / "run" / "student").is_dir()
+
+
+def test_cli_missing_solution_field_is_one_clear_error(tmp_path):
+    dirs = save_tiny_models(tmp_path)
+    data = write_prompts(tmp_path / "d.jsonl", n=8)
+    res = run_opd(["distill", *small_cli_args(tmp_path, dirs, data, "recipe=opsd")])
+    assert_clean_error(res, "d.jsonl:1", "'solution'", "recipe 'opsd'")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_opcd_topk_and_clipped_opsd_build():
+    m = get_recipe("opcd").build(k=4)
+    assert "top-4" in m.describe() and "self-teacher" in m.describe()
+    m = get_recipe("opsd").build(clip=0.1)
+    assert "min(generalized_jsd(beta=0.5), 0.1)" in m.describe()
