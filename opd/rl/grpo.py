@@ -129,7 +129,10 @@ def rollout_rewards(rollout, ctx, reward_fn: RewardFn | None = None) -> torch.Te
     by the task's verifier `ctx.verify` against `rollout.answers`."""
     mask_BT = rollout.completion_mask_BT.bool()
     ids_BT = rollout.completion_ids_BT
-    texts = [ctx.tokenizer.decode(ids_BT[b][mask_BT[b]].tolist()) for b in range(len(ids_BT))]
+    texts = [
+        ctx.tokenizer.decode(ids_BT[b][mask_BT[b]].tolist(), skip_special_tokens=True)
+        for b in range(len(ids_BT))
+    ]
     answers = list(rollout.answers) or [None] * len(texts)
     if reward_fn is None:
         return verifier_rewards(texts, answers, ctx.verify)
