@@ -210,7 +210,7 @@ def test_resume_with_an_ema_teacher_matches_the_uninterrupted_run(tmp_path, tok)
 # ---------------------------------------------------------------- recipes from the CLI
 
 
-@pytest.mark.parametrize("recipe", ["opsd", "opcd"])
+@pytest.mark.parametrize("recipe", ["opsd", "opcd", "opsdc"])
 def test_recipe_runs_from_the_cli(tmp_path, recipe):
     dirs = save_tiny_models(tmp_path)
     data = write_privileged_prompts(tmp_path / "d.jsonl", n=8)
@@ -236,3 +236,52 @@ def test_opcd_topk_and_clipped_opsd_build():
     assert "top-4" in m.describe() and "self-teacher" in m.describe()
     m = get_recipe("opsd").build(clip=0.1)
     assert "min(generalized_jsd(beta=0.5), 0.1)" in m.describe()
+
+
+def _hand_loss(name, q_TV, p_TV, beta=0.5):
+    """Token mean of the divergence between q (student) and p (teacher), by formula."""
+    if name == "reverse_kl":
+        per_T = (q_TV * (q_TV.log() - p_TV.log())).sum(-1)
+    else:  # generalized JSD: β·KL(p ‖ m) + (1 − β)·KL(q ‖ m), m = β·p + (1 − β)·q
+        m_TV = beta * p_TV + (1 - beta) * q_TV
+        kl_pm = (p_TV * (p_TV.log() - m_TV.log())).sum(-1)
+        kl_qm = (q_TV * (q_TV.log() - m_TV.log())).sum(-1)
+        per_T = beta * kl_pm + (1 - beta) * kl_qm
+    return per_T.mean()
+
+
+@pytest.mark.parametrize(
+    "recipe,args,record,divergence",
+    [
+        ("opsd", {"beta": 0.3}, {"prompt": "2+5=", "solution": "7"}, "jsd"),
+        ("opcd", {}, {"prompt": "2+5=", "context": "add"}, "reverse_kl"),
+        ("opsdc", {"instruction": "short"}, {"prompt": "2+5="}, "reverse_kl"),
+    ],
+)
+def test_self_distillation_loss_by_hand_float64(tok, recipe, args, record, divergence):
+    """One row (no padding): the loop's loss equals the divergence computed by hand between
+    the initial student on (prompt + y) and on (teacher prompt + y)."""
+    student = tiny_llama(len(tok), hidden=24, layers=2, seed=5).double()
+    models = type(
+        "M", (), {"student": student, "teacher": None, "pad_id": 0, "vocab_size": len(tok)}
+    )()
+    (ex,) = examples(tok, [record])
+    y = tok("7x", add_special_tokens=False).input_ids
+    method = get_recipe(recipe).build(**args)
+    inner = method.prefixes
+    method = dataclasses.replace(method, prefixes=dataclasses.replace(inner, inner=Fixed([y])))
+    method.teacher.prepare(models)
+    ctx = StepContext(pad_id=0, tokenizer=tok, models=models)
+    loss, _, _ = micro_step(method, models, method.prefixes.rollout([ex], ctx), ctx, "cpu")
+    text = record.get("solution") or record.get("context") or args["instruction"]
+    t_ids = list(teacher_prompt_ids(ex, text, tok))
+    assert len(t_ids) > len(ex.prompt_ids)
+    with torch.no_grad():
+        s_logits = student(torch.tensor([list(ex.prompt_ids) + y])).logits[0]
+        t_logits = student(torch.tensor([t_ids + y])).logits[0]
+    P, Pt, T = len(ex.prompt_ids), len(t_ids), len(y)
+    q_TV = torch.softmax(s_logits[P - 1 : P - 1 + T], -1)
+    p_TV = torch.softmax(t_logits[Pt - 1 : Pt - 1 + T], -1)
+    want = _hand_loss(divergence, q_TV, p_TV, args.get("beta", 0.5))
+    assert float(want) > 1e-6
+    assert abs(float(loss.detach()) - float(want)) < 1e-10
