@@ -285,3 +285,41 @@ def test_self_distillation_loss_by_hand_float64(tok, recipe, args, record, diver
     want = _hand_loss(divergence, q_TV, p_TV, args.get("beta", 0.5))
     assert float(want) > 1e-6
     assert abs(float(loss.detach()) - float(want)) < 1e-10
+
+
+@pytest.mark.slow
+def test_opsd_on_the_embedded_pair_resumes_exactly(tmp_path):
+    """A few steps of `opsd` (EMA self-teacher) on the embedded SmolLM2 student from the CLI;
+    stopped after step 1 and resumed, it logs the uninterrupted run's losses."""
+    from opd.tasks.shipped import load_shipped
+
+    data = tmp_path / "arith.jsonl"
+    with open(data, "w") as fh:
+        for row in load_shipped("arithmetic", "train")[:8]:
+            fh.write(json.dumps({**row, "solution": row["completion"]}) + "\n")
+    common = [
+        "recipe=opsd",
+        "method.args.teacher=ema",
+        f"data.train={data}",
+        f"data.eval={data}",
+        "data.eval_count=2",
+        "train.steps=2",
+        "train.batch_size=2",
+        "sampling.max_new_tokens=6",
+        "train.progress=false",
+        "--no-report",
+    ]
+
+    def losses(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in lines if '"loss"' in x]
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_opd(["distill", *common, f"output_dir={full}"]).code == 0
+    res = run_opd(["distill", *common, f"output_dir={cut}", "--stop-after", "1"])
+    assert res.code == 0, res.err
+    assert (cut / "checkpoints" / "step_000001" / "components.safetensors").is_file()
+    res = run_opd(["distill", "--resume", str(cut), "--no-report"])
+    assert res.code == 0, res.err
+    assert losses(cut) == losses(full) and len(losses(full)) == 2
+    assert all(x > 0 for x in losses(full))
