@@ -38,7 +38,7 @@ from opd.recipes import get_recipe
 from opd.samples import truncate_samples
 from opd.sampling import GenerationParams, make_backend
 from opd.stream import PromptStream
-from opd.teachers.base import check_teacher_serves, teacher_model
+from opd.teachers.base import check_teacher_serves, method_needs, teacher_model
 from opd.tracking import open_trackers, parse_log_to
 
 EMBEDDED = "embedded SmolLM2-135M-Instruct"
@@ -120,6 +120,18 @@ def finish_vocab(models: Models) -> Models:
             f"the tokenizer share {shared} rows (valid: 1..{shared}, or 0 to compute it)"
         )
     return models
+
+
+def check_self_teacher(method: Method, models: Models) -> None:
+    """[self-distillation] With model.teacher=self (the teacher IS the student) refuse a
+    recipe that asks the teacher for anything: it would distill the student into itself."""
+    needs = method_needs(method)
+    if models.teacher is models.student and needs:
+        raise ConfigError(
+            f"model.teacher=self: recipe {method.name!r} asks the teacher for "
+            f"{', '.join(sorted(needs))}, and there is no teacher but the student; use a "
+            "self-distillation recipe (opsd, opcd, opsdc) or grpo, or name a teacher model"
+        )
 
 
 def check_trainable_dtype(models: Models) -> None:
@@ -232,6 +244,7 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     method = method or build_method(cfg)
     models = finish_vocab(models or build_models(cfg))
     check_teacher_serves(method, models.teacher)  # e.g. a served teacher gives no full logits
+    check_self_teacher(method, models)
     check_trainable_dtype(models)
     data = data if data is not None else build_data(cfg, models.tokenizer)
     check_data_fits(method, data)

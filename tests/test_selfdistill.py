@@ -323,3 +323,20 @@ def test_opsd_on_the_embedded_pair_resumes_exactly(tmp_path):
     assert res.code == 0, res.err
     assert losses(cut) == losses(full) and len(losses(full)) == 2
     assert all(x > 0 for x in losses(full))
+
+
+def test_model_teacher_self_loads_no_teacher_and_refuses_other_recipes(tmp_path):
+    dirs = save_tiny_models(tmp_path)
+    data = write_privileged_prompts(tmp_path / "d.jsonl", n=8)
+    args = small_cli_args(tmp_path, dirs, data, "recipe=opsd", "model.teacher=self")
+    res = run_opd(["distill", *args])
+    assert res.code == 0, res.err
+    assert "teacher: self" in res.out
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["kl_before"] == 0.0  # the teacher is the student
+    other = small_cli_args(tmp_path, dirs, data, "recipe=gkd", "model.teacher=self")
+    other.append(f"output_dir={tmp_path / 'gkd'}")
+    assert_clean_error(run_opd(["distill", *other]), "model.teacher=self", "'gkd'", "opsd")
+    assert not (tmp_path / "gkd").exists()
+    alone = [a for a in other if not a.startswith("model.student=")] + ["recipe=opsd"]
+    assert_clean_error(run_opd(["distill", *alone]), "model.teacher=self", "model.student")
