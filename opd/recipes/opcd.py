@@ -27,7 +27,7 @@ from opd.teachers import TopK
     "(survey, self-distillation family)",
     summary="student writes y; KL(q_student ‖ p_self(·|context)), full vocabulary or top-k",
     signal="logit",
-    access="self (white-box)",
+    access="self",
     granularity="token",
 )
 def opcd(

@@ -33,7 +33,7 @@ from opd.signals import Divergence
     "Language Models, 2026 (arXiv 2601.18734)",
     summary="student writes y; JSD_β to itself conditioned on the row's solution (self-teacher)",
     signal="logit",
-    access="self (white-box)",
+    access="self",
     granularity="token",
 )
 def opsd(

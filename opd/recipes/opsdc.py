@@ -29,7 +29,7 @@ CONCISE = "Be concise: answer directly, without unnecessary steps."
     "(arXiv 2603.05433)",
     summary="student writes y; KL(q_student ‖ p_self(·|'be concise')) per token",
     signal="logit",
-    access="self (white-box)",
+    access="self",
     granularity="token",
 )
 def opsdc(
