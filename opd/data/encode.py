@@ -22,6 +22,7 @@ stretch differently from full tokenisation. Completions are not cut (their lengt
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -258,8 +259,8 @@ def encode_rows(
                 raise ModelError(f"{row.source}: the tokenizer has no eos or end-of-turn token")
             body = tokenizer(row.completion, add_special_tokens=False).input_ids
             completion_ids = (*(int(i) for i in body), int(end_id))
+        example = Example(tuple(ids), completion_ids, row.answer, row.source, text)
+        # [self-distillation] the privileged fields and how to render the teacher's prompt
         view = PromptView(row, chat, system_prompt, max_prompt_tokens)
-        examples.append(
-            Example(tuple(ids), completion_ids, row.answer, row.source, text, row.privileged, view)
-        )
+        examples.append(dataclasses.replace(example, privileged=row.privileged, view=view))
     return EncodeResult(examples=examples, truncated=truncated)
