@@ -238,7 +238,7 @@ def test_opcd_topk_and_clipped_opsd_build():
     assert "min(generalized_jsd(beta=0.5), 0.1)" in m.describe()
 
 
-def _hand_loss(name, q_TV, p_TV, beta=0.5):
+def _hand_loss(name, q_TV, p_TV, beta=0.5, clip=0.0):
     """Token mean of the divergence between q (student) and p (teacher), by formula."""
     if name == "reverse_kl":
         per_T = (q_TV * (q_TV.log() - p_TV.log())).sum(-1)
@@ -247,13 +247,14 @@ def _hand_loss(name, q_TV, p_TV, beta=0.5):
         kl_pm = (p_TV * (p_TV.log() - m_TV.log())).sum(-1)
         kl_qm = (q_TV * (q_TV.log() - m_TV.log())).sum(-1)
         per_T = beta * kl_pm + (1 - beta) * kl_qm
-    return per_T.mean()
+    return (per_T.clamp(max=clip) if clip else per_T).mean()
 
 
 @pytest.mark.parametrize(
     "recipe,args,record,divergence",
     [
         ("opsd", {"beta": 0.3}, {"prompt": "2+5=", "solution": "7"}, "jsd"),
+        ("opsd", {"clip": 0.002}, {"prompt": "2+5=", "solution": "7"}, "jsd"),
         ("opcd", {}, {"prompt": "2+5=", "context": "add"}, "reverse_kl"),
         ("opsdc", {"instruction": "short"}, {"prompt": "2+5="}, "reverse_kl"),
     ],
@@ -282,7 +283,7 @@ def test_self_distillation_loss_by_hand_float64(tok, recipe, args, record, diver
     P, Pt, T = len(ex.prompt_ids), len(t_ids), len(y)
     q_TV = torch.softmax(s_logits[P - 1 : P - 1 + T], -1)
     p_TV = torch.softmax(t_logits[Pt - 1 : Pt - 1 + T], -1)
-    want = _hand_loss(divergence, q_TV, p_TV, args.get("beta", 0.5))
+    want = _hand_loss(divergence, q_TV, p_TV, args.get("beta", 0.5), args.get("clip", 0.0))
     assert float(want) > 1e-6
     assert abs(float(loss.detach()) - float(want)) < 1e-10
 
