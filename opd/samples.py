@@ -81,8 +81,8 @@ def _rng_devices(models) -> list:
 
 def _teacher_completions(models, examples, max_new_tokens: int, backend: str):
     teacher = models.teacher
-    if not isinstance(teacher, torch.nn.Module):
-        return [None] * len(examples)
+    if not isinstance(teacher, torch.nn.Module) or teacher is models.student:
+        return [None] * len(examples)  # not local, or model.teacher=self (not frozen: no cache)
     cache = _TEACHER_CACHE.setdefault(teacher, {})
     keys = [(tuple(ex.prompt_ids), max_new_tokens, backend) for ex in examples]
     todo = [ex for ex, key in zip(examples, keys) if key not in cache]

@@ -329,10 +329,16 @@ def test_opsd_on_the_embedded_pair_resumes_exactly(tmp_path):
 def test_model_teacher_self_loads_no_teacher_and_refuses_other_recipes(tmp_path):
     dirs = save_tiny_models(tmp_path)
     data = write_privileged_prompts(tmp_path / "d.jsonl", n=8)
-    args = small_cli_args(tmp_path, dirs, data, "recipe=opsd", "model.teacher=self")
+    args = small_cli_args(
+        tmp_path, dirs, data, "recipe=opsd", "model.teacher=self", "train.sample_every=1"
+    )
     res = run_opd(["distill", *args])
     assert res.code == 0, res.err
     assert "teacher: self" in res.out
+    samples = [
+        json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().split("\n") if x
+    ]
+    assert samples and all(r["teacher"] is None for r in samples)  # no stale "teacher" column
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["kl_before"] == 0.0  # the teacher is the student
     other = small_cli_args(tmp_path, dirs, data, "recipe=gkd", "model.teacher=self")
