@@ -347,3 +347,17 @@ def test_model_teacher_self_loads_no_teacher_and_refuses_other_recipes(tmp_path)
     assert not (tmp_path / "gkd").exists()
     alone = [a for a in other if not a.startswith("model.student=")] + ["recipe=opsd"]
     assert_clean_error(run_opd(["distill", *alone]), "model.teacher=self", "model.student")
+
+
+def test_a_checkpoint_missing_its_ema_tensors_is_skipped_for_the_older_one(tmp_path, tok):
+    data = write_privileged_prompts(tmp_path / "p.jsonl", n=8)
+    args = ("recipe=opsd", "method.args.teacher=ema", "train.steps=3", "train.checkpoint_every=1")
+    cfg = tiny_cfg(tmp_path, data, *args, name="r")
+    distill(cfg, models=fresh_models(tok), stop_after=2, **QUIET)
+    (tmp_path / "r" / "checkpoints" / "step_000002" / "components.safetensors").unlink()
+    said = []
+    cfg = tiny_cfg(tmp_path, data, *args, name="r")
+    res = distill(cfg, models=fresh_models(tok), resume=True, evaluate=False, log=said.append)
+    assert any("step_000002" in s and "components.safetensors lacks" in s for s in said), said
+    assert any("resumed from" in s and "step_000001" in s for s in said)
+    assert res.method.teacher.teacher.updates == 3  # step 1's EMA state, then steps 2 and 3
