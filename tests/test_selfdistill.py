@@ -361,3 +361,18 @@ def test_a_checkpoint_missing_its_ema_tensors_is_skipped_for_the_older_one(tmp_p
     assert any("step_000002" in s and "components.safetensors lacks" in s for s in said), said
     assert any("resumed from" in s and "step_000001" in s for s in said)
     assert res.method.teacher.teacher.updates == 3  # step 1's EMA state, then steps 2 and 3
+
+
+def test_privileged_prompts_follow_grouped_rows(tok):
+    from opd.rl.parts import Grouped
+
+    class Echo(Fixed):
+        def rollout(self, exs, ctx):
+            return make_rollout([e.prompt_ids for e in exs], [[5]] * len(exs), 0, "student")
+
+    exs = examples(tok, [{"prompt": "1+1=", "solution": "2"}, {"prompt": "3+3=", "solution": "6"}])
+    source = PrivilegedPrompts(Grouped(Echo([]), 3), field="solution")
+    rollout = source.rollout(exs, StepContext(pad_id=0, tokenizer=tok))
+    assert rollout.input_ids_BL.shape[0] == 6
+    want = [teacher_prompt_ids(exs[b // 3], "26"[b // 3], tok) for b in range(6)]
+    assert list(rollout.teacher_prompts) == want
