@@ -111,6 +111,8 @@ def build_models(cfg: RunConfig) -> Models:
     device = resolve_device(cfg.model.device)
     if is_served(cfg.model.teacher):
         return _served_models(cfg, dtype, device)
+    if cfg.model.teacher.strip() == SELF:
+        return _self_models(cfg, dtype, device)
     specs = [x.strip() for x in cfg.model.teacher.split(",") if x.strip()]
     if not specs:
         raise ConfigError(
@@ -191,6 +193,33 @@ def _served_models(cfg: RunConfig, dtype, device) -> Models:
         vocab = shared_vocab_size(student, tok, student, tok)
         return Models(teacher, student, tok, vocab, teacher_tokenizer=ttok)
     return finish_models(teacher, student, tok)
+
+
+SELF = "self"
+"""[self-distillation] `model.teacher=self`: no external teacher (see `_self_models`)."""
+
+
+def _self_models(cfg: RunConfig, dtype, device) -> Models:
+    """[self-distillation] `model.teacher=self`: only the student is loaded and
+    `Models.teacher` IS the student (not frozen), for recipes whose teacher is a view of the
+    student (`opd.selfdistill`) or that have none (`grpo`); `run_setup` refuses any other
+    recipe. The held-out KL is then 0 and the report's teacher row is the trained student."""
+    if not cfg.model.student:
+        raise ConfigError(
+            "model.teacher=self: give model.student (the model that teaches itself: a folder, "
+            ".gguf file, Hub id or 'embedded')"
+        )
+    if cfg.model.teacher_weights:
+        raise ConfigError("model.teacher_weights: only for an ensemble of local teachers")
+    student, tok = load_model(
+        cfg.model.student, dtype=dtype, device=device, allow_download=cfg.model.allow_download
+    )
+    check_head(student, cfg.model.student)
+    student = _pruned_given_student(student, cfg)
+    student.train()
+    decoder_and_head(student, verify=True)
+    vocab = shared_vocab_size(student, tok, student, tok)
+    return Models(teacher=student, student=student, tokenizer=tok, vocab_size=vocab)
 
 
 def _pruned_given_student(student, cfg: RunConfig):

@@ -6,6 +6,8 @@ A checkpoint is a folder `checkpoints/step_000042/` with
                         `torch.load(weights_only=True)`, which refuses arbitrary objects)
   state.json            step, data-stream position, python RNG state, metrics so far
   rng.safetensors       torch CPU (and CUDA) RNG states
+  components.safetensors  only when a method part's state holds tensors (e.g. the EMA
+                        self-teacher's weights): state.json then holds {"__tensor__": key}
 
 It is written into `checkpoints/.tmp-step_000042/` and renamed into place with `os.replace`,
 so a crash mid-write never leaves a half checkpoint under a real name; `latest` (a one-line
@@ -96,6 +98,10 @@ def save_checkpoint(
                 rng[f"torch_cuda_{i}"] = s
         save_file(rng, str(tmp / "rng.safetensors"))
         py = random.getstate()
+        tensors: dict = {}
+        state = _split_tensors(state, "", tensors)
+        if tensors:
+            save_file(tensors, str(tmp / COMPONENTS))
         full_state = dict(state, step=step, python_rng=[py[0], list(py[1]), py[2]])
         (tmp / "state.json").write_text(json.dumps(full_state))
         if final.exists():
@@ -114,6 +120,31 @@ def save_checkpoint(
     for p in _step_dirs(ckpt_root)[keep:]:
         shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+COMPONENTS = "components.safetensors"
+_TENSOR = "__tensor__"
+
+
+def _split_tensors(value, key: str, out: dict):
+    """`value` with every tensor replaced by {"__tensor__": key}; the tensors go into `out`."""
+    if isinstance(value, torch.Tensor):
+        out[key] = value.detach().contiguous().cpu().clone()
+        return {_TENSOR: key}
+    if isinstance(value, dict):
+        return {
+            k: _split_tensors(v, f"{key}/{k}" if key else str(k), out) for k, v in value.items()
+        }
+    return value
+
+
+def _join_tensors(value, tensors: dict):
+    """The inverse of `_split_tensors`; KeyError when a named tensor is missing."""
+    if isinstance(value, dict):
+        if set(value) == {_TENSOR}:
+            return tensors[value[_TENSOR]]
+        return {k: _join_tensors(v, tensors) for k, v in value.items()}
+    return value
 
 
 def _step_dirs(ckpt_root: Path) -> list[Path]:
@@ -190,6 +221,18 @@ def _read(path: Path) -> dict:
         raise _Damaged("optimizer.pt lacks the optimizer or scheduler state")
     if "torch_cpu" not in out["rng.safetensors"]:
         raise _Damaged("rng.safetensors lacks the torch CPU RNG state")
+    if (path / COMPONENTS).is_file():
+        try:
+            tensors = load_file(str(path / COMPONENTS))
+        except Exception as err:  # noqa: BLE001 - any reader failure means a damaged file
+            text = " ".join(str(err).split())[:120] or type(err).__name__
+            raise _Damaged(f"{COMPONENTS} is unreadable ({type(err).__name__}: {text})") from None
+    else:
+        tensors = {}
+    try:
+        out["state.json"] = _join_tensors(state, tensors)
+    except KeyError as err:
+        raise _Damaged(f"{COMPONENTS} lacks the tensor {err.args[0]!r}") from None
     return out
 
 

@@ -39,7 +39,7 @@ from opd.recipes import get_recipe
 from opd.samples import truncate_samples
 from opd.sampling import GenerationParams, make_backend
 from opd.stream import PromptStream
-from opd.teachers.base import check_teacher_serves, teacher_model
+from opd.teachers.base import check_teacher_serves, method_needs, teacher_model
 from opd.tracking import open_trackers, parse_log_to
 
 EMBEDDED = "embedded SmolLM2-135M-Instruct"
@@ -125,6 +125,18 @@ def finish_vocab(models: Models) -> Models:
     return models
 
 
+def check_self_teacher(method: Method, models: Models) -> None:
+    """[self-distillation] With model.teacher=self (the teacher IS the student) refuse a
+    recipe that asks the teacher for anything: it would distill the student into itself."""
+    needs = method_needs(method)
+    if models.teacher is models.student and needs:
+        raise ConfigError(
+            f"model.teacher=self: recipe {method.name!r} asks the teacher for "
+            f"{', '.join(sorted(needs))}, and there is no teacher but the student; use a "
+            "self-distillation recipe (opsd, opcd, opsdc) or grpo, or name a teacher model"
+        )
+
+
 def check_trainable_dtype(models: Models) -> None:
     """Pure float16 training with AdamW is refused (no loss scaler; it overflows)."""
     dtype = next(models.student.parameters()).dtype
@@ -138,6 +150,9 @@ def check_trainable_dtype(models: Models) -> None:
 def check_data_fits(method: Method, data: PromptSets) -> None:
     if not data.train:
         raise ConfigError("data.train: no training prompts")
+    check = getattr(method.prefixes, "check_data", None)  # [self-distillation] e.g. a row
+    if check is not None:  # without the privileged field the teacher is shown
+        check(data.train)
     if method.prefixes.needs_completions:
         missing = [ex.source for ex in data.train if ex.completion_ids is None]
         if missing:
@@ -204,6 +219,7 @@ def build_method(cfg: RunConfig) -> Method:
 def _stateful_components(method: Method) -> dict:
     """Parts of a method that keep state across steps (replay buffers, curricula)."""
     parts = {"prompts": method.prompts, "prefixes": method.prefixes, "signal": method.signal}
+    parts["teacher"] = method.teacher  # [self-distillation] e.g. an EMA self-teacher
     parts.update({f"weight{i}": w for i, w in enumerate(method.weights)})
     return {k: v for k, v in parts.items() if isinstance(v, Stateful)}
 
@@ -231,6 +247,7 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     method = method or build_method(cfg)
     models = finish_vocab(models or build_models(cfg))
     check_teacher_serves(method, models.teacher)  # e.g. a served teacher gives no full logits
+    check_self_teacher(method, models)
     check_trainable_dtype(models)
     check_pair(models, method, cfg)  # [crosstok] another tokenizer needs a cross-tokenizer method
     data = data if data is not None else build_data(cfg, models.tokenizer)

@@ -81,8 +81,12 @@ def _rng_devices(models) -> list:
 
 def _teacher_completions(models, examples, max_new_tokens: int, backend: str):
     teacher = models.teacher
-    if not isinstance(teacher, torch.nn.Module) or getattr(models, "teacher_tokenizer", None):
-        return [None] * len(examples)  # [crosstok]: a teacher of another tokenizer: none
+    if (
+        not isinstance(teacher, torch.nn.Module)
+        or teacher is models.student  # model.teacher=self (not frozen: no cache)
+        or getattr(models, "teacher_tokenizer", None)  # [crosstok] another tokenizer: none
+    ):
+        return [None] * len(examples)
     cache = _TEACHER_CACHE.setdefault(teacher, {})
     keys = [(tuple(ex.prompt_ids), max_new_tokens, backend) for ex in examples]
     todo = [ex for ex, key in zip(examples, keys) if key not in cache]

@@ -231,6 +231,7 @@ def train_step(run, step: int) -> dict:
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
+    after_optimizer_step(run.method)
     dt = time.perf_counter() - t0
     return {
         "step": step + 1,
@@ -244,6 +245,16 @@ def train_step(run, step: int) -> dict:
         "seconds": dt,
         **info,
     }
+
+
+def after_optimizer_step(method) -> None:
+    """Call `after_optimizer_step()` on every part of `method` that has it (e.g. the EMA
+    self-teacher of `opd.selfdistill`, θ_T ← d·θ_T + (1 − d)·θ_S), after `optimizer.step()`."""
+    parts = (method.prompts, method.prefixes, method.teacher, method.signal, *method.weights)
+    for part in parts:
+        hook = getattr(part, "after_optimizer_step", None)
+        if callable(hook):
+            hook()
 
 
 def parameters_finite(model) -> str | None:

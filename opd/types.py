@@ -39,6 +39,9 @@ class Rollout:
         (`opd.data.Example.raw_prompt`: messages as ((key, value), ...) pairs, or the plain
         prompt string; None for a row without one), so a teacher with another tokenizer
         renders it with its own template; () = none known.
+      teacher_prompts: [self-distillation] per row, the prompt ids a self-teacher sees
+        instead of the row's prompt (privileged context added, `opd.selfdistill`); () means
+        the teacher sees the student's prompt.
     """
 
     input_ids_BL: torch.Tensor
@@ -51,6 +54,7 @@ class Rollout:
     info: dict = field(default_factory=dict)
     row_writers: tuple = ()
     raw_prompts: tuple = ()  # [crosstok] see opd.crosstok.access
+    teacher_prompts: tuple = ()
 
     def writer_of_row(self, b: int) -> str:
         return self.row_writers[b] if self.row_writers else self.writer
@@ -70,6 +74,9 @@ class Rollout:
             info=self.info,
             row_writers=tuple(self.row_writers[b] for b in rows) if self.row_writers else (),
             raw_prompts=tuple(self.raw_prompts[b] for b in rows) if self.raw_prompts else (),
+            teacher_prompts=(
+                tuple(self.teacher_prompts[b] for b in rows) if self.teacher_prompts else ()
+            ),
         )
 
     @property

@@ -157,3 +157,15 @@ def assert_describes(method) -> None:
     assert lines[4].endswith(method.reduction)
     if method.prompts is not None:
         assert lines[5] == f"prompts:   {method.prompts.describe()}"
+
+
+def write_privileged_prompts(path, n=24, seed=0, fields=("solution", "context")):
+    """`write_prompts` rows that also carry privileged fields for self-teachers (the answer
+    as `solution`, a hint as `context`); other recipes ignore the extra fields."""
+    write_prompts(path, n, seed)
+    rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
+    with open(path, "w") as fh:
+        for row in rows:
+            extra = {"solution": f"={row['answer']}", "context": "add the digits"}
+            fh.write(json.dumps({**row, **{k: extra[k] for k in fields}}) + "\n")
+    return path

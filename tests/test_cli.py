@@ -16,6 +16,7 @@ from tests.helpers import (
     save_tiny_models,
     small_cli_args,
     tree_digest,
+    write_privileged_prompts,
     write_prompts,
 )
 
@@ -145,7 +146,7 @@ def _all_recipes():
 
 @pytest.mark.parametrize("recipe", _all_recipes())
 def test_every_recipe_runs_from_the_command_line(tmp_path, model_dirs, capsys, recipe):
-    data = write_prompts(tmp_path / "d.jsonl", n=8)
+    data = write_privileged_prompts(tmp_path / "d.jsonl", n=8)  # self-teachers read a field
     t, s = model_dirs
     extra = [f"recipe={recipe}", "train.steps=1"]
     if recipe == "multi_teacher":

@@ -22,9 +22,10 @@ stretch differently from full tokenisation. Completions are not cut (their lengt
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from opd.data.rows import Row
@@ -61,6 +62,31 @@ class Example:
     """[crosstok] the prompt before the chat template: a tuple of (("role", r), ("content", c))
     messages (chat) or the prompt string (plain); None when the prompt was truncated. A
     teacher with another tokenizer renders it with its own template (`opd.crosstok`)."""
+    privileged: dict = field(default_factory=dict, hash=False, repr=False)
+    """[self-distillation] The row's privileged fields (name -> text, `Row.privileged`)."""
+    view: PromptView | None = field(default=None, hash=False, repr=False)
+    """[self-distillation] How this prompt was rendered, so that a self-teacher's prompt
+    (the same prompt with privileged text added) is rendered the same way."""
+
+
+@dataclass(frozen=True)
+class PromptView:
+    """[self-distillation] The inputs of `_render` for one row: `render_prompt` renders it
+    again with other text (`opd.selfdistill.context`)."""
+
+    row: Row
+    chat: bool
+    system_prompt: str | None
+    max_prompt_tokens: int
+
+
+def render_prompt(view: PromptView, row: Row, tokenizer: Any) -> list[int]:
+    """[self-distillation] The ids of `row` rendered as `view` rendered its own row (chat
+    template, system prompt), left-truncated to twice the student's max_prompt_tokens (the
+    privileged text may be long)."""
+    budget = 2 * view.max_prompt_tokens
+    _text, ids, _cut = _render(row, tokenizer, view.chat, view.system_prompt, budget)
+    return ids[-budget:]
 
 
 @dataclass(frozen=True)
@@ -240,5 +266,8 @@ def encode_rows(
                 raise ModelError(f"{row.source}: the tokenizer has no eos or end-of-turn token")
             body = tokenizer(row.completion, add_special_tokens=False).input_ids
             completion_ids = (*(int(i) for i in body), int(end_id))
-        examples.append(Example(tuple(ids), completion_ids, row.answer, row.source, text, raw))
+        example = Example(tuple(ids), completion_ids, row.answer, row.source, text, raw)
+        # [self-distillation] the privileged fields and how to render the teacher's prompt
+        view = PromptView(row, chat, system_prompt, max_prompt_tokens)
+        examples.append(dataclasses.replace(example, privileged=row.privileged, view=view))
     return EncodeResult(examples=examples, truncated=truncated)

@@ -9,6 +9,9 @@ Accepted shapes (unknown extra fields are ignored; null or an empty CSV cell cou
               If absent and the chat list ends with an assistant turn, that turn becomes the
               completion and is removed from the prompt turns.
   answer      optional string or number; stored as a string.
+  context, solution, feedback, demonstration
+              optional strings (or numbers): privileged text that only a self-teacher sees
+              (`opd.selfdistill`); kept in `Row.privileged` [self-distillation].
 
 Every string field must be encodable as UTF-8: JSON's `"\\ud800"` (a lone surrogate) decodes
 to a Python string that no tokenizer can encode, so it is refused here, row by row (and so
@@ -18,7 +21,7 @@ skippable with `skip_bad_rows`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from opd.errors import DataError
@@ -45,6 +48,13 @@ class Row:
     """The reference answer for a verifier, as a string."""
     source: str
     """Where the row came from: "file.jsonl:7" or "file.json:row 3"."""
+    privileged: dict = field(default_factory=dict, hash=False)
+    """[self-distillation] The row's privileged fields present (name -> text), see
+    `PRIVILEGED_FIELDS`; only a self-teacher's prompt shows them."""
+
+
+PRIVILEGED_FIELDS = ("context", "solution", "feedback", "demonstration")
+"""[self-distillation] Row fields a self-teacher can be conditioned on (`opd.selfdistill`)."""
 
 
 def bad_field(source: str, field: str, must: str, value: Any, hint: str) -> DataError:
@@ -142,4 +152,18 @@ def parse_row(obj: Any, source: str) -> Row:
             )
         chat = tuple(turns)
     answer = None if answer is None else str(answer)
-    return Row(prompt, chat, completion, answer, source)
+    return Row(prompt, chat, completion, answer, source, _privileged(obj, source))
+
+
+def _privileged(obj: Mapping, source: str) -> dict:
+    """[self-distillation] The privileged fields of a raw record, as checked text."""
+    out = {}
+    for name in PRIVILEGED_FIELDS:
+        value = obj.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            hint = "valid: text a self-teacher sees in its prompt, or leave it out"
+            raise bad_field(source, name, "a string", value, hint)
+        out[name] = _check_text(str(value), source, name)
+    return out

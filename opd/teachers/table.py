@@ -32,6 +32,7 @@ def rows() -> list[tuple[str, str, list[bool]]]:
     for name in sorted(RECIPES):
         method = RECIPES[name].build()
         needs = ", ".join(o for o in OUTPUTS if o in method_needs(method))
+        needs = needs or "nothing (self-teacher or rewards only)"  # self-distillation, grpo
         out.append((name, needs, [serves(kind, method) for kind in KINDS]))
     return out
 

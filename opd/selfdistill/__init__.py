@@ -1,0 +1,23 @@
+"""Self-distillation: the student is its own teacher, under a privileged prompt.
+
+    context.py   the teacher's prompt: the row's privileged field (context, solution, feedback,
+                 demonstration) added to the prompt by a template; `PrivilegedPrompts`, a prefix
+                 source wrapper that puts those prompts on the rollout
+    teachers.py  `SelfTeacher`, views of the student (frozen, live, ema) implementing the
+                 Teacher interface, and `SelfAccess`, the access mode that scores with it
+
+See docs/self-distillation.md.
+"""
+
+from opd.selfdistill.context import TEMPLATE, PrivilegedPrompts, teacher_prompt_ids
+from opd.selfdistill.teachers import VIEWS, SelfAccess, SelfTeacher, teacher_view
+
+__all__ = [
+    "TEMPLATE",
+    "VIEWS",
+    "PrivilegedPrompts",
+    "SelfAccess",
+    "SelfTeacher",
+    "teacher_prompt_ids",
+    "teacher_view",
+]
