@@ -85,7 +85,7 @@ def render_prompt(view: PromptView, row: Row, tokenizer: Any) -> list[int]:
     template, system prompt), left-truncated to twice the student's max_prompt_tokens (the
     privileged text may be long)."""
     budget = 2 * view.max_prompt_tokens
-    _text, ids, _cut = _render(row, tokenizer, view.chat, view.system_prompt, budget)
+    _text, ids, _cut, _raw = _render(row, tokenizer, view.chat, view.system_prompt, budget)
     return ids[-budget:]
 
 
