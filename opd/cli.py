@@ -178,24 +178,6 @@ def cmd_recipes(name: str | None) -> int:
     return 0
 
 
-def teacher_row(models, data, cfg):
-    """Answer accuracy of the teacher on the held-out prompts (one greedy pass)."""
-    from opd.evaluate import task_accuracy
-
-    verify = data.task.verify if data.task is not None else None
-    if getattr(models, "teacher_tokenizer", None) is not None:  # [crosstok] prompts are the
-        return {"accuracy": None, "n": 0, "samples": []}  # student's ids, not the teacher's
-    return task_accuracy(
-        models.teacher,
-        models.tokenizer,
-        data.eval,
-        pad_id=models.pad_id,
-        stop_ids=models.stop_ids,
-        max_new_tokens=cfg.sampling.max_new_tokens,
-        verify=verify,
-    )
-
-
 def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd distill") -> int:
     """Distill, then print and save the before/after table (teacher, student before/after).
 
@@ -219,6 +201,8 @@ def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd d
     evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r.get("event") == "eval"]
     first = evals[0] if evals and evals[0]["step"] == 0 else {}
     last = evals[-1] if evals and evals[-1]["step"] == cfg.train.steps else {}
+    from opd.evaluate import teacher_row
+
     teacher = teacher_row(models, result.data, cfg)
     table = EvalTable(
         [
@@ -303,6 +287,8 @@ def cmd_eval(args) -> int:
         tokenizer=models.tokenizer,
         verify=data.task.verify if data.task is not None else None,
     )
+    from opd.evaluate import teacher_row
+
     teacher = teacher_row(models, data, cfg)
     table = EvalTable(
         [("teacher", None, teacher["accuracy"]), ("student", res["kl"], res["accuracy"])]

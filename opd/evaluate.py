@@ -18,9 +18,9 @@ import torch
 from opd.context import StepContext
 from opd.models import decoder_and_head
 from opd.sampling import GenerationParams, make_backend, make_rollout
-from opd.signals import Divergence, TopKDivergence
-from opd.teachers import FullLogits, TopK
-from opd.teachers.base import as_teacher
+from opd.signals import Divergence
+from opd.teachers import FullLogits, SampledLogprobs
+from opd.teachers.base import as_teacher, teacher_model
 from opd.types import StudentRows, TeacherScores, completion_rows
 
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
@@ -56,30 +56,14 @@ def _as_float(ts: TeacherScores) -> TeacherScores:
     return TeacherScores(hidden_ND=ts.hidden_ND.float(), head_VD=ts.head_VD.float())
 
 
-SERVED_EVAL_K = 20
-"""Buckets of the held-out KL when the teacher gives only top-k log-probs (vLLM's default cap)."""
-
-
-def kl_kind(teacher) -> str:
-    """How `heldout_kl` measures KL(q_student ‖ p_teacher) with this teacher."""
-    if "full_logits" in as_teacher(teacher).provides:
-        return "full vocabulary"
-    return f"top-{SERVED_EVAL_K} + tail buckets (a lower bound of the full-vocabulary KL)"
-
-
-def _reverse_kl_N(rows, teacher, rollout, vocab_size, chunk_size):
-    """Per-token KL(q_student ‖ p_teacher): over the full vocabulary with a local teacher; on
-    the teacher's top-k + tail buckets with a served one (KL of a coarsening ≤ the full KL)."""
+def _per_token(rows, teacher, rollout, vocab_size, chunk_size):
+    """("kl", KL(q_student ‖ p_teacher) per token over the full vocabulary) with a teacher
+    that gives full logits, else ("nll", −log p_teacher(y_t) of the student's tokens)."""
     t, ctx = as_teacher(teacher), StepContext(chunk_size=chunk_size)
     if "full_logits" in t.provides:
         tscores = _as_float(FullLogits().score(t, rollout, vocab_size))
-        return Divergence("reverse_kl")(rows, tscores, ctx)
-    k = min(SERVED_EVAL_K, vocab_size)
-    tscores = TopK(k=k).score(t, rollout, vocab_size)
-    tscores = TeacherScores(
-        topk_ids_NK=tscores.topk_ids_NK, topk_logprobs_NK=tscores.topk_logprobs_NK.float()
-    )
-    return TopKDivergence("reverse_kl")(rows, tscores, ctx)
+        return "kl", Divergence("reverse_kl")(rows, tscores, ctx)
+    return "nll", -SampledLogprobs(chunk_size).score(t, rollout, vocab_size).token_logprobs_N
 
 
 @torch.no_grad()
@@ -104,8 +88,10 @@ def heldout_kl(
     generation pass serves both numbers.
 
     Returns:
-      {"kl_kind": str (see `kl_kind`), "kl": float, "tokens": int, "mean_length": float,
-       "accuracy": float | None}
+      {"kl": float | None, "teacher_nll": float | None, "tokens": int, "mean_length": float,
+       "accuracy": float | None}: `kl` with a teacher that gives full logits; otherwise (a
+      served teacher) `kl` is None and `teacher_nll` is the token-mean −log p_teacher(y_t) of
+      the student's greedy tokens (lower: the teacher finds the student's outputs likelier).
     """
     comps = greedy_completions(student, examples, pad_id, stop_ids, max_new_tokens, batch_size)
     accuracy = None
@@ -113,6 +99,7 @@ def heldout_kl(
         accuracy = _score(tokenizer, examples, comps, verify or generic_verify)["accuracy"]
     s_dec, s_head, _ = decoder_and_head(student, verify=False)
     total, count = 0.0, 0
+    full = "full_logits" in as_teacher(teacher).provides
     for start in range(0, len(examples), batch_size):
         exs = examples[start : start + batch_size]
         ro = make_rollout(
@@ -125,13 +112,13 @@ def heldout_kl(
             s_dec(ro.input_ids_BL.to(device), ro.attention_mask_BL.to(device)), ro
         )
         rows = StudentRows(hidden_ND.float(), s_head[:vocab_size].float(), None, None)
-        kl_N = _reverse_kl_N(rows, teacher, ro, vocab_size, chunk_size)
-        total += float(kl_N.sum())
-        count += kl_N.numel()
+        kind, values_N = _per_token(rows, teacher, ro, vocab_size, chunk_size)
+        total += float(values_N.sum())
+        count += values_N.numel()
     lengths = [len(c) for c in comps]
     return {
-        "kl_kind": kl_kind(teacher),
-        "kl": total / max(count, 1),
+        "kl": total / max(count, 1) if full else None,
+        "teacher_nll": None if full else total / max(count, 1),
         "tokens": count,
         "mean_length": sum(lengths) / max(len(lengths), 1),
         "accuracy": accuracy,
@@ -187,3 +174,20 @@ class EvalTable:
             acc_s = "—" if acc is None else f"{100 * acc:.1f}%"
             lines.append(f"| {label} | {kl_s} | {acc_s} |")
         return "\n".join(lines)
+
+
+def teacher_row(models, data, cfg):
+    """Answer accuracy of the teacher on the held-out prompts (one greedy pass)."""
+    verify = data.task.verify if data.task is not None else None
+    local = teacher_model(models.teacher)  # None: served, it cannot write here
+    if local is None or getattr(models, "teacher_tokenizer", None) is not None:  # [crosstok]
+        return {"accuracy": None, "n": 0, "samples": []}  # prompts are the student's ids
+    return task_accuracy(
+        local,
+        models.tokenizer,
+        data.eval,
+        pad_id=models.pad_id,
+        stop_ids=models.stop_ids,
+        max_new_tokens=cfg.sampling.max_new_tokens,
+        verify=verify,
+    )

@@ -155,10 +155,17 @@ def run_eval(run: Run, step: int) -> dict | None:
         "heldout_accuracy": res["accuracy"],
         "heldout_length": res["mean_length"],
     }
-    if res["kl_kind"] != "full vocabulary":  # a served teacher: top-k buckets
-        row["heldout_kl_kind"] = res["kl_kind"]
+    if res["teacher_nll"] is not None:  # a served teacher: no full distribution
+        row["heldout_teacher_nll"] = res["teacher_nll"]
     run.metrics_log.write(row)
     return row
+
+
+def _eval_line(row: dict, when: str) -> str:
+    if row.get("heldout_kl") is None and row.get("heldout_teacher_nll") is not None:
+        nll = row["heldout_teacher_nll"]
+        return f"held-out teacher NLL of the student's greedy tokens {when}: {nll:.4f}"
+    return f"held-out KL(q_student ‖ p_teacher) {when}: {row['heldout_kl']:.4f}"
 
 
 def _check_finite_student(run: Run, what: str) -> None:
@@ -249,7 +256,7 @@ def _train(run: Run, stop_after, evaluate, log) -> RunResult:
     if run.start_step == 0 and evaluate:
         first = run_eval(run, 0)
         if first:
-            log(f"held-out KL(q_student ‖ p_teacher) before: {first['heldout_kl']:.4f}")
+            log(_eval_line(first, "before"))
     last_step = tc.steps if stop_after is None else min(tc.steps, stop_after)
     bar = Progress(tc.steps, initial=run.start_step, enabled=tc.progress)
     models.student.train()
@@ -267,7 +274,7 @@ def _train(run: Run, stop_after, evaluate, log) -> RunResult:
             if evaluate and done == tc.steps:  # before the final checkpoint: never repeated
                 final = run_eval(run, done)
                 if final:
-                    log(f"held-out KL(q_student ‖ p_teacher) after: {final['heldout_kl']:.4f}")
+                    log(_eval_line(final, "after"))
             if sample_due(done, tc.sample_every) and run.data.eval:
                 write_samples(
                     run.run_dir,

@@ -251,8 +251,8 @@ def test_serve_embedded_and_distill_against_it_lowers_heldout_kl(tmp_path):
                 "data.train=task:arithmetic",
                 "data.eval=task:arithmetic:test",
                 "data.eval_count=8",
-                "train.steps=4",
-                "train.batch_size=4",
+                "train.steps=8",
+                "train.batch_size=8",
                 "train.lr=5e-5",
                 "sampling.max_new_tokens=16",
                 "train.progress=false",
@@ -264,33 +264,26 @@ def test_serve_embedded_and_distill_against_it_lowers_heldout_kl(tmp_path):
     assert res.code == 0, res.err
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if r.get("event") == "eval"]
-    assert evals[0]["step"] == 0 and evals[-1]["step"] == 4
-    assert evals[-1]["heldout_kl"] < evals[0]["heldout_kl"]
-    assert "top-20" in evals[-1]["heldout_kl_kind"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 8
+    assert all(r["heldout_kl"] is None for r in evals)  # served: no full distribution
+    assert evals[-1]["heldout_teacher_nll"] < evals[0]["heldout_teacher_nll"]
+    # the full-vocabulary KL, measured with a local copy of the teacher, fell too
+    from opd.build import build_data, build_models
+    from opd.evaluate import heldout_kl
+    from opd.models import load_model
 
+    c = load_config(
+        None,
+        ["model.student_prune_to=15", "model.student=embedded", "data.train=task:arithmetic",
+         "data.eval=task:arithmetic:test", "data.eval_count=8", "sampling.max_new_tokens=16"],
+    )
+    m = build_models(c)
+    data = build_data(c, m.tokenizer)
+    after, _ = load_model(tmp_path / "run" / "student")
 
-@pytest.mark.slow  # one more server process
-def test_cross_tokenizer_recipe_with_a_served_teacher_equals_the_local_one(tmp_path):
-    from opd.tiny import tiny_llama
-    from tests.test_crosstok_tokenizers import byte_level_tok, sentencepiece_tok
+    def kl(student):
+        return heldout_kl(student, m.teacher, data.eval, pad_id=m.pad_id, stop_ids=m.stop_ids,
+                          vocab_size=m.vocab_size, max_new_tokens=16)["kl"]
 
-    bl, sp = byte_level_tok(300), sentencepiece_tok(420)
-    for name, tok, seed in (("teacher", sp, 1), ("student", bl, 2)):
-        tiny_llama(len(tok), hidden=48, layers=2, seed=seed).save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
-    prompts = write_prompts(tmp_path / "p.jsonl", n=8)
-    t, s = tmp_path / "teacher", tmp_path / "student"
-    extra = ("recipe=xtok_sampled_rkl", "train.steps=3", "data.chat_template=true")
-    local = distill(cfg(tmp_path, "local", t, s, prompts, *extra), evaluate=False)
-    proc, url = start(tmp_path, t, name="sp")
-    try:
-        with pytest.raises(ConfigError, match="model.teacher_tokenizer|tokenizer"):
-            distill(cfg(tmp_path, "no-tok", url, s, prompts, *extra), evaluate=False)
-        served = distill(
-            cfg(tmp_path, "served", url, s, prompts, *extra, f"model.teacher_tokenizer={t}"),
-            evaluate=False,
-        )
-    finally:
-        stop(proc)
-    assert served.losses == pytest.approx(local.losses, rel=1e-4, abs=1e-5)
-    assert any(v != 0 for v in served.losses)
+    before_kl, after_kl = kl(m.student), kl(after)
+    assert after_kl < 0.8 * before_kl, (before_kl, after_kl)

@@ -109,8 +109,8 @@ def test_a_run_with_a_non_module_teacher_equals_the_local_run(tmp_path, tok, pro
     steps = [r for r in rows if "loss" in r]
     assert steps and all(r["teacher_requests"] == 1.0 for r in steps)  # pop_stats logged
     evals = [r for r in rows if r.get("event") == "eval"]
-    assert evals and all("top-20" in r["heldout_kl_kind"] for r in evals)
-    assert all(r["heldout_kl"] >= 0 for r in evals)
+    assert evals and all(r["heldout_kl"] is None for r in evals)  # no full distribution
+    assert all(r["heldout_teacher_nll"] > 0 for r in evals)
 
 
 def test_unreachable_teacher_checkpoints_and_resume_matches_uninterrupted(
