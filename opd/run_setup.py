@@ -34,6 +34,7 @@ from opd.logs import MetricsLog
 from opd.method import Method
 from opd.models import shared_vocab_size
 from opd.parts import Preparable, Stateful
+from opd.precision import setup_student
 from opd.recipes import get_recipe
 from opd.samples import truncate_samples
 from opd.sampling import GenerationParams, make_backend
@@ -229,6 +230,7 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     models = finish_vocab(models or build_models(cfg))
     check_teacher_serves(method, models.teacher)  # e.g. a served teacher gives no full logits
     check_trainable_dtype(models)
+    setup_student(models, cfg, log)  # LoRA wrap, gradient checkpointing, precision (issue 13)
     data = data if data is not None else build_data(cfg, models.tokenizer)
     check_data_fits(method, data)
     if tc.epochs > 0:

@@ -70,4 +70,5 @@ def full_logit_rows(teacher: torch.nn.Module, rollout: Rollout, vocab_size: int)
     device = head_VD.device
     hidden_BLD = decoder(rollout.input_ids_BL.to(device), rollout.attention_mask_BL.to(device))
     rows_ND = completion_rows(hidden_BLD, rollout)
-    return TeacherScores(hidden_ND=rows_ND.detach(), head_VD=head_VD[:vocab_size].detach())
+    head_VD = head_VD[:vocab_size].detach().to(rows_ND.dtype)  # bf16 rows under autocast
+    return TeacherScores(hidden_ND=rows_ND.detach(), head_VD=head_VD)
