@@ -5,11 +5,14 @@ bf16 mixed precision, what runs in which dtype:
     weights, gradients, AdamW moments      float32 (the master copy; model.dtype stays float32)
     rollouts (generation)                  under torch.autocast(bfloat16): matmuls in bf16,
                                            sampling from float32 logits as before
-    teacher forward (no grad)              under autocast: hidden rows h_t come out in bf16,
-                                           its head is cast to bf16 with them (W_t → bf16)
-    student decoder forward                under autocast: hidden rows h_s (N, D) in bf16; the
-                                           head W_s (V, D) is cast to bf16 by a differentiable
-                                           `.to`, so dL/dW_s arrives in float32 on the master
+    teacher forward (no grad)              under autocast: its rows h_t are cast to bf16
+                                           (`autocast_rows`) and its head with them
+    student decoder forward                under autocast; its completion rows h_s (N, D) are
+                                           cast to bf16 (`autocast_rows`: the decoder's final
+                                           norm returns float32) and the head W_s (V, D) with
+                                           them, by differentiable `.to`s, so the head matmul
+                                           runs in bf16 as autocast runs an lm_head, and dL/dW_s
+                                           arrives in float32 on the master
     student backward                       outside autocast (PyTorch's rule): each op's backward
                                            runs in the dtype its forward ran in
     loss                                   outside autocast, on the bf16 rows exactly like the
@@ -106,6 +109,19 @@ def autocast(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def autocast_rows(hidden_ND: torch.Tensor) -> torch.Tensor:
+    """The rows a head will project, in the autocast dtype when autocast is on (as autocast
+    would run the lm_head); unchanged otherwise.
+
+    A Llama-family decoder under autocast returns float32 hidden states (its residual stream
+    and final RMSNorm stay float32), so without this the head matmul, the largest one of a
+    small model, would run in float32. Differentiable: the gradient comes back in float32."""
+    device = hidden_ND.device.type
+    if not torch.is_autocast_enabled(device):
+        return hidden_ND
+    return hidden_ND.to(torch.get_autocast_dtype(device))
+
+
 def like_rows(head_VD: torch.Tensor, hidden_ND: torch.Tensor) -> torch.Tensor:
     """The head in the dtype of the rows it projects (bf16 under autocast; else unchanged).
 
@@ -119,13 +135,16 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     Non-reentrant `torch.utils.checkpoint`: gradients reach LoRA adapters even though the
     layers' inputs (frozen embeddings) do not require grad."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    enable = getattr(base, "gradient_checkpointing_enable", None)
-    if enable is None or not getattr(base, "supports_gradient_checkpointing", False):
+    kwargs = {"use_reentrant": False}
+    if not getattr(base, "supports_gradient_checkpointing", False):
         raise ConfigError(
             f"train.gradient_checkpointing=true: {type(base).__name__} does not support "
             "gradient checkpointing; set train.gradient_checkpointing=false"
         )
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 (the new name)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def setup_student(models, cfg, log=print) -> None:

@@ -47,7 +47,7 @@ from opd.losses import chunked_token_logprobs
 from opd.losses.reduce import coefficients, reduce, step_count
 from opd.models import decoder_and_head
 from opd.parts import OnePassSignal, ReverseKLSignal
-from opd.precision import autocast, like_rows
+from opd.precision import autocast, autocast_rows, like_rows
 from opd.signals import Divergence
 from opd.types import StudentRows, completion_rows
 
@@ -82,8 +82,8 @@ def likely_causes(models, lr: float | None = None) -> str:
 def student_rows(decoder, head_VD, rollout, device, precision="fp32") -> StudentRows:
     with autocast(precision, device):  # bf16: the decoder under autocast (opd.precision)
         hidden_BLD = decoder(rollout.input_ids_BL.to(device), rollout.attention_mask_BL.to(device))
+        hidden_ND = autocast_rows(completion_rows(hidden_BLD, rollout))
     mask_BT = rollout.completion_mask_BT.to(device).bool()
-    hidden_ND = completion_rows(hidden_BLD, rollout)
     return StudentRows(
         hidden_ND=hidden_ND,
         head_VD=like_rows(head_VD, hidden_ND),  # bf16 rows: a bf16 view of the master head
