@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from opd.logs import read_metrics
 from opd.models import decoder_and_head
+from opd.sampling.backends.fast import FastBackend
 from opd.train import distill
 from tests.helpers import (
     assert_clean_error,
@@ -58,6 +59,9 @@ def test_only_adapters_train_and_the_student_forward_uses_them(tmp_path, prompt_
     with torch.no_grad():
         lean = dec(IDS) @ head.T
     torch.testing.assert_close(lean, after, atol=1e-5, rtol=1e-5)
+    # the static-cache decoder reads raw weight matrices (it would skip the adapters): it
+    # must decline a PEFT student, so rollouts come from Hugging Face generate
+    assert FastBackend().reason(student) is not None
 
 
 def test_lora_run_lowers_heldout_kl(tmp_path, prompt_file, tok):
