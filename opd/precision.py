@@ -1,10 +1,10 @@
-"""Mixed precision (`train.precision=bf16`) and gradient checkpointing (`train.gradient_checkpointing`).
+"""Mixed precision (`train.precision=bf16`) and `train.gradient_checkpointing`.
 
 bf16 mixed precision, what runs in which dtype:
 
     weights, gradients, AdamW moments      float32 (the master copy; model.dtype stays float32)
     rollouts (generation)                  under torch.autocast(bfloat16): matmuls in bf16,
-                                           sampling from float32 logits as before
+                                           the logits upcast to float32 for sampling
     teacher forward (no grad)              under autocast: its rows h_t are cast to bf16
                                            (`autocast_rows`) and its head with them
     student decoder forward                under autocast; its completion rows h_s (N, D) are
