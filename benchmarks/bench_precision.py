@@ -18,6 +18,7 @@ within one run.
 
     python benchmarks/bench_precision.py [--steps 3] [--settings fp32 bf16 lora8]
         [--threads 0] [--out benchmarks/results_precision.md]
+    python benchmarks/bench_precision.py --checkpointing   # saved-activation memory, gc on/off
 """
 
 from __future__ import annotations
@@ -91,6 +92,47 @@ def worker(setting: str, steps: int, threads: int, out_dir: Path) -> dict:
     }
 
 
+def checkpointing_memory(batch: int = 8, length: int = 96) -> str:
+    """Tensors saved for the backward by the demo student's decoder (one forward + backward
+    on random ids), without and with train.gradient_checkpointing; loss and time."""
+    import time
+
+    import torch
+
+    from opd.build import build_models
+    from opd.cli import DEMO_DEFAULTS
+    from opd.config import load_config
+    from opd.models import decoder_and_head
+    from opd.precision import enable_gradient_checkpointing
+
+    lines = []
+    for on in (False, True):
+        student = build_models(load_config(None, list(DEMO_DEFAULTS))).student
+        if on:
+            enable_gradient_checkpointing(student)
+        student.train()
+        dec, head, _ = decoder_and_head(student, verify=False)
+        ids = torch.randint(
+            0, head.shape[0], (batch, length), generator=torch.Generator().manual_seed(0)
+        )
+        saved = {}
+
+        def pack(t, saved=saved):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        t0 = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            hidden = dec(ids, torch.ones_like(ids))
+        loss = (hidden[:, -32:].reshape(-1, hidden.shape[-1]) @ head.T).logsumexp(-1).mean()
+        loss.backward()
+        lines.append(
+            f"gradient_checkpointing={on}: saved for backward {sum(saved.values()) / 2**20:.1f} "
+            f"MiB, loss {loss.item():.6f}, forward + backward {time.perf_counter() - t0:.2f} s"
+        )
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| setting | step s (all) | median s (after 1st) | trainable params | grads + AdamW MB "
@@ -115,7 +157,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write the table here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dir", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--checkpointing", action="store_true", help="only the gradient checkpointing memory"
+    )
     args = ap.parse_args(argv)
+    if args.checkpointing:
+        print(checkpointing_memory())
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.threads, args.dir)))
         return 0
