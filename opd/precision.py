@@ -157,6 +157,9 @@ def setup_student(models, cfg, log=print) -> None:
         models.student, m.lora_r, m.lora_alpha, m.lora_targets, m.lora_dropout
     )
     if m.lora_r:
+        if not m.student:  # pruned from the teacher: the adapter's base is no folder on disk
+            for peft_cfg in models.student.peft_config.values():
+                peft_cfg.base_model_name_or_path = None
         trainable, total = trainable_count(models.student)
         log(
             f"LoRA r={m.lora_r}, alpha={m.lora_alpha:g} on {m.lora_targets}: {trainable:,} of "
