@@ -132,8 +132,8 @@ def like_rows(head_VD: torch.Tensor, hidden_ND: torch.Tensor) -> torch.Tensor:
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Per-layer activation checkpointing of a Hugging Face model (also behind a PEFT wrapper).
 
-    Non-reentrant `torch.utils.checkpoint`: gradients reach LoRA adapters even though the
-    layers' inputs (frozen embeddings) do not require grad."""
+    Non-reentrant `torch.utils.checkpoint` (PyTorch's recommended mode): it needs no input
+    that requires grad, so LoRA adapters behind frozen embeddings get their gradients."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kwargs = {"use_reentrant": False}
     if not getattr(base, "supports_gradient_checkpointing", False):

@@ -147,3 +147,27 @@ def test_unknown_lora_target_is_refused_in_one_line(tmp_path, cli_setup):
     )
     assert_clean_error(res, "model.lora_targets", "qkv", "q_proj")
     assert not (tmp_path / "run").exists()
+
+
+def test_gradient_checkpointing_reaches_the_adapters(tmp_path, prompt_file, tok):
+    """Checkpointing a LoRA student: the adapters get gradients although the frozen
+    embeddings' output does not require grad; the run equals the one without checkpointing."""
+    common = ("train.steps=2", "model.lora_r=4", "train.lr=1e-2")
+    runs = [
+        distill(
+            tiny_cfg(tmp_path, prompt_file, *common, *extra, name=f"r{i}"),
+            models=fresh_models(tok),
+            evaluate=False,
+            **QUIET,
+        )
+        for i, extra in enumerate([(), ("train.gradient_checkpointing=true",)])
+    ]
+    assert runs[1].models.student.get_base_model().model.gradient_checkpointing
+    for a, b in zip(runs[0].losses, runs[1].losses):
+        assert abs(a - b) <= 1e-6, (runs[0].losses, runs[1].losses)
+    for (n, p), (_, q) in zip(
+        runs[0].models.student.named_parameters(), runs[1].models.student.named_parameters()
+    ):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=n)
+    lora_b = [p for n, p in runs[1].models.student.named_parameters() if ".lora_B." in n]
+    assert all(bool(p.abs().sum() > 0) for p in lora_b)  # every adapter moved off B = 0
