@@ -70,6 +70,14 @@ class ModelConfig:
         "download a teacher/student given as a Hugging Face Hub id (org/name) when it is not "
         "in the local Hugging Face cache (HF_HUB_CACHE or HF_HOME); false = cache only",
     )
+    # --- LoRA (opd.models.lora; issue 13 item 3) ---
+    lora_r: int = _f(0, "LoRA rank of the student's adapters (peft); 0 = full fine-tuning", ge=0)
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator: updates are scaled by alpha / r", gt=0.0)
+    lora_targets: str = _f(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "comma-separated module names that get LoRA adapters (default: attention + MLP)",
+    )
+    lora_dropout: float = _f(0.0, "dropout on the LoRA adapters' input", ge=0.0, le=0.9)
 
 
 @dataclass
@@ -172,6 +180,16 @@ class TrainConfig:
         10.0,
         "also save a checkpoint when this many minutes passed since the last (0 = off)",
         ge=0.0,
+    )
+    # --- mixed precision and gradient checkpointing (opd.precision; issue 13 items 2, 3) ---
+    precision: str = _f(
+        "fp32",
+        "fp32, or bf16: autocast the student's forward/backward, the teacher and the rollouts "
+        "in bfloat16 over float32 weights and optimizer state (needs model.dtype=float32)",
+        choices=("fp32", "bf16"),
+    )
+    gradient_checkpointing: bool = _f(
+        False, "recompute each decoder layer's activations in the backward (less memory)"
     )
 
 

@@ -35,6 +35,7 @@ from opd.logs import MetricsLog
 from opd.method import Method
 from opd.models import shared_vocab_size
 from opd.parts import Preparable, Stateful
+from opd.precision import setup_student
 from opd.recipes import get_recipe
 from opd.samples import truncate_samples
 from opd.sampling import GenerationParams, make_backend
@@ -250,6 +251,7 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     check_self_teacher(method, models)
     check_trainable_dtype(models)
     check_pair(models, method, cfg)  # [crosstok] another tokenizer needs a cross-tokenizer method
+    setup_student(models, cfg, log)  # LoRA wrap, gradient checkpointing, precision (issue 13)
     data = data if data is not None else build_data(cfg, models.tokenizer)
     check_data_fits(method, data)
     if tc.epochs > 0:

@@ -47,6 +47,7 @@ from opd.losses import chunked_token_logprobs
 from opd.losses.reduce import coefficients, reduce, step_count
 from opd.models import decoder_and_head
 from opd.parts import OnePassSignal, ReverseKLSignal
+from opd.precision import autocast, autocast_rows, like_rows
 from opd.signals import Divergence
 from opd.types import StudentRows, completion_rows
 
@@ -78,12 +79,14 @@ def likely_causes(models, lr: float | None = None) -> str:
     return "likely cause: " + ", or ".join(causes)
 
 
-def student_rows(decoder, head_VD, rollout, device) -> StudentRows:
-    hidden_BLD = decoder(rollout.input_ids_BL.to(device), rollout.attention_mask_BL.to(device))
+def student_rows(decoder, head_VD, rollout, device, precision="fp32") -> StudentRows:
+    with autocast(precision, device):  # bf16: the decoder under autocast (opd.precision)
+        hidden_BLD = decoder(rollout.input_ids_BL.to(device), rollout.attention_mask_BL.to(device))
+        hidden_ND = autocast_rows(completion_rows(hidden_BLD, rollout))
     mask_BT = rollout.completion_mask_BT.to(device).bool()
     return StudentRows(
-        hidden_ND=completion_rows(hidden_BLD, rollout),
-        head_VD=head_VD,
+        hidden_ND=hidden_ND,
+        head_VD=like_rows(head_VD, hidden_ND),  # bf16 rows: a bf16 view of the master head
         target_ids_N=rollout.completion_ids_BT.to(device)[mask_BT],
         row_index_N=mask_BT.nonzero()[:, 0],
     )
@@ -118,8 +121,11 @@ def rollout_kl(method, srows, tscores, values_N, ctx):
     return logq_N - tscores.token_logprobs_N.float()
 
 
-def micro_step(method, models, rollout, ctx, device, count=None):
+def micro_step(method, models, rollout, ctx, device, count=None, precision="fp32"):
     """Loss of one micro-batch, normalised by `count` (None: this micro-batch's own count).
+
+    `precision="bf16"`: the teacher and the student's decoder run under bfloat16 autocast;
+    the loss is formed outside it, reducing in float32 (`opd.precision`).
 
     Sets `ctx.rollout` to this micro-batch and clears `ctx.metrics`, so that afterwards
     `ctx.metrics` holds exactly the numbers the signal and weights reported for it.
@@ -128,7 +134,8 @@ def micro_step(method, models, rollout, ctx, device, count=None):
     """
     # The teacher first: its forward's activations are freed before the student's, which
     # autograd keeps for the backward, are allocated (a lower peak than the other order).
-    tscores = method.teacher.score(models.teacher, rollout, models.vocab_size)
+    with autocast(precision, device):
+        tscores = method.teacher.score(models.teacher, rollout, models.vocab_size)
     if not teacher_scores_finite(tscores):
         raise NonFiniteError(
             f"step {ctx.step + 1}: the teacher's output is not finite (NaN/inf in its scores); "
@@ -136,7 +143,7 @@ def micro_step(method, models, rollout, ctx, device, count=None):
             "bfloat16 or float32); the student was not updated at this step"
         )
     s_dec, s_head, _ = decoder_and_head(models.student, verify=False)
-    srows = student_rows(s_dec, s_head[: models.vocab_size], rollout, device)
+    srows = student_rows(s_dec, s_head[: models.vocab_size], rollout, device, precision)
     ctx.rollout, ctx.metrics = rollout, {}
     mask_BT = rollout.completion_mask_BT.to(device).bool()
     fused = one_pass_loss(method, srows, tscores, ctx, rollout, mask_BT, count)
@@ -196,11 +203,16 @@ def train_step(run, step: int) -> dict:
     ctx = run.ctx
     ctx.step, ctx.rollout, ctx.metrics = step, None, {}
     causes = likely_causes(models, tc.lr)
-    rollouts = [_rollout(run.method, run.stream, ctx, step, causes) for _ in range(tc.grad_accum)]
+    with autocast(tc.precision, run.device):  # bf16: rollouts under autocast too
+        rollouts = [
+            _rollout(run.method, run.stream, ctx, step, causes) for _ in range(tc.grad_accum)
+        ]
     count = step_count(run.method.reduction, [r.completion_mask_BT for r in rollouts])
     total_loss, kl_sum, n_tok, lengths, info = 0.0, 0.0, 0, [], {}
     for rollout in rollouts:
-        loss, kl_N, rollout = micro_step(run.method, models, rollout, ctx, run.device, count)
+        loss, kl_N, rollout = micro_step(
+            run.method, models, rollout, ctx, run.device, count, tc.precision
+        )
         if not bool(torch.isfinite(loss.detach())):
             raise NonFiniteError(
                 f"step {step + 1}: the loss is not finite ({float(loss.detach())}); "

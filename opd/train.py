@@ -360,15 +360,20 @@ def _rewind(run: Run, point: tuple) -> None:
 
 
 def save_student(models: Models, path: Path) -> None:
-    """`save_pretrained` (safetensors) + tokenizer, loadable with AutoModelForCausalLM."""
+    """`save_pretrained` (safetensors) + tokenizer, loadable with AutoModelForCausalLM; a LoRA
+    student is saved merged there and as an adapter in `student/adapter` (opd.models.lora)."""
     from opd.checkpoint import CheckpointError
+    from opd.models.lora import is_lora, save_lora_student
 
     tmp = path.with_name(f".tmp-{path.name}")
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        models.student.save_pretrained(tmp)  # safetensors by default
-        models.tokenizer.save_pretrained(tmp)
+        if is_lora(models.student):
+            save_lora_student(models.student, models.tokenizer, tmp)
+        else:
+            models.student.save_pretrained(tmp)  # safetensors by default
+            models.tokenizer.save_pretrained(tmp)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)

@@ -15,6 +15,7 @@ import torch
 
 from opd.errors import ConfigError
 from opd.models import decoder_and_head
+from opd.precision import autocast_rows
 from opd.teachers.base import as_teacher, teacher_model
 from opd.teachers.ensemble import TeacherEnsemble
 from opd.types import Rollout, TeacherScores, completion_rows
@@ -69,5 +70,6 @@ def full_logit_rows(teacher: torch.nn.Module, rollout: Rollout, vocab_size: int)
     decoder, head_VD, _bias = decoder_and_head(teacher, verify=False)
     device = head_VD.device
     hidden_BLD = decoder(rollout.input_ids_BL.to(device), rollout.attention_mask_BL.to(device))
-    rows_ND = completion_rows(hidden_BLD, rollout)
-    return TeacherScores(hidden_ND=rows_ND.detach(), head_VD=head_VD[:vocab_size].detach())
+    rows_ND = autocast_rows(completion_rows(hidden_BLD, rollout))  # bf16 under autocast
+    head_VD = head_VD[:vocab_size].detach().to(rows_ND.dtype)
+    return TeacherScores(hidden_ND=rows_ND.detach(), head_VD=head_VD)
