@@ -168,20 +168,29 @@ def served_teacher(cfg: RunConfig):
     )
 
 
-def _served_models(cfg: RunConfig, dtype, device) -> Models:
-    """A served teacher and a local student; the server's tokenizer must be the student's."""
+def _given_student(cfg: RunConfig, dtype, device, missing: str):
+    """The student `model.student` names (pruned by `model.student_prune_to`), for runs whose
+    teacher is not a local model; `missing` is the error when no student is given."""
     if not cfg.model.student:
-        raise ConfigError(
-            f"model.student: required with a served teacher ({cfg.model.teacher}): a student "
-            "cannot be pruned from a model in another process; give a folder or .gguf file"
-        )
+        raise ConfigError(missing)
     if cfg.model.teacher_weights:
         raise ConfigError("model.teacher_weights: only for an ensemble of local teachers")
     student, tok = load_model(
         cfg.model.student, dtype=dtype, device=device, allow_download=cfg.model.allow_download
     )
     check_head(student, cfg.model.student)
-    student = _pruned_given_student(student, cfg)
+    return _pruned_given_student(student, cfg), tok
+
+
+def _served_models(cfg: RunConfig, dtype, device) -> Models:
+    """A served teacher and a local student; the server's tokenizer must be the student's."""
+    student, tok = _given_student(
+        cfg,
+        dtype,
+        device,
+        f"model.student: required with a served teacher ({cfg.model.teacher}): a student "
+        "cannot be pruned from a model in another process; give a folder or .gguf file",
+    )
     teacher = served_teacher(cfg)
     ttok = load_tokenizer(cfg.model.teacher_tokenizer) if cfg.model.teacher_tokenizer else tok
     teacher.check_tokenizer(ttok)  # refused before anything is trained
@@ -204,18 +213,13 @@ def _self_models(cfg: RunConfig, dtype, device) -> Models:
     `Models.teacher` IS the student (not frozen), for recipes whose teacher is a view of the
     student (`opd.selfdistill`) or that have none (`grpo`); `run_setup` refuses any other
     recipe. The held-out KL is then 0 and the report's teacher row is the trained student."""
-    if not cfg.model.student:
-        raise ConfigError(
-            "model.teacher=self: give model.student (the model that teaches itself: a folder, "
-            ".gguf file, Hub id or 'embedded')"
-        )
-    if cfg.model.teacher_weights:
-        raise ConfigError("model.teacher_weights: only for an ensemble of local teachers")
-    student, tok = load_model(
-        cfg.model.student, dtype=dtype, device=device, allow_download=cfg.model.allow_download
+    student, tok = _given_student(
+        cfg,
+        dtype,
+        device,
+        "model.teacher=self: give model.student (the model that teaches itself: a folder, "
+        ".gguf file, Hub id or 'embedded')",
     )
-    check_head(student, cfg.model.student)
-    student = _pruned_given_student(student, cfg)
     student.train()
     decoder_and_head(student, verify=True)
     vocab = shared_vocab_size(student, tok, student, tok)
