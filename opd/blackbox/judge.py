@@ -46,7 +46,7 @@ def parse_score(text: str) -> int | None:
 def scores_to_rewards(scores: list[int | None], neutral: float = NEUTRAL) -> tuple[Tensor, int]:
     """((B,) rewards s/9, neutral where unparsed; the number of bad parses)."""
     rewards = [neutral if s is None else s / 9.0 for s in scores]
-    return torch.tensor(rewards, dtype=torch.float32), sum(s is None for s in scores)
+    return torch.tensor(rewards, dtype=torch.float64), sum(s is None for s in scores)
 
 
 def check_template(template: str) -> str:
