@@ -10,9 +10,10 @@ odds(y) = P/(1 − P), the per-pair loss is
 with λ = 0.1 (`opd.blackbox.orpo`). The teacher is never asked for a log-probability.
 
 Deviations:
-- Responses are generated on-line at every step (the student's rejected response is on-policy
-  for the current student); ORPO-Distill builds its preference set from sampled traces ahead
-  of training, with its own mix of on- and off-policy rejected traces.
+- One teacher and one student response per prompt, generated on-line at every step (the
+  on-policy variant); ORPO-Distill (arXiv 2509.25100) builds a preference set of K diverse
+  teacher traces and K student traces per prompt and refreshes the student negatives with a
+  mixed policy, which it reports beats both off- and on-policy negatives.
 - L_SFT is each chosen response's token mean, averaged over the pairs (TRL averages the
   chosen tokens of the whole batch).
 - A pair with an empty chosen or rejected response contributes zero loss (its rows still
@@ -27,7 +28,7 @@ from opd.signals import Paired
 
 
 @recipe(
-    citation="Singh et al., ORPO-Distill, 2025; Hong et al., ORPO: Monolithic Preference "
+    citation="Singh et al., ORPO-Distill, 2025 (arXiv 2509.25100); Hong et al., ORPO: Monolithic Preference "
     "Optimization without Reference Model, EMNLP 2024 (arXiv 2403.07691)",
     summary="teacher's response chosen, student's own sample rejected; NLL on the chosen plus "
     "λ·odds-ratio preference loss (student log-probs only)",

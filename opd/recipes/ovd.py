@@ -9,12 +9,12 @@ is none: a bad parse, counted as `ovd_bad_parses`). The rewards go to the GRPO c
 A = (r − mean_g r)/(std_g r + ε) per group, PPO's clipped surrogate per token.
 
 Deviations:
-- The judge is a local teacher model continuing a plain judge prompt; the paper queries an
-  API teacher (an OpenAI-compatible text endpoint is not wired here).
-- The judge template is opd's own wording, not the paper's prompt.
-- A bad parse gets the neutral reward 0.5 (the middle of the scale) rather than being
-  re-queried; one gradient step per rollout (π_old = π_θ, the clip never binds); no KL to a
-  reference.
+- The judge is a local teacher model's greedy continuation of the judge prompt; an
+  OpenAI-compatible text endpoint as the teacher is not wired yet.
+- The judge template is opd's own wording, not the paper's prompt (not checked against it).
+- A bad parse gets the neutral reward 0.5 (the middle of the scale; our choice, the paper's
+  handling was not checked); one gradient step per rollout (π_old = π_θ, the clip never
+  binds); no KL to a reference.
 """
 
 from opd.blackbox import OVD, TextOnly
