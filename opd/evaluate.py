@@ -99,8 +99,11 @@ def heldout_kl(
         accuracy = _score(tokenizer, examples, comps, verify or generic_verify)["accuracy"]
     s_dec, s_head, _ = decoder_and_head(student, verify=False)
     total, count = 0.0, 0
-    full = "full_logits" in as_teacher(teacher).provides
-    for start in range(0, len(examples), batch_size):
+    provides = as_teacher(teacher).provides
+    full = "full_logits" in provides
+    # [black-box] a teacher that only writes text is never asked for log-probs: no KL, no NLL
+    scored = full or "token_logprobs" in provides
+    for start in range(0, len(examples) if scored else 0, batch_size):
         exs = examples[start : start + batch_size]
         ro = make_rollout(
             [e.prompt_ids for e in exs], comps[start : start + batch_size], pad_id, "student"
@@ -118,7 +121,7 @@ def heldout_kl(
     lengths = [len(c) for c in comps]
     return {
         "kl": total / max(count, 1) if full else None,
-        "teacher_nll": None if full else total / max(count, 1),
+        "teacher_nll": total / max(count, 1) if scored and not full else None,
         "tokens": count,
         "mean_length": sum(lengths) / max(len(lengths), 1),
         "accuracy": accuracy,

@@ -165,6 +165,9 @@ def _eval_line(row: dict, when: str) -> str:
     if row.get("heldout_kl") is None and row.get("heldout_teacher_nll") is not None:
         nll = row["heldout_teacher_nll"]
         return f"held-out teacher NLL of the student's greedy tokens {when}: {nll:.4f}"
+    if row.get("heldout_kl") is None:  # [black-box] a text-only teacher: accuracy only
+        acc = row.get("heldout_accuracy")
+        return f"held-out accuracy {when}: {'n/a' if acc is None else f'{acc:.3f}'}"
     return f"held-out KL(q_student ‖ p_teacher) {when}: {row['heldout_kl']:.4f}"
 
 

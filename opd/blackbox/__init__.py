@@ -1,0 +1,25 @@
+"""Black-box distillation: the teacher returns only text or a score, never log-probs.
+
+    TextOnly        a teacher access that asks the teacher for nothing it scores (it may
+                    still write: the prefix source or the judge runs its `generate`)
+    ORPO            the odds-ratio preference loss on (teacher's response, student's response)
+                    pairs (`opd.blackbox.orpo`); the loss needs only the student's log-probs
+    VerbalJudge     the teacher grades each student completion with a 0–9 score through a
+                    judge prompt; the scores are rewards for the GRPO core
+                    (`opd.blackbox.judge`)
+
+See docs/black-box.md.
+"""
+
+from opd.blackbox.judge import DEFAULT_JUDGE_TEMPLATE, OVD, TextOnly, parse_score
+from opd.blackbox.orpo import ORPO, log_odds, orpo_pair_loss
+
+__all__ = [
+    "DEFAULT_JUDGE_TEMPLATE",
+    "OVD",
+    "ORPO",
+    "TextOnly",
+    "log_odds",
+    "orpo_pair_loss",
+    "parse_score",
+]
