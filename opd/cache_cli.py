@@ -12,11 +12,12 @@ method.args.lmbda=0`). See docs/teacher-cache.md.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the teacher: a folder, .gguf file, Hub id or 'embedded'")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="data.* overrides")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="data.* / model.* overrides")
     p.add_argument("--data", required=True, help="rows with completions: a file or task:NAME")
     p.add_argument("--out", required=True, help="the cache folder to create (must not exist)")
     p.add_argument("--k", type=int, default=20, help="top-k log-probs kept per token (20)")
@@ -39,6 +40,8 @@ def run_cache_teacher(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
     if not args.temperature > 0:
         raise ConfigError(f"--temperature: must be > 0, got {args.temperature}")
+    if Path(args.out).exists():
+        raise ConfigError(f"--out {args.out}: already exists; give a new folder")
     bad = [o for o in args.overrides if not o.startswith(("data.", "model."))]
     if bad:
         raise ConfigError(f"opd cache-teacher: only data.* and model.* overrides, got {bad[0]!r}")
@@ -58,6 +61,8 @@ def run_cache_teacher(args) -> int:
     model.eval()
     data = build_data(cfg, tok)
     vocab = shared_vocab_size(model, tok, model, tok)  # as a run with this teacher's vocabulary
+    if args.k > vocab:
+        raise ConfigError(f"--k {args.k}: larger than the teacher's vocabulary ({vocab} tokens)")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     manifest = write_cache(
         model,

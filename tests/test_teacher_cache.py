@@ -158,6 +158,9 @@ def test_cli_cache_teacher_then_distill_on_the_cache(tmp_path):
     again = run_opd(["cache-teacher", t, "--data", data, "--out", out])
     assert_clean_error(again, "already exists")
     assert tree_digest(out) == before
+    big = run_opd(["cache-teacher", t, "--data", data, "--out", tmp_path / "big", "--k", "99999"])
+    assert_clean_error(big, "--k 99999", "vocabulary")
+    assert not (tmp_path / "big").exists()
     train = [f"model.teacher=cache:{out}", f"model.student={s}", f"data.train={data}",
              "data.eval_count=0", "recipe=topk_rkl", "method.args.k=4", "method.args.lmbda=0",
              "train.steps=2", "train.batch_size=2", "sampling.max_new_tokens=4",
