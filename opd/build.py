@@ -111,6 +111,10 @@ def build_models(cfg: RunConfig) -> Models:
     device = resolve_device(cfg.model.device)
     if is_served(cfg.model.teacher):
         return _served_models(cfg, dtype, device)
+    if cfg.model.teacher.strip().startswith("cache:"):  # an offline teacher cache
+        from opd.teachers.cache import NO_STUDENT, cached_models
+
+        return cached_models(cfg, _given_student(cfg, dtype, device, NO_STUDENT))
     if cfg.model.teacher.strip() == SELF:
         return _self_models(cfg, dtype, device)
     specs = [x.strip() for x in cfg.model.teacher.split(",") if x.strip()]

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from opd.cache_cli import add_cache_arguments, run_cache_teacher
 from opd.errors import OpdError
 from opd.serve.args import add_serve_arguments
 from opd.serve.server import serve_teacher
@@ -64,7 +65,7 @@ def _positive_int(text: str) -> int:
 
 
 # Commands whose positional arguments are key=value overrides, accepted between flags too.
-_OVERRIDE_COMMANDS = ("distill", "eval", "demo")
+_OVERRIDE_COMMANDS = ("distill", "eval", "demo", "cache-teacher")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--config", help="a YAML config file (not with RUN_DIR)")
     add_serve_arguments(sub.add_parser("serve-teacher", help="serve a teacher over HTTP"))
+    add_cache_arguments(sub.add_parser("cache-teacher", help="precompute a teacher cache"))
     p.set_defaults(_commands=sub.choices)
     return p
 
@@ -359,6 +361,8 @@ def _dispatch(args) -> int:
         return cmd_eval(args)
     if args.command == "serve-teacher":
         return serve_teacher(args)
+    if args.command == "cache-teacher":
+        return run_cache_teacher(args)
     if args.command == "bench":
         from opd.bench import main_quality, main_speed
 

@@ -10,7 +10,9 @@ KL(q̂_student ‖ p̂_teacher) (`opd.signals.TopKDivergence`):
 
 By the chain rule of KL, D_t ≤ KL(q_student ‖ p_teacher) over the full vocabulary, with
 equality for k = V. It is the full-vocabulary on-policy reverse KL (`on_policy_rkl`) made
-servable: k + 1 numbers per token instead of V.
+servable: k + 1 numbers per token instead of V. `lmbda` < 1 (GKD's mixture, `opd.sampling.mix`):
+with probability 1 − λ a batch uses the rows' reference completions instead; λ = 0 is the
+off-policy form an offline teacher cache serves (`opd cache-teacher`, docs/teacher-cache.md).
 
 Deviation: published top-k distillation (e.g. the "revisiting OPD" recipe) renormalises both
 models on the top-k support and drops the tail; this recipe keeps the tail bucket, the form
@@ -19,7 +21,7 @@ that stays a proper divergence between two distributions and that a served teach
 
 from opd.method import Method
 from opd.recipes.registry import recipe
-from opd.sampling import student
+from opd.sampling import mix, student
 from opd.signals import TopKDivergence
 from opd.teachers import TopK
 
@@ -31,10 +33,12 @@ from opd.teachers import TopK
     access="top-k",
     granularity="token",
 )
-def topk_rkl(k: int = 20, divergence: str = "reverse_kl", temperature: float = 1.0):
+def topk_rkl(
+    k: int = 20, divergence: str = "reverse_kl", temperature: float = 1.0, lmbda: float = 1.0
+):
     """On-policy divergence on the teacher's top-k + tail buckets (works with served teachers)."""
     return Method(
-        prefixes=student(),
+        prefixes=student() if lmbda == 1.0 else mix(student=lmbda, other="dataset"),
         teacher=TopK(k=k, temperature=temperature),
         signal=TopKDivergence(divergence, k=None, temperature=temperature),
     )
