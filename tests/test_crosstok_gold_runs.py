@@ -207,36 +207,14 @@ def test_cross_tokenizer_run_lowers_teacher_nll_per_byte(tmp_path):
     """SentencePiece-style student, byte-level teacher taught a few sentences after its own
     chat prompt: 30 steps of xtok_gold lower the teacher's NLL per byte of the student's
     greedy outputs (the xtok branch's check for xtok_sampled_rkl, here for the GOLD loss)."""
-    import json
-
-    pytest.importorskip("opd.crosstok.evaluate")
-    helpers = pytest.importorskip("tests.test_crosstok_train")
     from opd.crosstok.evaluate import teacher_nll_per_byte
-    from opd.crosstok.models import cross_tokenizer_models
     from opd.data.sets import build_data
-    from opd.recipes import get_recipe
-    from opd.tiny import tiny_llama
     from opd.train import distill
-    from tests.helpers import tiny_cfg, write_prompts
     from tests.test_crosstok_tokenizers import byte_level_tok, sentencepiece_tok
+    from tests.test_crosstok_train import xtok_setup
 
     s_tok, t_tok = sentencepiece_tok(420), byte_level_tok(300)
-    pf = write_prompts(tmp_path / "p.jsonl", n=16)
-    teacher = helpers.trained_teacher(t_tok, [json.loads(x)["prompt"] for x in open(pf)])
-    student = tiny_llama(len(s_tok), hidden=48, layers=2, seed=4)
-    cfg = tiny_cfg(
-        tmp_path,
-        pf,
-        "method.recipe=xtok_gold",
-        "train.steps=30",
-        "data.chat_template=auto",
-        "sampling.max_new_tokens=12",
-        "train.batch_size=8",
-        "model.student=student",
-        "model.teacher=teacher",
-    )
-    method = get_recipe("xtok_gold").build()
-    models = cross_tokenizer_models(cfg, method, teacher, student, s_tok, t_tok)
+    cfg, method, models = xtok_setup(tmp_path, "xtok_gold", s_tok, t_tok)
     data = build_data(cfg, s_tok)
     before = teacher_nll_per_byte(models, data.eval, max_new_tokens=12)
     res = distill(cfg, models=models, data=data, method=method, evaluate=False, log=lambda *_: None)

@@ -114,23 +114,7 @@ def test_cross_tokenizer_run_lowers_teacher_nll_per_byte(tmp_path, pair):
     xtok_sampled_rkl lower the teacher's NLL per byte of the student's greedy outputs."""
     bl, sp = byte_level_tok(300), sentencepiece_tok(420)
     s_tok, t_tok = (sp, bl) if pair.startswith("sentencepiece") else (bl, sp)
-    pf = write_prompts(tmp_path / "p.jsonl", n=16)
-    prompts = [json.loads(line)["prompt"] for line in open(pf)]
-    teacher = trained_teacher(t_tok, prompts)
-    student = tiny_llama(len(s_tok), hidden=48, layers=2, seed=4)
-    cfg = tiny_cfg(
-        tmp_path,
-        pf,
-        "method.recipe=xtok_sampled_rkl",
-        "train.steps=30",
-        "data.chat_template=auto",
-        "sampling.max_new_tokens=12",
-        "train.batch_size=8",
-        "model.student=student",
-        "model.teacher=teacher",
-    )
-    method = get_recipe("xtok_sampled_rkl").build()
-    models = cross_tokenizer_models(cfg, method, teacher, student, s_tok, t_tok)
+    cfg, method, models = xtok_setup(tmp_path, "xtok_sampled_rkl", s_tok, t_tok)
     assert models.tokenizer is s_tok and models.teacher_tokenizer is t_tok
     assert models.vocab_size == len(s_tok)
     data = build_data(cfg, s_tok)
@@ -145,6 +129,27 @@ def test_cross_tokenizer_run_lowers_teacher_nll_per_byte(tmp_path, pair):
     nll = [r["heldout_teacher_nll_per_byte"] for r in rows if r.get("event") == "eval"]
     assert len(nll) == 2 and nll[1] < nll[0]  # the run's own held-out rows agree
     assert nll[1] == pytest.approx(after["nll_per_byte"])
+
+
+def xtok_setup(tmp_path, recipe, s_tok, t_tok):
+    """(cfg, method, models) for 30 steps of `recipe`: a random student of `s_tok`, a teacher
+    of `t_tok` trained on the prompts (shared with test_crosstok_gold_runs.py)."""
+    pf = write_prompts(tmp_path / "p.jsonl", n=16)
+    teacher = trained_teacher(t_tok, [json.loads(line)["prompt"] for line in open(pf)])
+    student = tiny_llama(len(s_tok), hidden=48, layers=2, seed=4)
+    cfg = tiny_cfg(
+        tmp_path,
+        pf,
+        f"method.recipe={recipe}",
+        "train.steps=30",
+        "data.chat_template=auto",
+        "sampling.max_new_tokens=12",
+        "train.batch_size=8",
+        "model.student=student",
+        "model.teacher=teacher",
+    )
+    method = get_recipe(recipe).build()
+    return cfg, method, cross_tokenizer_models(cfg, method, teacher, student, s_tok, t_tok)
 
 
 def _save(folder, model, tok):
