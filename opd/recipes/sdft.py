@@ -3,8 +3,8 @@
 
 On-policy learning from demonstrations without a reward: the student q_θ(·|x) writes y for
 the prompt x; the teacher is the same model shown the row's `demonstration` y* in context,
-p_T(·|x, y*), as an EMA of the student (decay `ema_decay`, paper: 0.99 per step) or the
-frozen initial student. Per student token, on the teacher's top-k S_t plus one tail bucket
+p_T(·|x, y*), as an EMA of the student (decay `ema_decay`, default 0.99 as in a public
+reproduction; not verified against the paper) or the frozen initial student. Per student token, on the teacher's top-k S_t plus one tail bucket
 (`opd.signals.topk`):
 
     D_t = β·KL(p̂_T ‖ m̂) + (1 − β)·KL(q̂_θ ‖ m̂),   m̂ = β·p̂_T + (1 − β)·q̂_θ   (β = 0.5: JSD)
@@ -20,7 +20,8 @@ demonstration leaves the teacher's prompt unchanged (the teacher is then the stu
 view). A row without `demonstration` is a data error before training.
 
 Deviations:
-- The paper minimises a per-token KL over the full vocabulary; here (as issue 11 asks) the
+- The paper minimises a per-token KL over the full vocabulary (its direction is not verified
+  here; reproductions differ); here (as issue 11 asks) the
   generalized JSD_β on the teacher's top-k + tail buckets (k = `k`; with k = V it is the
   full-vocabulary JSD). β = 1 gives KL(q̂_student ‖ p̂_teacher), β = 0 KL(p̂_teacher ‖ q̂_student).
 - The paper's prompt wording is task-specific; here it is the `template` argument.

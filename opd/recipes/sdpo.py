@@ -21,13 +21,14 @@ Deviations:
 - One gradient step per rollout, so π_old = π_θ: the importance ratio ρ_t is 1 and its clip
   never binds, for the GRPO term and for the distillation term alike (the paper reuses a
   rollout for several updates and clips the ratio).
-- The paper's "advantage" blend A = λ·A_GRPO + (1 − λ)·A_SDPO is replaced by a plain sum
-  of the GRPO loss and λ times the full-vocabulary reverse KL to the self-teacher (the issue's
-  formulation); top-k distillation is not offered here.
+- The loss is a plain sum of the GRPO loss and λ times the full-vocabulary reverse KL to the
+  self-teacher (issue 11's formulation). A secondary summary reports the paper blending
+  advantages, A = λ·A_GRPO + (1 − λ)·A_SDPO, and distilling on the top-k (not verified
+  against the paper); neither is offered here.
 - With `sibling=True`, rows without a successful sibling are not dropped from the
   distillation term: their teacher sees the feedback alone, or the student's prompt (the EMA
-  teacher then only damps the update). The paper excludes the sample's own completion, as
-  here, and masks such rows.
+  teacher then only damps the update). A row's own completion is never its sibling. How
+  the paper treats such rows was not verified.
 """
 
 from opd.method import Method
