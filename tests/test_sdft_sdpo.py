@@ -16,7 +16,6 @@ from opd.data.rows import parse_row
 from opd.recipes import get_recipe
 from opd.rl.parts import Grouped
 from opd.sampling.sources import make_rollout
-from opd.selfdistill import PrivilegedPrompts
 from opd.selfdistill.context import teacher_prompt_ids
 from opd.selfdistill.siblings import SIBLING_HEADER, SiblingPrompts, sibling_index
 from opd.step import micro_step
@@ -56,7 +55,9 @@ class Fixed:
 
 def f64_models(tok, seed=5):
     student = tiny_llama(len(tok), hidden=24, layers=2, seed=seed).double()
-    return type("M", (), {"student": student, "teacher": None, "pad_id": 0, "vocab_size": len(tok)})()
+    return type(
+        "M", (), {"student": student, "teacher": None, "pad_id": 0, "vocab_size": len(tok)}
+    )()
 
 
 def with_source(method, source):
@@ -238,3 +239,29 @@ def test_cli_row_missing_the_field_is_one_clear_error(tmp_path, recipe, missing,
     res = run_opd(["distill", *small_cli_args(tmp_path, dirs, data, f"recipe={recipe}")])
     assert_clean_error(res, "d.jsonl:1", f"'{missing}'", f"recipe '{recipe}'")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sdpo_resume_with_its_ema_teacher_matches_the_uninterrupted_run(tmp_path, tok):
+    from opd.train import distill
+    from tests.helpers import fresh_models, tiny_cfg
+
+    quiet = dict(evaluate=False, log=lambda *_: None)
+    data = write_rows(tmp_path / "p.jsonl", n=12)
+    args = (
+        "recipe=sdpo",
+        "method.args.group_size=2",
+        "method.args.ema_decay=0.5",
+        "method.args.sibling=true",
+        "train.steps=4",
+    )
+    full = distill(tiny_cfg(tmp_path, data, *args, name="full"), models=fresh_models(tok), **quiet)
+    distill(
+        tiny_cfg(tmp_path, data, *args, name="cut"), models=fresh_models(tok), stop_after=2, **quiet
+    )
+    cfg = tiny_cfg(tmp_path, data, *args, name="cut")
+    resumed = distill(cfg, models=fresh_models(tok), resume=True, **quiet)
+    assert resumed.losses == full.losses and len(set(full.losses)) > 1
+    assert resumed.method.teacher.teacher.updates == full.method.teacher.teacher.updates == 4
+    ema_full = dict(full.method.teacher.teacher.model.named_parameters())
+    for n, p in resumed.method.teacher.teacher.model.named_parameters():
+        assert torch.equal(p, ema_full[n]), n
