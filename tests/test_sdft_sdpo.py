@@ -211,7 +211,12 @@ def test_sibling_needs_a_group():
     "args",
     [
         ("recipe=sdft", "method.args.k=4"),
-        ("recipe=sdpo", "method.args.group_size=2", "method.args.coef=0.5"),
+        (
+            "recipe=sdpo",
+            "method.args.group_size=2",
+            "method.args.coef=0.5",
+            "method.args.kl_coef=0.1",
+        ),
         ("recipe=sdpo", "method.args.group_size=2", "method.args.sibling=true"),
     ],
 )
