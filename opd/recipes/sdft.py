@@ -24,7 +24,10 @@ Deviations:
   here; reproductions differ); here (as issue 11 asks) the
   generalized JSD_β on the teacher's top-k + tail buckets (k = `k`; with k = V it is the
   full-vocabulary JSD). β = 1 gives KL(q̂_student ‖ p̂_teacher), β = 0 KL(p̂_teacher ‖ q̂_student).
-- The paper's prompt wording is task-specific; here it is the `template` argument.
+- Teacher prompt: the reference code's chat template puts the question, then the
+  demonstration introduced as an example response, then an instruction to answer in one's
+  own words; the default here ends with the prompt repeated instead of that instruction, so
+  that completion-style prompts (e.g. "2+5=") are continued. Set `template` to change it.
 - `live` (the current weights) is also accepted as a view, for ablations; the paper's
   teachers are `ema` (default) and `frozen`.
 """
