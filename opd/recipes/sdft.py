@@ -24,7 +24,7 @@ Deviations:
   here; reproductions differ); here (as issue 11 asks) the
   generalized JSD_β on the teacher's top-k + tail buckets (k = `k`; with k = V it is the
   full-vocabulary JSD). β = 1 gives KL(q̂_student ‖ p̂_teacher), β = 0 KL(p̂_teacher ‖ q̂_student).
-- Teacher prompt: the reference code's chat template puts the question, then the
+- Teacher prompt: the tinker cookbook's SDFT template (a public port) puts the question, then the
   demonstration introduced as an example response, then an instruction to answer in one's
   own words; the default here ends with the prompt repeated instead of that instruction, so
   that completion-style prompts (e.g. "2+5=") are continued. Set `template` to change it.
