@@ -28,8 +28,9 @@ Deviations:
   demonstration introduced as an example response, then an instruction to answer in one's
   own words; the default here ends with the prompt repeated instead of that instruction, so
   that completion-style prompts (e.g. "2+5=") are continued. Set `template` to change it.
-- `live` (the current weights) is also accepted as a view, for ablations; the paper's
-  teachers are `ema` (default) and `frozen`.
+- The paper's teacher is an EMA of the student (as a public port documents it), the default
+  here; `frozen` (the initial student) and `live` (the current weights) are offered for
+  ablations.
 """
 
 from opd.method import Method
