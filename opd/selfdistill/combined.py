@@ -20,7 +20,7 @@ from opd.signals.schedules import requirements
 
 @dataclass(frozen=True)
 class PlusDistillation:
-    """`rl` + `coef` · `distill`, per token (see module doc)."""
+    """An RL signal plus `coef` times a distillation signal, per token (SDPO: GRPO + λ·RKL)."""
 
     rl: object
     distill: object

@@ -50,7 +50,7 @@ def completion_texts(rollout, tokenizer) -> list[str]:
 
 @dataclass(frozen=True)
 class SiblingPrompts:
-    """A prefix source wrapper: the teacher prompt shows a successful sibling (module doc)."""
+    """A prefix source wrapper: the self-teacher also sees a sibling with reward >= 1 (SDPO)."""
 
     inner: object
     group_size: int = 4
