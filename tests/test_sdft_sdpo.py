@@ -86,7 +86,10 @@ def write_rows(path, n=8, fields=("demonstration", "feedback")):
     """`write_prompts` rows with a `demonstration` (the answer) and a `feedback` hint."""
     write_prompts(path, n)
     rows = [json.loads(x) for x in Path(path).read_text().splitlines()]
-    extra = lambda r: {"demonstration": f"={r['answer']}", "feedback": "check the sum"}  # noqa: E731
+
+    def extra(r):
+        return {"demonstration": f"={r['answer']}", "feedback": "check the sum"}
+
     Path(path).write_text(
         "".join(json.dumps({**r, **{k: extra(r)[k] for k in fields}}) + "\n" for r in rows)
     )

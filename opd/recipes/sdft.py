@@ -4,12 +4,13 @@
 On-policy learning from demonstrations without a reward: the student q_θ(·|x) writes y for
 the prompt x; the teacher is the same model shown the row's `demonstration` y* in context,
 p_T(·|x, y*), as an EMA of the student (decay `ema_decay`, default 0.99 as in a public
-reproduction; not verified against the paper) or the frozen initial student. Per student token, on the teacher's top-k S_t plus one tail bucket
-(`opd.signals.topk`):
+reproduction; not verified against the paper) or the frozen initial student. Per student
+token, on the teacher's top-k S_t plus one tail bucket (`opd.signals.topk`):
 
     D_t = β·KL(p̂_T ‖ m̂) + (1 − β)·KL(q̂_θ ‖ m̂),   m̂ = β·p̂_T + (1 − β)·q̂_θ   (β = 0.5: JSD)
 
-    p̂_t = (p_T(v) for v ∈ S_t, 1 − Σ_{v∈S_t} p_T(v)),  q̂_t = (q_θ(v) for v ∈ S_t, Σ_{v∉S_t} q_θ(v))
+    p̂_t = (p_T(v) for v ∈ S_t, 1 − Σ_{v∈S_t} p_T(v))
+    q̂_t = (q_θ(v) for v ∈ S_t, Σ_{v∉S_t} q_θ(v))
 
 with gradients through the student only, averaged over the step's student tokens.
 
