@@ -273,3 +273,47 @@ def test_sdpo_resume_with_its_ema_teacher_matches_the_uninterrupted_run(tmp_path
     ema_full = dict(full.method.teacher.teacher.model.named_parameters())
     for n, p in resumed.method.teacher.teacher.model.named_parameters():
         assert torch.equal(p, ema_full[n]), n
+
+
+@pytest.mark.slow
+def test_sdpo_on_the_embedded_pair_resumes_exactly(tmp_path):
+    """A few steps of `sdpo` (EMA self-teacher shown feedback and a successful sibling) on the
+    embedded SmolLM2 student from the CLI; stopped after step 1 and resumed, it logs the
+    uninterrupted run's losses."""
+    from opd.tasks.shipped import load_shipped
+
+    data = tmp_path / "arith.jsonl"
+    with open(data, "w") as fh:
+        for row in load_shipped("arithmetic", "train")[:8]:
+            fh.write(json.dumps({**row, "feedback": "Check the arithmetic."}) + "\n")
+    common = [
+        "recipe=sdpo",
+        "method.args.group_size=2",
+        "method.args.sibling=true",
+        "method.args.coef=0.5",
+        "model.teacher=self",
+        "model.student=embedded",
+        f"data.train={data}",
+        f"data.eval={data}",
+        "data.eval_count=2",
+        "train.steps=2",
+        "train.batch_size=2",
+        "sampling.max_new_tokens=6",
+        "train.progress=false",
+        "--no-report",
+    ]
+
+    def rows(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines if '"loss"' in x]
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    res = run_opd(["distill", *common, f"output_dir={full}"])
+    assert res.code == 0, res.err
+    res = run_opd(["distill", *common, f"output_dir={cut}", "--stop-after", "1"])
+    assert res.code == 0, res.err
+    assert (cut / "checkpoints" / "step_000001" / "components.safetensors").is_file()
+    res = run_opd(["distill", "--resume", str(cut), "--no-report"])
+    assert res.code == 0, res.err
+    assert [r["loss"] for r in rows(cut)] == [r["loss"] for r in rows(full)]
+    assert len(rows(full)) == 2 and all("reward_mean" in r for r in rows(full))
