@@ -151,6 +151,8 @@ def test_every_recipe_runs_from_the_command_line(tmp_path, model_dirs, capsys, r
     extra = [f"recipe={recipe}", "train.steps=1"]
     if recipe == "multi_teacher":
         extra.append(f"model.teacher={t},{s}")
+    if recipe in ("sdft", "sdpo"):  # their fields (demonstration, feedback) are not in `data`
+        extra.append("method.args.field=solution")
     extra.append("--no-report")
     code, out, err = run_cli(["distill", *small_args(tmp_path, model_dirs, data), *extra], capsys)
     assert code == 0, err
