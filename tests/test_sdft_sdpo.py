@@ -11,11 +11,8 @@ import pytest
 import torch
 
 from opd.context import StepContext
-from opd.data.encode import encode_rows
-from opd.data.rows import parse_row
 from opd.recipes import get_recipe
 from opd.rl.parts import Grouped
-from opd.sampling.sources import make_rollout
 from opd.selfdistill.context import teacher_prompt_ids
 from opd.selfdistill.siblings import SIBLING_HEADER, SiblingPrompts, sibling_index
 from opd.step import micro_step
@@ -27,30 +24,10 @@ from tests.helpers import (
     small_cli_args,
     write_prompts,
 )
+from tests.test_selfdistill import Fixed, examples  # shared test doubles
 
 F64 = torch.float64
 REWARD = "tests.test_grpo:digit_reward"  # 1.0 for a completion starting with '1'
-
-
-def examples(tok, records):
-    rows = [parse_row(r, f"mem:{i + 1}") for i, r in enumerate(records)]
-    return encode_rows(rows, tok, use_chat_template=False).examples
-
-
-class Fixed:
-    """A prefix source returning the given completions, one per row it is asked for."""
-
-    needs_completions = needs_teacher_model = False
-
-    def __init__(self, completions):
-        self.completions = completions
-
-    def rollout(self, exs, ctx):
-        prompts = [e.prompt_ids for e in exs]
-        return make_rollout(prompts, self.completions, ctx.pad_id, "student")
-
-    def describe(self):
-        return "fixed"
 
 
 def f64_models(tok, seed=5):
