@@ -250,6 +250,21 @@ def test_topk_matches_reference(chunk_size):
     assert got_lp.shape == (N, 4) and got_ids.dtype == torch.long
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_with_targets_equals_its_twin_chunked_token_logprobs(dtype):
+    """The fused pass (top-k + the targets' log-probs) against the separate functions."""
+    student, _ = _inputs(dtype, seed=4)
+    hidden, head = student.values()
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(3))
+    lp, ids, target_lp = chunked_topk(hidden, head, 5, 1.5, 16, target_ids=targets)
+    want_lp, want_ids = chunked_topk(hidden, head, 5, 1.5, 16)
+    assert torch.equal(ids, want_ids) and torch.equal(lp, want_lp)
+    twin = chunked_token_logprobs(hidden, head, targets, 1.5, 16)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(target_lp, twin.detach(), atol=tol, rtol=0)
+    assert target_lp.shape == (N,) and target_lp.dtype == twin.dtype
+
+
 def test_topk_errors_and_empty():
     student, _ = _inputs(torch.float32)
     hidden, head = student.values()

@@ -315,10 +315,14 @@ def chunked_topk(
     chunk_size: int = 512,
     *,
     bias: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    target_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """The k most likely tokens per row and their log-probabilities, without (N, V) logits.
 
     For teacher top-k access (no gradient). Equal to `log_softmax(hidden @ head.T / τ).topk(k)`.
+    With `target_ids` (N,), the same pass over the vocabulary also returns each row's
+    log-probability of its target (what `chunked_token_logprobs` computes, its reference twin
+    in the tests), so a teacher's top-k and sampled-token scores cost one projection.
 
     Args:
         hidden: (N, D) final hidden states.
@@ -330,7 +334,7 @@ def chunked_topk(
 
     Returns:
         topk_logprobs (N, k), float32 (float64 for float64 inputs), descending per row, and
-        topk_ids (N, k) int64.
+        topk_ids (N, k) int64; with `target_ids`, also target_logprobs (N,).
     """
     _check_chunk_size(chunk_size)
     _check_model("", hidden, head, bias)
@@ -343,12 +347,21 @@ def chunked_topk(
     out_dtype = _value_dtype(hidden.dtype)
     topk_logprobs_NK = torch.empty(n_rows, k, dtype=out_dtype, device=hidden.device)
     topk_ids_NK = torch.empty(n_rows, k, dtype=torch.long, device=hidden.device)
+    target_N = (
+        None if target_ids is None else torch.empty(n_rows, dtype=out_dtype, device=hidden.device)
+    )
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         scaled_CV = upcast(_project(hidden[start:end], head, bias)) / temperature
+        lse_C1 = torch.logsumexp(scaled_CV, -1, keepdim=True)
         # The top-k of the log-probabilities is the top-k of the logits shifted by logsumexp.
         values_CK, ids_CK = scaled_CV.topk(k, dim=-1)
-        topk_logprobs_NK[start:end] = values_CK - torch.logsumexp(scaled_CV, -1, keepdim=True)
+        topk_logprobs_NK[start:end] = values_CK - lse_C1
         topk_ids_NK[start:end] = ids_CK
+        if target_N is not None:
+            picked_C1 = scaled_CV.gather(-1, target_ids[start:end, None].to(hidden.device))
+            target_N[start:end] = (picked_C1 - lse_C1)[:, 0]
         del scaled_CV
-    return topk_logprobs_NK, topk_ids_NK
+    if target_N is None:
+        return topk_logprobs_NK, topk_ids_NK
+    return topk_logprobs_NK, topk_ids_NK, target_N

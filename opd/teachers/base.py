@@ -67,24 +67,28 @@ class LocalTeacher:
     def logprobs(
         self, rollout: Rollout, k: int, temperature: float, vocab_size: int
     ) -> TeacherScores:
-        from opd.losses import chunked_token_logprobs
-        from opd.teachers.topk import completion_targets, teacher_topk_buckets
+        from opd.losses import chunked_token_logprobs, chunked_topk
+        from opd.teachers.topk import TAIL_ID, completion_targets, with_tail
 
         self._need("topk_logprobs" if k else "token_logprobs")
         full = self.rows(rollout, vocab_size)
         if k > full.head_VD.shape[0]:
             raise ValueError(f"TopK: k = {k} exceeds the vocabulary V = {full.head_VD.shape[0]}")
         targets_N = completion_targets(rollout, full.head_VD.device)
-        token_logprobs_N = chunked_token_logprobs(
-            full.hidden_ND, full.head_VD, targets_N, temperature, self.chunk_size
-        )
         if not k:
+            token_logprobs_N = chunked_token_logprobs(
+                full.hidden_ND, full.head_VD, targets_N, temperature, self.chunk_size
+            )
             return TeacherScores(token_logprobs_N=token_logprobs_N)
-        ids_NK, logprobs_NK = teacher_topk_buckets(
-            full.hidden_ND, full.head_VD, k, temperature, self.chunk_size
+        # one pass over the vocabulary for the top-k and the written tokens' log-probs
+        logprobs_NK, ids_NK, token_logprobs_N = chunked_topk(
+            full.hidden_ND, full.head_VD, k, temperature, self.chunk_size, target_ids=targets_N
         )
+        tail_ids_N1 = torch.full_like(ids_NK[:, :1], TAIL_ID)
         return TeacherScores(
-            topk_ids_NK=ids_NK, topk_logprobs_NK=logprobs_NK, token_logprobs_N=token_logprobs_N
+            topk_ids_NK=torch.cat([ids_NK, tail_ids_N1], dim=-1),
+            topk_logprobs_NK=with_tail(logprobs_NK),
+            token_logprobs_N=token_logprobs_N,
         )
 
     def _need(self, output: str) -> None:
