@@ -157,8 +157,8 @@ def shared_vocab_size(student, student_tok, teacher, teacher_tok) -> int:
         )
         raise ModelError(
             f"student and teacher tokenizers map tokens to ids differently ({sizes}; "
-            f"{len(differ)} tokens differ, e.g. {examples}); cross-tokenizer distillation "
-            f"is not supported yet"
+            f"{len(differ)} tokens differ, e.g. {examples}); they need a cross-tokenizer "
+            f"recipe (xtok_sampled_rkl, xtok_gold; docs/cross-tokenizer.md)"
         )
     shared = min(v_s, v_t)
     if shared < len(student_tok):

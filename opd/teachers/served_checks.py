@@ -19,26 +19,13 @@ SGLang documents no cap, so nothing is checked there.
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from opd.errors import ConfigError
 from opd.teachers import wire
+from opd.teachers.fingerprint import tokenizer_fingerprint  # the server runs the same
 from opd.teachers.http import TeacherRejected
 
 PROBE = "Probe: ASCII 0123456789 naïve café Ünïcödé 東京 中文字 \t tab  two  spaces\nnew line ~`^|"
 """The text both tokenizers must split into the same ids."""
-
-try:  # the server's side writes it; the same function runs on both ends
-    from opd.teachers.fingerprint import tokenizer_fingerprint
-except ImportError:  # pragma: no cover - stand-in until opd.teachers.fingerprint lands
-
-    def tokenizer_fingerprint(tokenizer) -> str:
-        """sha256 of the vocabulary (token -> id) and the special tokens."""
-        vocab = sorted(tokenizer.get_vocab().items())
-        special = sorted(map(str, tokenizer.all_special_tokens))
-        blob = json.dumps([vocab, special], ensure_ascii=False).encode()
-        return hashlib.sha256(blob).hexdigest()
 
 
 def _tokenizer_name(tokenizer) -> str:
