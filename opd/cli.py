@@ -15,10 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from opd.cache_cli import add_cache_arguments, run_cache_teacher
+from opd.cli_commands import OVERRIDE_COMMANDS, add_commands, run_command
 from opd.errors import OpdError
-from opd.serve.args import add_serve_arguments
-from opd.serve.server import serve_teacher
 
 DEMO_DEFAULTS = [
     "model.teacher=embedded",
@@ -65,7 +63,7 @@ def _positive_int(text: str) -> int:
 
 
 # Commands whose positional arguments are key=value overrides, accepted between flags too.
-_OVERRIDE_COMMANDS = ("distill", "eval", "demo", "cache-teacher")
+_OVERRIDE_COMMANDS = ("distill", "eval", "demo", *OVERRIDE_COMMANDS)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,8 +127,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a run folder and/or overrides, e.g. model.student=DIR data.eval=FILE",
     )
     e.add_argument("--config", help="a YAML config file (not with RUN_DIR)")
-    add_serve_arguments(sub.add_parser("serve-teacher", help="serve a teacher over HTTP"))
-    add_cache_arguments(sub.add_parser("cache-teacher", help="precompute a teacher cache"))
+    add_commands(sub)  # opd.cli_commands: serve-teacher, cache-teacher, ...
     p.set_defaults(_commands=sub.choices)
     return p
 
@@ -359,10 +356,9 @@ def _dispatch(args) -> int:
         return cmd_recipes(args.name)
     if args.command == "eval":
         return cmd_eval(args)
-    if args.command == "serve-teacher":
-        return serve_teacher(args)
-    if args.command == "cache-teacher":
-        return run_cache_teacher(args)
+    code = run_command(args)
+    if code is not None:
+        return code
     if args.command == "bench":
         from opd.bench import main_quality, main_speed
 
