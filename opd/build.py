@@ -155,6 +155,10 @@ def served_teacher(cfg: RunConfig):
     from opd.teachers.served import ServedTeacher
 
     m = cfg.model
+    if m.teacher_api == "openai-chat":  # [black-box] a text-only chat endpoint
+        from opd.teachers.chat import chat_teacher
+
+        return chat_teacher(m)
     if "," in m.teacher:
         raise ConfigError(
             f"model.teacher={m.teacher!r}: a served teacher cannot be part of an ensemble "

@@ -25,8 +25,9 @@ class ModelConfig:
     )
     teacher_api: str = _f(
         "auto",
-        "served teacher's API: auto (detected), vllm, sglang or opd",
-        choices=("auto", "vllm", "sglang", "opd"),
+        "served teacher's API: auto (detected), vllm, sglang or opd (log-probs); openai-chat: "
+        "a black-box text teacher behind an OpenAI-compatible /v1/chat/completions",
+        choices=("auto", "vllm", "sglang", "opd", "openai-chat"),
     )
     teacher_model: str = _f(
         "", "served teacher: the model name to ask for (empty = the server's first model)"

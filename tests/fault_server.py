@@ -4,7 +4,7 @@
         [--fail-first N] [--malformed-first N] [--delay-first N --delay S] [--exit-at N]
 
 It builds opd's own app (`opd.serve.create_app`) and adds one middleware on
-POST /v1/completions, counting those requests from 1:
+POST /v1/completions and /v1/chat/completions, counting those requests from 1:
 
 - requests 1..N of --fail-first get HTTP 500 (a vLLM-style error body);
 - the next --malformed-first requests get HTTP 200 with a body that is not valid JSON;
@@ -32,6 +32,7 @@ from opd.serve.args import add_serve_arguments
 from opd.serve.protocol import error_body
 from opd.serve.server import bind_socket
 
+FAULT_PATHS = ("/v1/completions", "/v1/chat/completions")
 MALFORMED = b'{"id": "cmpl-broken", "object": "text_completion", "choices": [{"index": 0, '
 
 
@@ -51,7 +52,7 @@ def add_faults(app, args) -> dict:
 
     @app.middleware("http")
     async def faults(request, call_next):
-        if request.method != "POST" or request.url.path != "/v1/completions":
+        if request.method != "POST" or request.url.path not in FAULT_PATHS:
             return await call_next(request)
         counts["completions"] += 1
         n = counts["completions"]

@@ -109,21 +109,25 @@ def _encode(text: str, tokenizer) -> list[int]:
 def judge_texts(rollout, ctx, template: str, max_new_tokens: int) -> list[str]:
     """The teacher's greedy judge outputs for each row of `rollout` (module doc)."""
     from opd.sampling import GenerationParams
+    from opd.teachers.chat import text_teacher
 
-    if ctx.teacher is None:
+    chat = text_teacher(ctx) if ctx.teacher is None else None  # [black-box] a chat endpoint
+    if ctx.teacher is None and chat is None:
         raise ConfigError(
             "ovd: the judge needs a teacher that writes text (a local model: model.teacher="
-            "PATH); a served teacher gives only log-probs"
+            "PATH, or a chat endpoint: model.teacher_api=openai-chat); a log-prob server does not"
         )
     tok = ctx.tokenizer
     mask_BT = rollout.completion_mask_BT.bool()
-    prompts = []
+    texts = []
     for b in range(rollout.completion_ids_BT.shape[0]):
         answer = tok.decode(
             rollout.completion_ids_BT[b][mask_BT[b]].tolist(), skip_special_tokens=True
         )
-        text = template.format(question=_question(rollout, b, tok), answer=answer)
-        prompts.append(_encode(text, tok))
+        texts.append(template.format(question=_question(rollout, b, tok), answer=answer))
+    if chat is not None:  # one user turn each; the endpoint applies its own chat template
+        return chat.judge(texts, max_new_tokens)
+    prompts = [_encode(text, tok) for text in texts]
     params = GenerationParams(max_new_tokens=max_new_tokens, temperature=0.0)
     outs = ctx.backend.generate(
         ctx.teacher, prompts, params, pad_id=ctx.pad_id, stop_ids=ctx.stop_ids

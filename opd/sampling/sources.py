@@ -118,8 +118,14 @@ class TeacherPrefixes:
 
     def rollout(self, examples, ctx: StepContext) -> Rollout:
         if ctx.teacher is None:
-            raise ConfigError("the 'teacher' prefix source needs a local teacher model")
-        comps = ctx.generate(ctx.teacher, prompts_of(examples))
+            from opd.teachers.chat import text_teacher  # [black-box] a chat endpoint writes
+
+            writer = text_teacher(ctx)
+            if writer is None:
+                raise ConfigError("the 'teacher' prefix source needs a teacher that writes text")
+            comps = writer.write(examples, ctx)
+        else:
+            comps = ctx.generate(ctx.teacher, prompts_of(examples))
         return make_rollout(
             prompts_of(examples), comps, ctx.pad_id, "teacher", answers_of(examples)
         )

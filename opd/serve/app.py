@@ -1,8 +1,9 @@
 """The FastAPI app of `opd serve-teacher`: routes, body limits, vLLM-style errors.
 
 Routes: POST /v1/completions (prompt log-probs of token ids, `opd.serve.protocol`),
-GET /v1/models, GET /health, POST /tokenize, GET /opd/tokenizer (fingerprint, see
-`opd.teachers.fingerprint`) and GET /opd/stats (batcher counters). Bodies are read with a
+POST /v1/chat/completions (the model writes text, `opd.serve.chat`), GET /v1/models,
+GET /health, POST /tokenize, GET /opd/tokenizer (fingerprint, see `opd.teachers.fingerprint`)
+and GET /opd/stats (batcher counters). Bodies are read with a
 byte cap derived from --max-request-tokens, so an oversized request is refused (413) before it
 is parsed.
 """
@@ -168,4 +169,7 @@ def create_app(engine, settings: ServeSettings) -> FastAPI:
         ids = engine.tokenizer(body["prompt"], add_special_tokens=special)["input_ids"]
         return _json({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
 
+    from opd.serve.chat import add_chat_route  # POST /v1/chat/completions: the model writes
+
+    add_chat_route(app, engine, settings, _json_body, body_limit, _json)
     return app

@@ -43,7 +43,13 @@ from opd.teachers.served_checks import ServedChecks
 from opd.teachers.topk import TAIL_ID, with_tail
 from opd.types import Rollout, TeacherScores
 
-__all__ = ["APIS", "ServedTeacher", "TeacherRejected", "TeacherUnreachable"]
+__all__ = [
+    "APIS",
+    "ServedTeacher",
+    "TeacherRejected",
+    "TeacherUnreachable",
+    "client_transport",
+]
 
 APIS = ("vllm", "sglang", "opd")
 PATHS = {"vllm": "/v1/completions", "opd": "/v1/completions", "sglang": "/generate"}
@@ -56,6 +62,54 @@ def _display_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, parts.query, ""))
+
+
+def client_transport(
+    url: str,
+    *,
+    concurrency: int = 4,
+    timeout_s: float = 60.0,
+    retries: int = 4,
+    backoff_s: float = 0.5,
+    token_env: str | None = None,
+    transport=None,
+    sleep=time.sleep,
+) -> Transport:
+    """The checked `Transport` to a teacher at `url` (shared by `ServedTeacher` and
+    `opd.teachers.chat.ChatTeacher`): the URL, the client settings and the bearer token read
+    from the environment variable `token_env` are validated; `Transport.url` is the URL
+    without user:password@, the only form ever shown."""
+    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
+        raise ConfigError(f"model.teacher: {url!r} is not an http:// or https:// URL")
+    if not urlsplit(url).hostname:
+        raise ConfigError(f"model.teacher: {url!r} names no host")
+    for name, value, low in (("concurrency", concurrency, 1), ("retries", retries, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"teacher {name}: {value!r} must be an integer >= {low}")
+    if not timeout_s > 0 or not backoff_s >= 0:
+        raise ConfigError(
+            f"teacher timeout_s ({timeout_s}) must be > 0 and backoff_s ({backoff_s}) >= 0"
+        )
+    token = None
+    if token_env:
+        token = os.environ.get(token_env)
+        if not token:
+            raise ConfigError(
+                f"model.teacher_token_env: environment variable {token_env} is not set "
+                "(it should hold the served teacher's bearer token)"
+            )
+    client = Transport(
+        url.rstrip("/"),
+        concurrency=concurrency,
+        timeout_s=timeout_s,
+        retries=retries,
+        backoff_s=backoff_s,
+        token=token,
+        transport=transport,
+        sleep=sleep,
+    )
+    client.url = _display_url(url.rstrip("/"))
+    return client
 
 
 class ServedTeacher(ServedChecks):
@@ -78,48 +132,26 @@ class ServedTeacher(ServedChecks):
         transport=None,
         sleep=time.sleep,
     ):
-        if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https"):
-            raise ConfigError(f"model.teacher: {url!r} is not an http:// or https:// URL")
-        if not urlsplit(url).hostname:
-            raise ConfigError(f"model.teacher: {url!r} names no host")
         if api not in ("auto", *APIS):
             raise ConfigError(f"model.teacher_api: {api!r} is not one of auto, {', '.join(APIS)}")
-        for name, value, low in (
-            ("concurrency", concurrency, 1),
-            ("batch_tokens", batch_tokens, 1),
-            ("retries", retries, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"teacher {name}: {value!r} must be an integer >= {low}")
-        if not timeout_s > 0 or not backoff_s >= 0:
-            raise ConfigError(
-                f"teacher timeout_s ({timeout_s}) must be > 0 and backoff_s ({backoff_s}) >= 0"
-            )
-        token = None
-        if token_env:
-            token = os.environ.get(token_env)
-            if not token:
-                raise ConfigError(
-                    f"model.teacher_token_env: environment variable {token_env} is not set "
-                    "(it should hold the served teacher's bearer token)"
-                )
-        self.url = _display_url(url.rstrip("/"))
+        if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
+            raise ConfigError(f"teacher batch_tokens: {batch_tokens!r} must be an integer >= 1")
+        self.transport = client_transport(
+            url,
+            concurrency=concurrency,
+            timeout_s=timeout_s,
+            retries=retries,
+            backoff_s=backoff_s,
+            token_env=token_env,
+            transport=transport,
+            sleep=sleep,
+        )
+        self.url = self.transport.url
         self.batch_tokens = batch_tokens
         self._api = None if api == "auto" else api
         self._model = model
         self._models_entry: dict | None = None
         self._temperature_ok: set[float] = set()
-        self.transport = Transport(
-            url.rstrip("/"),
-            concurrency=concurrency,
-            timeout_s=timeout_s,
-            retries=retries,
-            backoff_s=backoff_s,
-            token=token,
-            transport=transport,
-            sleep=sleep,
-        )
-        self.transport.url = self.url
 
     # ------------------------------------------------------------------ identity
 
