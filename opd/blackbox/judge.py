@@ -1,9 +1,10 @@
 """OVD's verbal judge: the teacher grades each student completion with a score from 0 to 9.
 
-For every student completion y of prompt x the teacher (a local model) greedily continues the
-judge prompt `template.format(question=x, answer=y)` (`DEFAULT_JUDGE_TEMPLATE`, overridable;
-wrapped in the tokenizer's chat template when it has one) for a few tokens. The score s is the
-first digit 0–9 in the judge's text; the reward is
+For every student completion y of prompt x the teacher greedily answers the judge prompt
+`template.format(question=x, answer=y)` (`DEFAULT_JUDGE_TEMPLATE`, overridable) with a few
+tokens: a local model continues it (wrapped in the tokenizer's chat template when it has one);
+a chat endpoint (`opd.teachers.chat.ChatTeacher.judge`) gets it as one user turn at τ = 0.
+The score s is the first digit 0–9 in the judge's text; the reward is
 
     r = s / 9                      ∈ [0, 1]
     r = neutral (0.5)              when the text has no digit (a bad parse, e.g. "nine", "")

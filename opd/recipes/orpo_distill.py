@@ -1,9 +1,9 @@
 """ORPO-Distill (Singh et al., 2025) on ORPO (Hong et al., EMNLP 2024): black-box distillation
 by an odds-ratio preference between the teacher's and the student's response.
 
-For each prompt the teacher writes y_w (text only: a local model's `generate`) and the student
-writes y_l (`Paired`). With P(y) the student's length-normalised sequence probability and
-odds(y) = P/(1 − P), the per-pair loss is
+For each prompt the teacher writes y_w (text only: a local model's `generate` or a chat
+endpoint, `opd.teachers.chat`) and the student writes y_l (`Paired`). With P(y) the student's
+length-normalised sequence probability and odds(y) = P/(1 − P), the per-pair loss is
 
     L = −(1/|y_w|) Σ_t log q_student(y_w,t) + λ·(−log σ(log odds(y_w) − log odds(y_l)))
 

@@ -2,15 +2,15 @@
 trajectories with a verbal 0–9 score.
 
 The student writes G completions per prompt; the teacher (text only: a local model's greedy
-`generate`) reads a judge prompt with the question and each completion
+`generate`, or a chat endpoint) reads a judge prompt with the question and each completion
 (`opd.blackbox.judge.DEFAULT_JUDGE_TEMPLATE`, overridable with `judge_template`) and answers
 with a score; the first digit 0–9 of its answer, divided by 9, is the reward (0.5 when there
 is none: a bad parse, counted as `ovd_bad_parses`). The rewards go to the GRPO core:
 A = (r − mean_g r)/(std_g r + ε) per group, PPO's clipped surrogate per token.
 
 Deviations:
-- The judge is a local teacher model's greedy continuation of the judge prompt; an
-  OpenAI-compatible text endpoint as the teacher is not wired yet.
+- The judge is the teacher's greedy answer to the judge prompt: a local model's
+  continuation, or an OpenAI-compatible chat endpoint's (model.teacher_api=openai-chat).
 - The judge template is opd's own wording, not the paper's prompt (not checked against it).
 - A bad parse gets the neutral reward 0.5 (the middle of the scale; our choice, the paper's
   handling was not checked); one gradient step per rollout (π_old = π_θ, the clip never
