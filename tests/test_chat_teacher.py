@@ -73,6 +73,10 @@ def test_chat_route_writes_what_the_local_model_generates(tok):
         ):
             res = post(**kw)
             assert res.status_code == status and needle in res.json()["message"], res.text
+    mixture = TeacherEngine([model, tiny_llama(len(tok), hidden=32, layers=1, seed=6)], tok)
+    with TestClient(create_app(mixture, ServeSettings(name="mix"))) as client:
+        res = client.post("/v1/chat/completions", json={"messages": messages})
+        assert res.status_code == 400 and "one model" in res.json()["message"]
 
 
 # ---------------------------------------------------------------- the client, mocked

@@ -132,6 +132,11 @@ class ServedTeacher(ServedChecks):
         transport=None,
         sleep=time.sleep,
     ):
+        if api == "openai-chat":  # [black-box] text only: another client
+            raise ConfigError(
+                "model.teacher_api: 'openai-chat' is a text teacher, not a log-prob server; "
+                "build it with opd.teachers.chat.ChatTeacher"
+            )
         if api not in ("auto", *APIS):
             raise ConfigError(f"model.teacher_api: {api!r} is not one of auto, {', '.join(APIS)}")
         if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
