@@ -111,6 +111,11 @@ def build_models(cfg: RunConfig) -> Models:
     device = resolve_device(cfg.model.device)
     if is_served(cfg.model.teacher):
         return _served_models(cfg, dtype, device)
+    if cfg.model.teacher_api == "openai-chat":  # [black-box] not a URL: say so, never go local
+        raise ConfigError(
+            f"model.teacher_api=openai-chat needs model.teacher=http(s)://HOST:PORT/v1 (a chat "
+            f"endpoint), got {cfg.model.teacher!r}"
+        )
     if cfg.model.teacher.strip().startswith("cache:"):  # an offline teacher cache
         from opd.teachers.cache import NO_STUDENT, cached_models
 

@@ -235,6 +235,14 @@ def test_a_log_prob_recipe_with_a_chat_teacher_is_refused_before_anything_is_wri
     assert not (tmp_path / "run").exists()
 
 
+def test_openai_chat_without_a_url_is_one_clean_error(tmp_path):
+    t, s = save_tiny_models(tmp_path)
+    prompts = write_prompts(tmp_path / "p.jsonl", n=4)
+    res = run_opd(["distill", *_argv(tmp_path, "run", t, s, prompts, "recipe=orpo_distill")])
+    assert_clean_error(res, "model.teacher_api=openai-chat", "http(s)://", str(t))
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- end to end, real servers
 
 
