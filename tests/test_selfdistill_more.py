@@ -204,3 +204,103 @@ def test_spin_trains_from_the_cli_and_needs_completions(tmp_path):
     bare = write_prompts(tmp_path / "bare.jsonl", n=6, completions=False)
     res = run_opd(["distill", *small_cli_args(tmp_path / "b", dirs, bare, "recipe=spin")])
     assert_clean_error(res, "bare.jsonl:1", "completion")
+
+
+# ---------------------------------------------------------------- gates
+
+
+def test_consensus_majority_agreement_and_the_task_extractor():
+    from opd.selfdistill.gates import answer_extractor, consensus, final_answer
+    from opd.tasks import get_task
+
+    assert consensus(["7", "7", "8", None]) == ("7", 0.5)
+    assert consensus(["b", "a", "a", "b"]) == ("b", 0.5)  # a tie: the first sampled
+    assert consensus([None, None]) == (None, 0.0)
+    assert final_answer("  12 ") == "12" and final_answer(" ") is None
+    task = get_task("arithmetic")
+    extract = answer_extractor(task.verify)
+    assert extract is not None and final_answer("so the answer is 12", extract) == "12"
+    assert answer_extractor(lambda text, answer: True) is None
+
+
+GATE_RECORDS = [
+    {"prompt": "3+4=", "context": "3+4 is 7"},
+    {"prompt": "1+1=", "context": "1+1 is 2"},
+]
+GATE_SAMPLES = ["7", "7", "7 ", "8", "2", "3", "4", "2"]  # prompt 1: 3/4 agree, prompt 2: 2/4
+
+
+def gates_step(tok, models, threshold):
+    method = get_recipe("gates").build(k=4, threshold=threshold)
+    method.teacher.prepare(models)
+    exs = examples(tok, GATE_RECORDS)
+    comps = [tok(t, add_special_tokens=False).input_ids for t in GATE_SAMPLES]
+    seen = []
+
+    def generate(model, prompts):
+        seen.append((model, [tok.decode(p) for p in prompts]))
+        return comps
+
+    ctx = StepContext(pad_id=0, tokenizer=tok, models=models)
+    ctx.generate = generate
+    rollout = method.prefixes.rollout(exs, ctx)
+    loss, _, _ = micro_step(method, models, rollout, ctx, "cpu")
+    return method, exs, comps, rollout, loss, seen
+
+
+def test_gates_keeps_the_majority_samples_of_prompts_that_pass(tok):
+    models = f64_models(tok)
+    _, exs, comps, rollout, _, seen = gates_step(tok, models, threshold=0.75)
+    (model, prompts) = seen[0]
+    assert model is models.student  # the live self writes, shown the document
+    assert prompts[:4] == ["3+4=\n\n3+4 is 7"] * 4 and prompts[4:] == ["1+1=\n\n1+1 is 2"] * 4
+    kept = rollout.completion_mask_BT.sum(1).tolist()
+    assert [n > 0 for n in kept] == [True, True, True, False] + [False] * 4
+    assert rollout.info == {"gate_pass_rate": 0.5, "gate_agreement": 0.625, "gate_kept": 3 / 8}
+    assert rollout.input_ids_BL[0, : rollout.prompt_len].tolist()[-4:] == list(exs[0].prompt_ids)
+    _, _, _, none_kept, loss, _ = gates_step(tok, f64_models(tok), threshold=1.0)
+    assert (
+        none_kept.num_tokens == 0 and float(loss.detach()) == 0.0
+    )  # nothing passes: loss 0, no NaN
+
+
+def test_gates_loss_and_gradient_by_hand_float64(tok):
+    """Token mean over the kept samples of KL(q(·|x, y<t) ‖ p(·|x, document, y<t)), the
+    teacher the live student itself (no gradient through it)."""
+    models = f64_models(tok)
+    _, exs, comps, rollout, loss, _ = gates_step(tok, models, threshold=0.5)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in models.student.named_parameters()}
+    models.student.zero_grad()
+    from opd.selfdistill.context import teacher_prompt_ids
+
+    kept = [(0, 0), (0, 1), (0, 2), (1, 0), (1, 3)]  # prompt 2: "2" twice of 4 (= τ)
+    per_token = []
+    for b, j in kept:
+        ex, y = exs[b], comps[b * 4 + j]
+        t_ids = teacher_prompt_ids(ex, GATE_RECORDS[b]["context"], tok)
+        with torch.no_grad():
+            logp = torch.log_softmax(completion_logits(models.student, t_ids, y), -1)
+        logq = torch.log_softmax(completion_logits(models.student, ex.prompt_ids, y), -1)
+        per_token.append((logq.exp() * (logq - logp)).sum(-1))
+    want = torch.cat(per_token).mean()
+    want.backward()
+    assert rollout.num_tokens == sum(len(comps[b * 4 + j]) for b, j in kept)
+    assert float(want) > 1e-6 and abs(float(loss.detach()) - float(want)) < 1e-10
+    for n, p in models.student.named_parameters():
+        assert torch.allclose(got[n], p.grad, atol=1e-10), n
+
+
+def test_gates_trains_from_the_cli_logging_the_pass_rate(tmp_path):
+    dirs = save_tiny_models(tmp_path)
+    data = write_privileged_prompts(tmp_path / "d.jsonl", n=6)
+    args = small_cli_args(tmp_path, dirs, data, "recipe=gates", "method.args.threshold=0.25")
+    res = run_opd(["distill", "--no-report", *args])
+    assert res.code == 0, res.err
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2 and all(0.0 <= r["gate_pass_rate"] <= 1.0 for r in steps)
+    assert all(r["loss"] == r["loss"] for r in steps)
+    bare = write_privileged_prompts(tmp_path / "bare.jsonl", n=6, fields=("solution",))
+    res = run_opd(["distill", *small_cli_args(tmp_path / "b", dirs, bare, "recipe=gates")])
+    assert_clean_error(res, "bare.jsonl:1", "'context'", "recipe 'gates'")

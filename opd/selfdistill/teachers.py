@@ -100,6 +100,10 @@ class SelfTeacher:
             raise RuntimeError("SelfTeacher.prepare(models) was not called")
         return self.model
 
+    def ready(self) -> torch.nn.Module:
+        """The teacher's model (run it inside `scope()`); RuntimeError before `prepare`."""
+        return self._ready()
+
     def scope(self):
         """The context the teacher runs in: adapters disabled for `adapter_off`."""
         if self.view == "adapter_off":
