@@ -304,3 +304,102 @@ def test_gates_trains_from_the_cli_logging_the_pass_rate(tmp_path):
     bare = write_privileged_prompts(tmp_path / "bare.jsonl", n=6, fields=("solution",))
     res = run_opd(["distill", *small_cli_args(tmp_path / "b", dirs, bare, "recipe=gates")])
     assert_clean_error(res, "bare.jsonl:1", "'context'", "recipe 'gates'")
+
+
+# ---------------------------------------------------------------- hdpo
+
+REWARD = "tests.test_grpo:digit_reward"  # 1.0 for a completion starting with '1'
+HDPO_RECORDS = [{"prompt": "1+0=", "solution": "1"}, {"prompt": "5+5=", "solution": "10"}]
+STUDENT_SAMPLES = ["1", "22", "33", "45"]  # group 1: rewards 1, 0; group 2: a cliff (0, 0)
+PRIVILEGED_SAMPLES = ["17", "5"]  # the filter keeps "17" (reward 1) and drops "5"
+
+
+def test_cliff_groups():
+    from opd.selfdistill.hdpo import cliff_groups
+
+    assert cliff_groups(torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.2]), 2) == [False, True, True]
+
+
+def hdpo_step(tok, models, coef=0.8, beta=0.3, filter=True):
+    method = get_recipe("hdpo").build(
+        group_size=2, coef=coef, beta=beta, reward=REWARD, filter=filter
+    )
+    method.teacher.prepare(models)
+    exs = examples(tok, HDPO_RECORDS)
+    replies = [STUDENT_SAMPLES, PRIVILEGED_SAMPLES]
+    calls = []
+
+    def generate(model, prompts):
+        calls.append([tok.decode(p) for p in prompts])
+        return [tok(t, add_special_tokens=False).input_ids for t in replies[len(calls) - 1]]
+
+    ctx = StepContext(pad_id=0, tokenizer=tok, models=models, student=models.student)
+    ctx.generate = generate
+    rollout = method.prefixes.rollout(exs, ctx)
+    loss, _, _ = micro_step(method, models, rollout, ctx, "cpu")
+    return exs, rollout, loss, calls, ctx
+
+
+def test_hdpo_rescues_cliff_prompts_with_filtered_privileged_rollouts(tok):
+    exs, rollout, _, calls, ctx = hdpo_step(tok, f64_models(tok))
+    assert calls[0] == ["1+0=", "1+0=", "5+5=", "5+5="]  # the student, plain prompts
+    assert calls[1] == ["5+5=\n\n10"] * 2  # only the cliff prompt, shown its solution
+    assert rollout.row_writers == ("student",) * 4 + ("privileged",)
+    P = rollout.prompt_len
+    last = rollout.input_ids_BL[4]
+    assert last[:P][rollout.attention_mask_BL[4, :P].bool()].tolist() == list(exs[1].prompt_ids)
+    assert tok.decode(rollout.completion_ids_BT[4][rollout.completion_mask_BT[4].bool()]) == "17"
+    assert tok.decode(rollout.teacher_prompts[4]) == "5+5=\n\n10"
+    assert rollout.info == {"hdpo_cliff_rate": 0.5, "hdpo_rescued": 0.5}
+    assert ctx.metrics["reward_mean"] == 0.25  # the student's rows only
+
+
+def test_hdpo_loss_and_gradient_by_hand_float64(tok):
+    """Token mean of −A_i (student rows, ratio 1) and λ·JSD_β(p_T(·|x, solution), q_θ(·|x))
+    on the kept privileged row; value and gradient in float64."""
+    coef, beta = 0.8, 0.3
+    models = f64_models(tok)
+    exs, rollout, loss, _, _ = hdpo_step(tok, models, coef, beta)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in models.student.named_parameters()}
+    models.student.zero_grad()
+    from opd.rl.grpo import EPS
+    from opd.selfdistill.context import teacher_prompt_ids
+
+    adv = 0.5 / (math.sqrt(0.5) + EPS)
+    rows = [(0, "1", -adv), (0, "22", adv), (1, "33", 0.0), (1, "45", 0.0)]  # loss −A·ρ
+    terms = []
+    for b, text, neg_adv in rows:
+        y = tok(text, add_special_tokens=False).input_ids
+        logq = torch.log_softmax(completion_logits(models.student, exs[b].prompt_ids, y), -1)
+        lq = logq.gather(1, torch.tensor(y)[:, None])[:, 0]
+        terms.append(neg_adv * torch.exp(lq - lq.detach()))
+    y = tok("17", add_special_tokens=False).input_ids
+    t_ids = teacher_prompt_ids(exs[1], "10", tok)
+    with torch.no_grad():
+        p = torch.softmax(completion_logits(models.student, t_ids, y), -1)
+    q = torch.softmax(completion_logits(models.student, exs[1].prompt_ids, y), -1)
+    m = beta * p + (1 - beta) * q
+    jsd = beta * (p * (p / m).log()).sum(-1) + (1 - beta) * (q * (q / m).log()).sum(-1)
+    terms.append(coef * jsd)
+    want = torch.cat(terms).mean()
+    want.backward()
+    assert float(jsd.detach().sum()) > 1e-6
+    assert abs(float(loss.detach()) - float(want.detach())) < 1e-10
+    for n, p_ in models.student.named_parameters():
+        assert torch.allclose(got[n], p_.grad, atol=1e-10), n
+
+
+def test_hdpo_trains_from_the_cli_and_needs_the_solution(tmp_path):
+    dirs = save_tiny_models(tmp_path)
+    data = write_privileged_prompts(tmp_path / "d.jsonl", n=6)
+    args = ("recipe=hdpo", "method.args.group_size=2", "method.args.filter=false")
+    res = run_opd(["distill", "--no-report", *small_cli_args(tmp_path, dirs, data, *args)])
+    assert res.code == 0, res.err
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2 and all("hdpo_cliff_rate" in r and "reward_mean" in r for r in steps)
+    assert any(r["hdpo_rescued"] > 0 and r["loss"] > 0 for r in steps)  # unfiltered: distilled
+    bare = write_privileged_prompts(tmp_path / "bare.jsonl", n=6, fields=("context",))
+    res = run_opd(["distill", *small_cli_args(tmp_path / "b", dirs, bare, "recipe=hdpo")])
+    assert_clean_error(res, "bare.jsonl:1", "'solution'", "recipe 'hdpo'")
