@@ -17,9 +17,10 @@ iteration p_t = q_θ, so h = 0 and L = log 2.
     Opponent        the teacher access: a frozen copy of the student, made in `prepare`,
                     refreshed (p_t ← q_θ, weights copied in place) after every
                     `iteration_steps` optimizer steps; provides the opponent's log-probs
-                    log p_t(y_t) of every counted token (both rows of each pair); its
-                    weights, step count and iteration number are checkpointed, so a resumed
-                    run continues with the same opponent
+                    log p_t(y_t) of every counted token (both rows of each pair); the
+                    weights of its trained parameters (all, or a LoRA student's adapters),
+                    its step count and iteration number are checkpointed, so a resumed run
+                    continues with the same opponent
     OpponentSamples the prefix source of the rejected rows: the opponent samples y_l
     SPINLoss        the signal: every token of both rows of pair b carries L_b, so the
                     loop's "sequence_mean" reduction gives the mean of L_b over the pairs
@@ -86,18 +87,26 @@ class Opponent:
         scores = local.logprobs(rollout, 0, 1.0, vocab_size)
         return TeacherScores(token_logprobs_N=scores.token_logprobs_N)
 
+    def _trained(self) -> dict:
+        """The opponent's parameters whose student twin trains (requires_grad): the only
+        ones that can differ from the student's (a LoRA student's frozen base never does)."""
+        student = dict(self.student.named_parameters())
+        return {n: p for n, p in self.ready().named_parameters() if student[n].requires_grad}
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Count the step; after every `iteration_steps` steps p_t ← q_θ (a new iteration)."""
         self.steps += 1
         if self.steps % self.iteration_steps == 0:
             student = dict(self.student.named_parameters())
-            for name, p in self.ready().named_parameters():
+            for name, p in self._trained().items():
                 p.copy_(student[name].detach())
             self.iteration += 1
 
     def state_dict(self) -> dict:
-        weights = {n: p.detach() for n, p in self.ready().named_parameters()}
+        """Step count, iteration and the trained parameters' weights (tensors: written to the
+        checkpoint's components.safetensors)."""
+        weights = {n: p.detach() for n, p in self._trained().items()}
         return {"steps": self.steps, "iteration": self.iteration, "weights": weights}
 
     def load_state_dict(self, state: dict) -> None:
