@@ -118,16 +118,11 @@ class CliffRescue:
             )
             for ex in examples
         ]
-        cliffs = [
-            b
-            for b, c in enumerate(cliff_groups(rollout_rewards(student_ro, ctx, reward_fn), G))
-            if c
-        ]
+        rewards_B = rollout_rewards(student_ro, ctx, reward_fn)
+        cliffs = [b for b, cliff in enumerate(cliff_groups(rewards_B, G)) if cliff]
         prompts, comps = rollout_rows(student_ro)
-        writers, answers = (
-            [STUDENT] * len(prompts),
-            list(student_ro.answers) or [None] * len(prompts),
-        )
+        writers = [STUDENT] * len(prompts)
+        answers = list(student_ro.answers) or [None] * len(prompts)
         rows_t = [t_prompts[b] for b in range(len(examples)) for _ in range(G)]
         kept = 0
         if cliffs:
