@@ -6,6 +6,10 @@
     ema      θ_T ← d·θ_T + (1 − d)·θ_S after every optimizer step (`after_optimizer_step`),
              starting from the initial student; its weights are checkpointed (as tensors in
              the checkpoint's components.safetensors) and restored exactly
+    adapter_off  a LoRA student (peft, model.lora_r > 0) with its adapters disabled
+             (`with model.disable_adapter():`): the frozen base W, p_T = p_W, while the
+             student is W + (α/r)·B·A; no weight is copied (ConfigError for a student
+             without adapters)
 
 The teacher sees a different prompt than the student: `teacher_view` rebuilds the rollout
 with each row's teacher prompt (`Rollout.teacher_prompts`, left-padded to P') followed by the
@@ -22,6 +26,7 @@ Loop hooks (opd.run_setup / opd.step): `prepare(models)` once before training, t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 
@@ -34,7 +39,7 @@ from opd.teachers.base import LocalTeacher
 from opd.teachers.local import full_logit_rows
 from opd.types import Rollout, TeacherScores
 
-VIEWS = ("frozen", "live", "ema")
+VIEWS = ("frozen", "live", "ema", "adapter_off")
 
 
 def teacher_view(rollout: Rollout, pad_id: int) -> Rollout:
@@ -53,7 +58,8 @@ def teacher_view(rollout: Rollout, pad_id: int) -> Rollout:
 
 
 class SelfTeacher:
-    """The student as its own teacher: `frozen`, `live` or `ema` (decay `decay`)."""
+    """The student as its own teacher: `frozen`, `live`, `ema` (decay `decay`) or
+    `adapter_off` (a LoRA student's base model)."""
 
     provides = frozenset({"full_logits", "topk_logprobs", "token_logprobs"})
 
@@ -71,8 +77,17 @@ class SelfTeacher:
     def prepare(self, models) -> None:
         """Take the student; copy it once for the `frozen` and `ema` views."""
         self.student, self.pad_id = models.student, models.pad_id
-        if self.view == "live":
-            self.model = models.student
+        if self.view == "adapter_off":
+            from opd.models.lora import is_lora
+
+            if not is_lora(models.student):
+                raise ConfigError(
+                    "self-teacher view 'adapter_off' needs a LoRA student (its base model is "
+                    "the teacher), but the student has no adapters; set model.lora_r > 0 or "
+                    "use another view: frozen, live, ema"
+                )
+        if self.view in ("live", "adapter_off"):
+            self.model = models.student  # a view of the student's own weights: no copy
             return
         self.model = copy.deepcopy(models.student)
         self.model.eval()
@@ -85,14 +100,26 @@ class SelfTeacher:
             raise RuntimeError("SelfTeacher.prepare(models) was not called")
         return self.model
 
+    def ready(self) -> torch.nn.Module:
+        """The teacher's model (run it inside `scope()`); RuntimeError before `prepare`."""
+        return self._ready()
+
+    def scope(self):
+        """The context the teacher runs in: adapters disabled for `adapter_off`."""
+        if self.view == "adapter_off":
+            return self._ready().disable_adapter()
+        return contextlib.nullcontext()
+
     def rows(self, rollout: Rollout, vocab_size: int) -> TeacherScores:
-        return full_logit_rows(self._ready(), teacher_view(rollout, self.pad_id), vocab_size)
+        with self.scope():
+            return full_logit_rows(self._ready(), teacher_view(rollout, self.pad_id), vocab_size)
 
     def logprobs(
         self, rollout: Rollout, k: int, temperature: float, vocab_size: int
     ) -> TeacherScores:
         local = LocalTeacher(self._ready(), self.chunk_size)
-        return local.logprobs(teacher_view(rollout, self.pad_id), k, temperature, vocab_size)
+        with self.scope():
+            return local.logprobs(teacher_view(rollout, self.pad_id), k, temperature, vocab_size)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -128,9 +155,10 @@ class SelfTeacher:
     def describe(self) -> str:
         if self.view == "ema":
             return f"self-teacher (EMA of the student, decay {self.decay})"
-        return {"frozen": "self-teacher (the initial student, frozen)"}.get(
-            self.view, "self-teacher (the current student, no gradient)"
-        )
+        return {
+            "frozen": "self-teacher (the initial student, frozen)",
+            "adapter_off": "self-teacher (the LoRA student with its adapters disabled)",
+        }.get(self.view, "self-teacher (the current student, no gradient)")
 
 
 class SelfAccess:
