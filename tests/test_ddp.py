@@ -1,0 +1,169 @@
+"""Data-parallel training (opd.distributed): 2 processes through torchrun (gloo, 127.0.0.1)
+against 1 process with the same global batch, and resuming across process counts.
+
+One torchrun launch runs every 2-process job (tests/ddp_worker.py) to pay the process
+start-up once; the 1-process twins run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opd.config import load_config, load_run_config
+from opd.train import distill
+from tests.helpers import save_tiny_models, write_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ("gkd", "seqkd", "topk_rkl")
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _overrides(base: Path, models, data, name: str, recipe: str, batch: int) -> list[str]:
+    t, s = models
+    return [
+        f"model.teacher={t}",
+        f"model.student={s}",
+        f"data.train={data}",
+        f"data.eval={data}",
+        "data.eval_count=4",
+        "data.chat_template=false",
+        f"method.recipe={recipe}",
+        f"train.steps={STEPS}",
+        f"train.batch_size={batch}",
+        "train.lr=3e-3",
+        "train.progress=false",
+        "sampling.max_new_tokens=5",
+        f"output_dir={base / name}",
+    ]
+
+
+def _one(overrides, resume=None, stop_after=None):
+    """A 1-process run in this process; returns its per-step losses and the student."""
+    cfg = load_run_config(resume, overrides) if resume else load_config(None, overrides)
+    res = distill(cfg, resume=bool(resume), stop_after=stop_after, evaluate=False, log=_quiet)
+    return res.losses, res.models.student
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+_REFERENCE: dict = {}
+
+
+def _reference(launched, recipe):
+    """The 1-process run with the global batch (4) of the 2 × 2 runs, once per recipe."""
+    base, models, data, _ = launched
+    if recipe not in _REFERENCE:
+        _REFERENCE[recipe] = _one(_overrides(base, models, data, f"one_{recipe}", recipe, 4))
+    return _REFERENCE[recipe]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """Every 2-process job in one torchrun launch; the folders and rank 0's results."""
+    base = tmp_path_factory.mktemp("ddp")
+    models = save_tiny_models(base / "models")
+    data = write_prompts(base / "prompts.jsonl", n=20)
+    # a 1-process checkpoint (global batch 4, 1 step) for the 2 processes to resume
+    _one(_overrides(base, models, data, "one_then_two", "gkd", 4), stop_after=1)
+    jobs = [{"overrides": _overrides(base, models, data, f"two_{r}", r, 2)} for r in RECIPES]
+    jobs.append({"overrides": ["train.batch_size=2"], "resume": str(base / "one_then_two")})
+    two_then_one = _overrides(base, models, data, "two_then_one", "gkd", 2)
+    jobs.append({"overrides": two_then_one, "stop_after": 1})
+    (base / "jobs.json").write_text(json.dumps(jobs))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(ROOT / "tests" / "ddp_worker.py"), str(base / "jobs.json"), str(base / "out.jsonl"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    rows = [json.loads(x) for x in (base / "out.jsonl").read_text().splitlines()]
+    return base, models, data, rows
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_student(run_dir: Path, student) -> None:
+    saved = load_file(str(run_dir / "student" / "model.safetensors"))
+    own = student.state_dict()
+    for k, v in saved.items():
+        torch.testing.assert_close(v, own[k], rtol=1e-4, atol=2e-5, msg=k)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_two_processes_equal_one_with_the_same_global_batch(launched, recipe):
+    base, models, data, rows = launched
+    two = rows[RECIPES.index(recipe)]
+    losses, student = _reference(launched, recipe)
+    assert len(two["losses"]) == STEPS and two["main"] is True
+    assert two["losses"] == pytest.approx(losses, rel=1e-4, abs=1e-6)
+    _assert_same_student(Path(two["run_dir"]), student)
+    # rank 0 alone wrote the run: one row per step, a checkpoint that knows the process count
+    run = Path(two["run_dir"])
+    steps = _rows(run)
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert [r["loss"] for r in steps] == pytest.approx(losses, rel=1e-4, abs=1e-6)
+    # the numbers reduced over ranks: the gradient norm (global token mean: DDP's average
+    # times N), the tokens, the KL and the completion length
+    ref = _rows(base / f"one_{recipe}")
+    for key in ("grad_norm", "teacher_kl", "tokens", "completion_length"):
+        assert [r[key] for r in steps] == pytest.approx([r[key] for r in ref], rel=1e-4), key
+    start = load_file(str(models[1] / "model.safetensors"))  # training moved the student
+    assert max(float((v - student.state_dict()[k]).abs().max()) for k, v in start.items()) > 1e-4
+    state = json.loads((run / "checkpoints" / "step_000003" / "state.json").read_text())
+    assert (state["world_size"], state["global_batch"]) == (2, 4)
+    assert state["data"]["index"] == (STEPS * 4) % 16  # a position in the global stream
+
+
+def test_one_process_checkpoint_resumes_in_two(launched):
+    base, models, data, rows = launched
+    resumed = rows[3]
+    losses, student = _reference(launched, "gkd")
+    assert resumed["losses"] == pytest.approx(losses, rel=1e-4, abs=1e-6)
+    _assert_same_student(base / "one_then_two", student)
+    state = json.loads((base / "one_then_two/checkpoints/step_000003/state.json").read_text())
+    assert state["world_size"] == 2
+
+
+def test_two_process_checkpoint_resumes_in_one(launched):
+    base, models, data, rows = launched
+    assert rows[4]["losses"] and len(rows[4]["losses"]) == 1
+    run = base / "two_then_one"
+    snapshot = base / "two_then_one_copy"
+    shutil.copytree(run, snapshot)
+    # one process, batch 4: the global batch of the 2 × 2 run; the stream position is global
+    losses, student = _one(["train.batch_size=4"], resume=run)
+    ref_losses, ref_student = _reference(launched, "gkd")
+    assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-6)
+    _assert_same_student(run, ref_student)
+    # the same global batch is required to change train.batch_size on resume
+    from opd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.batch_size=3"):
+        load_run_config(snapshot, ["train.batch_size=3"])
