@@ -167,3 +167,31 @@ def test_two_process_checkpoint_resumes_in_one(launched):
 
     with pytest.raises(ConfigError, match="train.batch_size=3"):
         load_run_config(snapshot, ["train.batch_size=3"])
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m opd distill` on a CPU: accelerate
+    starts 2 processes through torchrun and opd picks gloo. (accelerate 1.x's
+    `--cpu --num_processes 2` starts ONE process unless an MPI hostfile is given.)"""
+    t, s = save_tiny_models(tmp_path / "models")
+    data = write_prompts(tmp_path / "prompts.jsonl", n=12)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    launcher = [str(accelerate)] if accelerate.exists() else [sys.executable, "-m", "accelerate"]
+    cmd = [
+        *launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+        "--main_process_port", str(_free_port()), "-m", "opd", "distill",
+        f"model.teacher={t}", f"model.student={s}", f"data.train={data}", "data.eval_count=2",
+        "train.steps=2", "train.batch_size=2", "sampling.max_new_tokens=3",
+        "train.progress=false", f"output_dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run = tmp_path / "run"
+    assert proc.stdout.count("student saved to") == 1  # rank 0 alone logs and writes
+    assert "2 processes (DDP, 2 prompts each): global batch 4" in proc.stdout
+    assert [r["step"] for r in _rows(run) if "loss" in r] == [1, 2]
+    state = json.loads((run / "checkpoints" / "step_000002" / "state.json").read_text())
+    assert (state["world_size"], state["data"]["index"]) == (2, 8)
+    assert (run / "student" / "model.safetensors").is_file() and (run / "report.md").is_file()
