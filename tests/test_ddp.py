@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,16 +94,23 @@ def launched(tmp_path_factory):
     jobs.append({"overrides": ["train.batch_size=2"], "resume": str(base / "one_then_two")})
     two_then_one = _overrides(base, models, data, "two_then_one", "gkd", 2)
     jobs.append({"overrides": two_then_one, "stop_after": 1})
+    failing = _overrides(base, models, data, "rank1_fails", "gkd", 2)
+    jobs.append({"overrides": [*failing, "train.checkpoint_every=1"], "fail_rank1_at": 1})
     (base / "jobs.json").write_text(json.dumps(jobs))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
         str(ROOT / "tests" / "ddp_worker.py"), str(base / "jobs.json"), str(base / "out.jsonl"),
     ]  # fmt: skip
+    t0 = time.monotonic()
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    _FAILED.update(code=proc.returncode, err=proc.stderr, after=time.monotonic() - t0)
     rows = [json.loads(x) for x in (base / "out.jsonl").read_text().splitlines()]
+    assert len(rows) == 5, proc.stdout[-3000:] + proc.stderr[-5000:]  # the last job fails
     return base, models, data, rows
+
+
+_FAILED: dict = {}
 
 
 def _rows(run: Path) -> list[dict]:
@@ -167,6 +175,18 @@ def test_two_process_checkpoint_resumes_in_one(launched):
 
     with pytest.raises(ConfigError, match="train.batch_size=3"):
         load_run_config(snapshot, ["train.batch_size=3"])
+
+
+def test_an_error_on_rank_1_stops_both_processes(launched):
+    """Rank 1 raises in step 2 while rank 0 waits in the gradient all-reduce: the launch
+    ends (no hang) with a non-zero exit code and rank 1's error; rank 0's checkpoint of step
+    1 stays, no student is written."""
+    base = launched[0]
+    assert _FAILED["code"] != 0
+    assert "NonFiniteError: step 2: injected failure on rank 1" in _FAILED["err"]
+    run = base / "rank1_fails"
+    assert (run / "checkpoints" / "step_000001").is_dir()
+    assert not (run / "checkpoints" / "step_000002").exists() and not (run / "student").exists()
 
 
 @pytest.mark.slow
