@@ -29,6 +29,61 @@ RECIPES = ("gkd", "seqkd", "topk_rkl")
 STEPS = 3
 
 
+# ------------------------------------------------------------ in-process pieces (fast)
+
+
+def test_a_rows_completion_does_not_depend_on_its_batch(tiny_models):
+    """Inside `row_seeds`, row b samples from its own generator: the same tokens in a batch
+    of 4 or split 2 + 2, from the fast decoder and from Hugging Face `generate` alike, and
+    the generation leaves the global torch RNG where it was."""
+    from opd.sampling import FastBackend, GenerationParams, HFBackend
+    from opd.sampling.rows import row_seeds
+
+    _, student, tok = tiny_models
+    prompts = [tok.encode(p) for p in ("1+2=", "33+4=", "5+6=", "7777+8=")]
+    params = GenerationParams(max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9)
+    seeds = [11, 22, 33, 44]
+    outs = []
+    for backend in (FastBackend(), HFBackend()):
+        before = torch.get_rng_state()
+        with row_seeds(seeds):
+            full = backend.generate(student, prompts, params, pad_id=0, stop_ids=[2])
+        assert torch.equal(before, torch.get_rng_state())
+        halves = []
+        for lo in (0, 2):
+            with row_seeds(seeds[lo : lo + 2]):
+                halves += backend.generate(
+                    student, prompts[lo : lo + 2], params, pad_id=0, stop_ids=[2]
+                )
+        assert full == halves
+        outs.append(full)
+    assert outs[0] == outs[1]
+    with row_seeds([5, 6, 7, 8]):  # other seeds, other tokens
+        assert FastBackend().generate(student, prompts, params, pad_id=0, stop_ids=[2]) != outs[0]
+    # the coins a rollout draws itself (GKD's mixture) still advance the global RNG
+    before = torch.get_rng_state()
+    with row_seeds(seeds):
+        torch.rand(())
+    assert not torch.equal(before, torch.get_rng_state())
+
+
+def test_shards_of_a_global_micro_batch_are_the_single_process_rows():
+    from opd.distributed import Dist, row_seed, shard_rows
+    from opd.errors import ConfigError
+
+    rows = list("abcdef")
+    one = shard_rows(rows, Dist(), seed=3, step=7, micro=1)
+    two = [shard_rows(rows, Dist(world=2, rank=r), seed=3, step=7, micro=1) for r in (0, 1)]
+    assert one[0] == two[0][0] + two[1][0] == rows
+    assert one[1] == two[0][1] + two[1][1] == [row_seed(3, 7, 6 + i) for i in range(6)]
+    assert len(set(one[1])) == 6 and row_seed(3, 8, 6) != row_seed(3, 7, 6)
+    with pytest.raises(ConfigError, match="does not split over 4 processes"):
+        shard_rows(rows, Dist(world=4, rank=1), seed=3, step=7, micro=0)
+
+
+# ------------------------------------------------------------ torchrun launches
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,9 +8,9 @@ draws row b's tokens from its own `torch.Generator(seed_b)`:
     next_b = multinomial(softmax(warp(logits_b)), 1, generator=g_b)     one draw per row
 
 so the same row gets the same tokens whether it is decoded in a batch of 2 or of 8, in one
-process or split over several, and the global torch RNG is left exactly as it was (the
-rollout runs under `torch.random.fork_rng`): the per-batch coins that still come from it
-(e.g. GKD's mixture) are then drawn identically in every process. Without `row_seeds` (or
+process or split over several, and the generation leaves the global torch RNG as it was:
+the per-batch coins that still come from it (e.g. GKD's mixture, drawn inside the rollout
+and advancing it as usual) are then drawn identically in every process. Without `row_seeds` (or
 when the count differs, e.g. a source generating for a subset) the backends draw one
 `torch.multinomial` over the batch from the global RNG, as before.
 
@@ -39,18 +39,24 @@ _SEEDS: ContextVar[tuple[int, ...] | None] = ContextVar("opd_row_seeds", default
 
 @contextlib.contextmanager
 def row_seeds(seeds: Sequence[int] | None):
-    """Within: completions of len(seeds) prompts draw row b from a generator seeded seeds[b];
-    the global torch RNG state is restored on exit (None: no change at all)."""
+    """Within: completions of len(seeds) prompts draw row b from a generator seeded seeds[b]
+    (None: no change)."""
     if seeds is None:
         yield
         return
     token = _SEEDS.set(tuple(int(s) for s in seeds))
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     try:
-        with torch.random.fork_rng(devices=devices):
-            yield
+        yield
     finally:
         _SEEDS.reset(token)
+
+
+def keep_global_rng():
+    """A context that restores the global torch RNG (CPU and the current CUDA device) on
+    exit: around `generate`, whose multinomial draws from it even when `RowSampler` has
+    already fixed each row's token."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def row_generators(n: int, device) -> list[torch.Generator] | None:

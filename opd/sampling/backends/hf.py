@@ -8,6 +8,7 @@ from torch's global RNG, so a restored RNG state reproduces the same completions
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -15,7 +16,7 @@ from transformers import GenerationConfig
 from transformers.generation.logits_process import LogitsProcessorList
 
 from opd.sampling.backends.base import GenerationParams
-from opd.sampling.rows import RowSampler, row_generators
+from opd.sampling.rows import RowSampler, keep_global_rng, row_generators
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,12 +88,16 @@ class HFBackend:
         was_training = model.training
         model.eval()
         try:
-            seqs_BL = model.generate(
-                input_ids=ids_BP.to(device),
-                attention_mask=mask_BP.to(device),
-                generation_config=cfg,
-                logits_processor=LogitsProcessorList([RowSampler(gens, params)]) if gens else None,
-            )
+            # per-row generators: RowSampler picks each token; generate's own multinomial
+            # (then certain) must not advance the global RNG
+            procs = LogitsProcessorList([RowSampler(gens, params)]) if gens else None
+            with keep_global_rng() if gens else contextlib.nullcontext():
+                seqs_BL = model.generate(
+                    input_ids=ids_BP.to(device),
+                    attention_mask=mask_BP.to(device),
+                    generation_config=cfg,
+                    logits_processor=procs,
+                )
         finally:
             model.train(was_training)
         new_BT = seqs_BL[:, ids_BP.shape[1] :].tolist()
