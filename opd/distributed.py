@@ -45,7 +45,6 @@ the process-group timeout (`OPD_DIST_TIMEOUT_MIN`, default 30 minutes) bounds an
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import os
@@ -190,11 +189,11 @@ class Dist:
         """The callable `(input_ids, attention_mask) -> hidden_BLD` through DDP, or None."""
         return self.ddp
 
-    def sync(self, last: bool):
-        """Gradients are all-reduced only on the step's last micro-batch backward."""
-        if self.ddp is None or last:
-            return contextlib.nullcontext()
-        return self.ddp.no_sync()
+    def sync_grads(self, last: bool) -> None:
+        """Before a micro-batch's forward: all-reduce its gradients in the backward only when
+        it is the step's last (what `DistributedDataParallel.no_sync` sets for the others)."""
+        if self.ddp is not None:
+            self.ddp.require_backward_grad_sync = last
 
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward(), scaled by N: DDP averages gradients, the loss is a global sum."""

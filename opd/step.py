@@ -226,16 +226,16 @@ def train_step(run, step: int) -> dict:
     (count,) = dist.sum(step_count(run.method.reduction, [r.completion_mask_BT for r in rollouts]))
     total_loss, kl_sum, n_tok, lengths, info = 0.0, 0.0, 0, [], {}
     for m, rollout in enumerate(rollouts):
-        with dist.sync(last=m == len(rollouts) - 1):  # DDP: all-reduce on the last backward
-            loss, kl_N, rollout = micro_step(
-                run.method, models, rollout, ctx, run.device, count, tc.precision, dist.decoder()
+        dist.sync_grads(last=m == len(rollouts) - 1)  # DDP: all-reduce on the last backward
+        loss, kl_N, rollout = micro_step(
+            run.method, models, rollout, ctx, run.device, count, tc.precision, dist.decoder()
+        )
+        if not bool(torch.isfinite(loss.detach())):
+            raise NonFiniteError(
+                f"step {step + 1}: the loss is not finite ({float(loss.detach())}); "
+                f"{causes}; the student was not updated at this step"
             )
-            if not bool(torch.isfinite(loss.detach())):
-                raise NonFiniteError(
-                    f"step {step + 1}: the loss is not finite ({float(loss.detach())}); "
-                    f"{causes}; the student was not updated at this step"
-                )
-            dist.backward(loss)
+        dist.backward(loss)
         total_loss += float(loss.detach())
         if kl_N is not None:
             kl_sum += float(kl_N.sum())

@@ -26,6 +26,7 @@ from tests.helpers import save_tiny_models, write_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("gkd", "seqkd", "topk_rkl")
+ACCUM = {"gkd": 1, "seqkd": 1, "topk_rkl": 2}  # 2: gradients synced on the last micro-batch
 STEPS = 3
 
 
@@ -97,6 +98,7 @@ def _env() -> dict:
 
 
 def _overrides(base: Path, models, data, name: str, recipe: str, batch: int) -> list[str]:
+    """A 3-step run; grad_accum from ACCUM (1 for the resume jobs' gkd)."""
     t, s = models
     return [
         f"model.teacher={t}",
@@ -108,6 +110,7 @@ def _overrides(base: Path, models, data, name: str, recipe: str, batch: int) -> 
         f"method.recipe={recipe}",
         f"train.steps={STEPS}",
         f"train.batch_size={batch}",
+        f"train.grad_accum={ACCUM[recipe]}",
         "train.lr=3e-3",
         "train.progress=false",
         "sampling.max_new_tokens=5",
@@ -200,8 +203,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(launched, recipe):
     start = load_file(str(models[1] / "model.safetensors"))  # training moved the student
     assert max(float((v - student.state_dict()[k]).abs().max()) for k, v in start.items()) > 1e-4
     state = json.loads((run / "checkpoints" / "step_000003" / "state.json").read_text())
-    assert (state["world_size"], state["global_batch"]) == (2, 4)
-    assert state["data"]["index"] == (STEPS * 4) % 16  # a position in the global stream
+    assert (state["world_size"], state["global_batch"]) == (2, 4 * ACCUM[recipe])
+    assert state["data"]["index"] == (STEPS * 4 * ACCUM[recipe]) % 20  # in the global stream
 
 
 def test_one_process_checkpoint_resumes_in_two(launched):
