@@ -59,10 +59,18 @@ def keep_global_rng():
     return torch.random.fork_rng(devices=devices)
 
 
+def current_row_seeds(n: int) -> tuple[int, ...] | None:
+    """The active per-row seeds when there are exactly `n` (a backend asked for n
+    completions), else None. An engine with per-request seeds (vLLM's `SamplingParams(seed=)`)
+    can use them directly."""
+    seeds = _SEEDS.get()
+    return seeds if seeds is not None and len(seeds) == n else None
+
+
 def row_generators(n: int, device) -> list[torch.Generator] | None:
     """One seeded generator per row when `row_seeds` holds exactly `n` seeds, else None."""
-    seeds = _SEEDS.get()
-    if seeds is None or len(seeds) != n:
+    seeds = current_row_seeds(n)
+    if seeds is None:
         return None
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
