@@ -79,6 +79,17 @@ def env_world() -> tuple[int, int, int]:
     return world, rank, local
 
 
+def _timeout_minutes() -> float:
+    text = os.environ.get("OPD_DIST_TIMEOUT_MIN", "30")
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = -1.0
+    if not minutes > 0:
+        raise ConfigError(f"OPD_DIST_TIMEOUT_MIN={text!r}: give a number of minutes > 0")
+    return minutes
+
+
 @dataclass
 class Dist:
     """The process group as the training loop sees it (world 1: every call is trivial)."""
@@ -105,7 +116,7 @@ class Dist:
             cuda = torch.cuda.is_available()
             if cuda:
                 torch.cuda.set_device(local)
-            minutes = float(os.environ.get("OPD_DIST_TIMEOUT_MIN", "30"))
+            minutes = _timeout_minutes()
             tdist.init_process_group(
                 backend="nccl" if cuda else "gloo",
                 timeout=datetime.timedelta(minutes=minutes),
