@@ -2,7 +2,9 @@
 against 1 process with the same global batch, and resuming across process counts.
 
 One torchrun launch runs every 2-process job (tests/ddp_worker.py) to pay the process
-start-up once; the 1-process twins run in this process.
+start-up once; the 1-process twins run in this process. The launch-based tests are marked
+slow (about 50 s of wall time together, 25 s of CPU); per-row sampling and sharding are
+checked in-process by the fast ones.
 """
 
 from __future__ import annotations
@@ -182,6 +184,7 @@ def _assert_same_student(run_dir: Path, student) -> None:
         torch.testing.assert_close(v, own[k], rtol=1e-4, atol=2e-5, msg=k)
 
 
+@pytest.mark.slow  # one torchrun launch (~50 s wall, ~25 s CPU) for all four
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_two_processes_equal_one_with_the_same_global_batch(launched, recipe):
     base, models, data, rows = launched
@@ -207,6 +210,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(launched, recipe):
     assert state["data"]["index"] == (STEPS * 4 * ACCUM[recipe]) % 20  # in the global stream
 
 
+@pytest.mark.slow  # one torchrun launch (~50 s wall, ~25 s CPU) for all four
 def test_one_process_checkpoint_resumes_in_two(launched):
     base, models, data, rows = launched
     resumed = rows[3]
@@ -217,6 +221,7 @@ def test_one_process_checkpoint_resumes_in_two(launched):
     assert state["world_size"] == 2
 
 
+@pytest.mark.slow  # one torchrun launch (~50 s wall, ~25 s CPU) for all four
 def test_two_process_checkpoint_resumes_in_one(launched):
     base, models, data, rows = launched
     assert rows[4]["losses"] and len(rows[4]["losses"]) == 1
@@ -235,6 +240,7 @@ def test_two_process_checkpoint_resumes_in_one(launched):
         load_run_config(snapshot, ["train.batch_size=3"])
 
 
+@pytest.mark.slow  # one torchrun launch (~50 s wall, ~25 s CPU) for all four
 def test_an_error_on_rank_1_stops_both_processes(launched):
     """Rank 1 raises in step 2 while rank 0 waits in the gradient all-reduce: the launch
     ends (no hang) with a non-zero exit code and rank 1's error; rank 0's checkpoint of step
