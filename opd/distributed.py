@@ -1,8 +1,8 @@
 """Data-parallel training over processes: one student replica per process (PyTorch DDP).
 
 Launched by `torchrun --nproc_per_node N -m opd distill ...` or `accelerate launch
---num_processes N -m opd distill ...`; both set WORLD_SIZE / RANK / LOCAL_RANK (and
-MASTER_ADDR / MASTER_PORT), which `Dist.from_env` reads. WORLD_SIZE unset or 1 is the plain
+--multi_gpu --num_processes N -m opd distill ...` (also on a CPU); both set WORLD_SIZE /
+RANK / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT), which `Dist.from_env` reads. WORLD_SIZE unset or 1 is the plain
 single-process run (no process group, nothing wrapped). Backend: gloo on CPU, nccl on CUDA
 (each process on cuda:LOCAL_RANK).
 
@@ -22,8 +22,9 @@ What each process does, with N processes, per-process batch B and grad_accum A:
                  global token mean (not a mean of per-rank means)
     gradients    the student's decoder runs through `DistributedDataParallel` (`decoder`);
                  gradients are all-reduced once per step, on the last micro-batch's backward
-                 (`no_sync` before); the head's gradient (used outside the decoder forward)
-                 is synced by the same hooks
+                 (`sync_grads` sets DDP's `require_backward_grad_sync`, as `no_sync` does);
+                 the head's gradient (used outside the decoder forward) is synced by the
+                 same hooks
     metrics      loss, KL sum, tokens, lengths and the parts' numbers gathered and combined
                  over ranks (`combine`); every rank computes the same step row
     writing      only rank 0 creates the run folder and writes config, metrics, samples,
