@@ -3,8 +3,8 @@
 Launched by `torchrun --nproc_per_node N -m opd distill ...` or `accelerate launch
 --multi_gpu --num_processes N -m opd distill ...` (also on a CPU); both set WORLD_SIZE /
 RANK / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT), which `Dist.from_env` reads.
-WORLD_SIZE unset or 1 is the plain single-process run (no process group, nothing wrapped). Backend: gloo on CPU, nccl on CUDA
-(each process on cuda:LOCAL_RANK).
+WORLD_SIZE unset or 1 is the plain single-process run (no process group, nothing wrapped).
+Backend: gloo on CPU, nccl on CUDA (each process on cuda:LOCAL_RANK).
 
 What each process does, with N processes, per-process batch B and grad_accum A:
 
