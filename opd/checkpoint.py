@@ -4,7 +4,8 @@ A checkpoint is a folder `checkpoints/step_000042/` with
   student.safetensors   the student's weights (safetensors: no pickle)
   optimizer.pt          optimizer and scheduler state (tensors and numbers only; loaded with
                         `torch.load(weights_only=True)`, which refuses arbitrary objects)
-  state.json            step, data-stream position, python RNG state, metrics so far
+  state.json            step, data-stream position, python RNG state, metrics so far (and,
+                        from opd.train, the process count and global batch that wrote it)
   rng.safetensors       torch CPU (and CUDA) RNG states
   components.safetensors  only when a method part's state holds tensors (e.g. the EMA
                         self-teacher's weights): state.json then holds {"__tensor__": key}

@@ -195,7 +195,7 @@ def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd d
         return stop.exit_code
     models = result.models
     stopped_early = stop_after is not None and stop_after < cfg.train.steps
-    if result.already_finished or not report or stopped_early:
+    if result.already_finished or not report or stopped_early or not result.is_main:
         return 0
     evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r.get("event") == "eval"]
     first = evals[0] if evals and evals[0]["step"] == 0 else {}

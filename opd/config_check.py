@@ -121,8 +121,16 @@ def check_resume_overrides(run_dir, saved: dict, now: dict) -> None:
         ):
             continue  # a served teacher may come back at another address after a restart
         if now[section][key] != saved[section][key]:
+            if key in ("batch_size", "grad_accum") and _same_global_batch(run_dir, saved, now):
+                continue  # [ddp] another process count, the same global batch
             raise ConfigError(
                 f"{section}.{key}={now[section][key]!r}: the run in '{run_dir}' was started "
                 f"with {section}.{key}={saved[section][key]!r}, and a checkpoint cannot continue "
                 "under another method, model, data or batch order; start a new run instead"
             )
+
+
+def _same_global_batch(run_dir, saved: dict, now: dict) -> bool:
+    from opd.distributed import same_global_batch  # imports torch: only when needed
+
+    return same_global_batch(run_dir, saved, now)

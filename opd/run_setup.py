@@ -12,6 +12,11 @@ Order (so a failed start leaves nothing behind and an interrupted one loses noth
    step 0 with its saved config, and says so.
 
 The run's first log lines name the teacher, the student and the data sources.
+
+Data-parallel (`opd.distributed`): every process validates and builds the same models; only
+rank 0 creates the folder and writes config.yaml, the metrics and the trackers (the others
+get a `NullLog`); every process restores the same checkpoint; the student's decoder is then
+wrapped in DDP. The prompt stream yields global micro-batches of batch_size × N rows.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import errno
 import math
 import os
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -29,6 +35,7 @@ from opd.checkpoint import load_newest
 from opd.config import RunConfig, resolve_steps, save_config, to_dict
 from opd.context import StepContext
 from opd.crosstok.models import check_pair
+from opd.distributed import SINGLE, Dist
 from opd.errors import ConfigError, ModelError
 from opd.evaluate import generic_verify
 from opd.logs import MetricsLog
@@ -64,6 +71,7 @@ class Run:
     start_step: int = 0
     losses: list = field(default_factory=list)
     metrics_log: MetricsLog | None = None
+    dist: Dist = field(default_factory=Dist)  # the process group (opd.distributed)
 
     @property
     def verify(self):
@@ -236,10 +244,24 @@ def load_component_states(method: Method, states: dict) -> None:
             v.load_state_dict(states[k])
 
 
-def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False, log=print):
+class NullLog:
+    """The metrics log of a process other than rank 0: writes nothing."""
+
+    trackers = None
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def setup_run(
+    cfg, run_dir, *, models=None, method=None, data=None, resume=False, log=print, dist=SINGLE
+):
     """Validate, create the folder, build the optimizer and restore a checkpoint: a `Run`."""
     tc = cfg.train
-    check_output_dir(run_dir, resume)
+    check_output_dir(run_dir, resume or not dist.is_main)  # rank 0 may have written already
     parse_log_to(tc.log_to)  # an unknown tracker or a missing package fails before anything
     if resume and not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"--resume: '{run_dir}' is not a run folder (no config.yaml)")
@@ -255,13 +277,15 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     data = data if data is not None else build_data(cfg, models.tokenizer)
     check_data_fits(method, data)
     if tc.epochs > 0:
-        resolve_steps(cfg, len(data.train))
+        resolve_steps(cfg, Fraction(len(data.train), dist.world))  # global batch B·A·N
         log(
             f"train.epochs={tc.epochs}: {tc.steps} steps over {len(data.train)} training prompts "
-            f"(batch {tc.batch_size} × grad_accum {tc.grad_accum})"
+            f"(batch {tc.batch_size} × grad_accum {tc.grad_accum} × {dist.world} processes)"
         )
-    make_run_dir(run_dir)
-    if not resume:
+    dist.barrier()  # every process has validated before rank 0 creates anything
+    if dist.is_main:
+        make_run_dir(run_dir)
+    if not resume and dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
     for line in source_lines(cfg, models_given, data):
         log(line)
@@ -285,7 +309,7 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
     for part in parts:  # method.teacher: [crosstok] reads the two tokenizers
         if isinstance(part, Preparable):  # e.g. G-OPD snapshots the initial student as π_ref
             part.prepare(models)
-    stream = PromptStream(data.train, tc.batch_size, seed=tc.seed)
+    stream = PromptStream(data.train, tc.batch_size * dist.world, seed=tc.seed)
     gen = GenerationParams(
         max_new_tokens=cfg.sampling.max_new_tokens,
         temperature=cfg.sampling.temperature,
@@ -320,7 +344,14 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
         stream,
         ctx,
         device,
+        dist=dist,
     )
+    if dist.world > 1:
+        log(
+            f"{dist.world} processes (DDP, {tc.batch_size} prompts each): global batch "
+            f"{tc.batch_size * tc.grad_accum * dist.world} = train.batch_size × grad_accum × "
+            f"{dist.world}"
+        )
     resume_step = None
     if resume:
         found = load_newest(
@@ -336,7 +367,13 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
             run.start_step, run.losses = state["step"], list(state["losses"])
             resume_step = run.start_step
             log(f"resumed from {ckpt} at step {run.start_step}")
-        save_config(cfg, run_dir / "config.yaml")
+            world_note(state, tc, dist, log)
+        if dist.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+    dist.wrap(models.student)  # DDP (world > 1): rank 0's weights broadcast to every replica
+    if not dist.is_main:
+        run.metrics_log = NullLog()
+        return run
     trackers = open_trackers(tc.log_to, run_dir, to_dict(cfg), resume, resume_step=resume_step)
     if resume_step is not None:
         truncate_samples(run_dir, resume_step)
@@ -344,3 +381,16 @@ def setup_run(cfg, run_dir, *, models=None, method=None, data=None, resume=False
         run_dir / "metrics.jsonl", resume_step=resume_step, trackers=trackers
     )
     return run
+
+
+def world_note(state: dict, tc, dist: Dist, log) -> None:
+    """Say so when a checkpoint written by another process count is resumed."""
+    before = state.get("world_size", 1)
+    if before == dist.world:
+        return
+    was, now = state.get("global_batch"), tc.batch_size * tc.grad_accum * dist.world
+    change = "unchanged" if was == now else f"{was} -> {now} prompts"
+    log(
+        f"the checkpoint was written by {before} process(es), resumed by {dist.world}: "
+        f"global batch {change}"
+    )

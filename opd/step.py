@@ -28,6 +28,10 @@ token's coefficient is known before the values in closed form (`opd.losses.reduc
 `one_pass_loss` computes Σ c_n · D_n with its gradient taken in the forward pass (no logits
 recomputed in the backward); it equals the general path in value and gradient.
 
+Data-parallel (`opd.distributed`): each process rolls out its rows of the global
+micro-batch, C is summed over processes (one all_reduce), each process's backward is scaled
+by the process count (DDP averages), and the row's numbers are combined over processes.
+
 Non-finite numbers stop the run (`NonFiniteError`, an `OpdError`: the CLI exits 2) at the
 step where they appear, before the optimizer touches the student: the teacher's scores, each
 micro-batch's loss and the gradient norm are checked; sampling that fails on NaN/inf
@@ -42,12 +46,14 @@ import time
 
 import torch
 
+from opd.distributed import SINGLE, combine, shard_rows
 from opd.errors import OpdError
 from opd.losses import chunked_token_logprobs
 from opd.losses.reduce import coefficients, reduce, step_count
 from opd.models import decoder_and_head
 from opd.parts import OnePassSignal, ReverseKLSignal
 from opd.precision import autocast, autocast_rows, like_rows
+from opd.sampling.rows import row_seeds
 from opd.signals import Divergence
 from opd.types import StudentRows, completion_rows
 
@@ -121,8 +127,11 @@ def rollout_kl(method, srows, tscores, values_N, ctx):
     return logq_N - tscores.token_logprobs_N.float()
 
 
-def micro_step(method, models, rollout, ctx, device, count=None, precision="fp32"):
+def micro_step(method, models, rollout, ctx, device, count=None, precision="fp32", decoder=None):
     """Loss of one micro-batch, normalised by `count` (None: this micro-batch's own count).
+
+    `decoder`: the student's decoder forward to run instead of its own (the DDP-wrapped one
+    of `opd.distributed`, whose forward registers the gradient all-reduce).
 
     `precision="bf16"`: the teacher and the student's decoder run under bfloat16 autocast;
     the loss is formed outside it, reducing in float32 (`opd.precision`).
@@ -143,6 +152,7 @@ def micro_step(method, models, rollout, ctx, device, count=None, precision="fp32
             "bfloat16 or float32); the student was not updated at this step"
         )
     s_dec, s_head, _ = decoder_and_head(models.student, verify=False)
+    s_dec = decoder or s_dec
     srows = student_rows(s_dec, s_head[: models.vocab_size], rollout, device, precision)
     ctx.rollout, ctx.metrics = rollout, {}
     mask_BT = rollout.completion_mask_BT.to(device).bool()
@@ -182,10 +192,14 @@ def one_pass_loss(method, srows, tscores, ctx, rollout, mask_BT, count=None):
     return method.signal.weighted_loss(srows, tscores, ctx, coef_N)
 
 
-def _rollout(method, stream, ctx, step, causes: str = ""):
+def _rollout(method, stream, ctx, step, causes: str = "", dist=SINGLE, seed=0, micro=0):
+    """One micro-batch's rollout: this process's rows of the global micro-batch, each
+    sampled with its own seed (`opd.distributed.shard_rows`, `opd.sampling.rows`)."""
     examples = method.prompts.select(stream, ctx) if method.prompts else next(stream)
+    examples, seeds = shard_rows(examples, dist, seed, step, micro)
     try:
-        return method.prefixes.rollout(examples, ctx)
+        with row_seeds(seeds):
+            return method.prefixes.rollout(examples, ctx)
     except RuntimeError as err:  # torch.multinomial on NaN/inf probabilities
         if re.search(r"\b(nan|inf)\b", str(err).lower()):
             raise NonFiniteError(
@@ -197,7 +211,7 @@ def _rollout(method, stream, ctx, step, causes: str = ""):
 
 def train_step(run, step: int) -> dict:
     """One optimizer step (module docstring); returns its metrics row."""
-    tc, models = run.cfg.train, run.models
+    tc, models, dist = run.cfg.train, run.models, run.dist
     t0 = time.perf_counter()
     run.optimizer.zero_grad(set_to_none=True)
     ctx = run.ctx
@@ -205,20 +219,23 @@ def train_step(run, step: int) -> dict:
     causes = likely_causes(models, tc.lr)
     with autocast(tc.precision, run.device):  # bf16: rollouts under autocast too
         rollouts = [
-            _rollout(run.method, run.stream, ctx, step, causes) for _ in range(tc.grad_accum)
+            _rollout(run.method, run.stream, ctx, step, causes, dist, tc.seed, m)
+            for m in range(tc.grad_accum)
         ]
-    count = step_count(run.method.reduction, [r.completion_mask_BT for r in rollouts])
+    # the global count: over every micro-batch of every process (opd.distributed)
+    (count,) = dist.sum(step_count(run.method.reduction, [r.completion_mask_BT for r in rollouts]))
     total_loss, kl_sum, n_tok, lengths, info = 0.0, 0.0, 0, [], {}
-    for rollout in rollouts:
+    for m, rollout in enumerate(rollouts):
+        dist.sync_grads(last=m == len(rollouts) - 1)  # DDP: all-reduce on the last backward
         loss, kl_N, rollout = micro_step(
-            run.method, models, rollout, ctx, run.device, count, tc.precision
+            run.method, models, rollout, ctx, run.device, count, tc.precision, dist.decoder()
         )
         if not bool(torch.isfinite(loss.detach())):
             raise NonFiniteError(
                 f"step {step + 1}: the loss is not finite ({float(loss.detach())}); "
                 f"{causes}; the student was not updated at this step"
             )
-        loss.backward()
+        dist.backward(loss)
         total_loss += float(loss.detach())
         if kl_N is not None:
             kl_sum += float(kl_N.sum())
@@ -227,6 +244,12 @@ def train_step(run, step: int) -> dict:
         # the rollout's facts (source) and the numbers the signal and weights reported
         for k, v in {**rollout.info, **ctx.metrics}.items():
             info[k] = info.get(k, 0.0) + v / tc.grad_accum
+    len_sum, len_n = float(sum(lengths)), len(lengths)
+    if dist.world > 1:  # the step's numbers over all processes
+        mine = {"loss": total_loss, "kl_sum": kl_sum, "tokens": n_tok, "info": info}
+        all_ = combine(dist.gather(dict(mine, len_sum=len_sum, len_n=len_n)))
+        total_loss, kl_sum, n_tok, info = all_["loss"], all_["kl_sum"], all_["tokens"], all_["info"]
+        len_sum, len_n = all_["len_sum"], all_["len_n"]
     grads = [p.grad for p in run.params if p.grad is not None]
     if tc.max_grad_norm > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, tc.max_grad_norm))
@@ -249,7 +272,7 @@ def train_step(run, step: int) -> dict:
         "step": step + 1,
         "loss": total_loss,
         "teacher_kl": kl_sum / max(n_tok, 1),
-        "completion_length": sum(lengths) / max(len(lengths), 1),
+        "completion_length": len_sum / max(len_n, 1),
         "tokens": n_tok,
         "tokens_per_s": n_tok / dt,
         "grad_norm": grad_norm,

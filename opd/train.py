@@ -25,13 +25,17 @@ second one abandons the step at once (the last checkpoint stays).
 
 Non-finite numbers stop the run with `NonFiniteError` naming the step (opd.step); no
 checkpoint or student with non-finite parameters is ever written.
+
+Data-parallel (`torchrun` / `accelerate launch`, `opd.distributed`): every process runs this
+loop on its shard; rank 0 alone logs, evaluates, writes samples, checkpoints and the student
+(the others skip those and meet it at the next step's collectives); a stop request is agreed
+on by all processes; all meet at a barrier before returning.
 """
 
 from __future__ import annotations
 
 import shutil
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +43,7 @@ from pathlib import Path
 from opd.build import Models, PromptSets
 from opd.checkpoint import save_checkpoint
 from opd.config import RunConfig, resolve_output_dir
+from opd.distributed import Dist
 from opd.errors import TeacherUnreachable
 from opd.evaluate import heldout_kl
 from opd.logs import Progress
@@ -47,7 +52,6 @@ from opd.run_setup import (
     Run,
     build_method,
     component_states,
-    load_component_states,
     lr_lambda,
     setup_run,
 )
@@ -62,6 +66,7 @@ from opd.step import (
     student_rows,
     train_step,
 )
+from opd.stopping import RunInterrupted, StopRequests, rewind, rewind_point
 
 __all__ = [
     "REVERSE_KL",
@@ -88,39 +93,7 @@ class RunResult:
     data: PromptSets
     method: Method
     already_finished: bool = False  # --resume on a finished run: nothing was done
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM stopped the run after a checkpoint; `exit_code` is 130 or 143."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class StopRequests:
-    """SIGINT/SIGTERM while training: the first asks to stop after this step, a second
-    abandons the step (KeyboardInterrupt). Installed only in the main thread."""
-
-    def __init__(self):
-        self.signum, self._old = None, {}
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(s) is signal.SIG_IGN:
-                    continue  # e.g. SIGINT of a background job: ignored before, ignored now
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for s, old in self._old.items():
-            signal.signal(s, old)
+    is_main: bool = True  # False on a data-parallel process other than rank 0 (no report)
 
 
 _clock = time.monotonic  # the checkpoint_minutes clock (tests replace it)
@@ -181,11 +154,17 @@ def _check_finite_student(run: Run, what: str) -> None:
 
 
 def checkpoint(run: Run, done: int) -> None:
+    """Rank 0 writes the checkpoint of `done` steps (every rank holds the same state)."""
+    if not run.dist.is_main:
+        return
     _check_finite_student(run, f"the checkpoint of step {done}")
+    tc = run.cfg.train
     state = {
-        "data": run.stream.state_dict(),
+        "data": run.stream.state_dict(),  # a position in the global stream
         "losses": run.losses,
         "components": component_states(run.method),
+        "world_size": run.dist.world,
+        "global_batch": tc.batch_size * tc.grad_accum * run.dist.world,
     }
     save_checkpoint(
         run.ckpt_root,
@@ -231,21 +210,45 @@ def distill(
         import torch
 
         torch.set_num_threads(tc.threads)
+    dist = Dist.from_env()  # torchrun / accelerate: the process group; else one process
+    try:
+        return _distill(cfg, dist, models, method, data, resume, stop_after, evaluate, log)
+    finally:
+        dist.close()
+
+
+def _distill(cfg, dist, models, method, data, resume, stop_after, evaluate, log) -> RunResult:
+    log = log if dist.is_main else _silent
     named = bool(cfg.output_dir)
-    run_dir = resolve_output_dir(cfg)  # a made-up name is claimed by creating the folder
+    # a made-up name is claimed by creating the folder (rank 0), then told to the others
+    run_dir = dist.broadcast(resolve_output_dir(cfg) if dist.is_main else None)
     cfg.output_dir = str(run_dir)
     try:
         run = setup_run(
-            cfg, run_dir, models=models, method=method, data=data, resume=resume, log=log
+            cfg,
+            run_dir,
+            models=models,
+            method=method,
+            data=data,
+            resume=resume,
+            log=log,
+            dist=dist,
         )
     except BaseException:
-        if not named and run_dir.is_dir() and not any(run_dir.iterdir()):
+        if dist.is_main and not named and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a failed start leaves no empty folder behind
         raise
     try:
-        return _train(run, stop_after, evaluate, log)
+        result = _train(run, stop_after, evaluate, log)
+        dist.barrier()  # rank 0 has saved the student (or failed: then this never returns)
+        result.is_main = dist.is_main
+        return result
     finally:
         run.metrics_log.close()
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of a process other than rank 0."""
 
 
 def _train(run: Run, stop_after, evaluate, log) -> RunResult:
@@ -256,12 +259,13 @@ def _train(run: Run, stop_after, evaluate, log) -> RunResult:
         log(f"run '{run.run_dir}' already finished ({tc.steps} steps); nothing to do")
         result.already_finished = True
         return result
+    evaluate = evaluate and run.dist.is_main  # evaluation and samples: rank 0 only
     if run.start_step == 0 and evaluate:
         first = run_eval(run, 0)
         if first:
             log(_eval_line(first, "before"))
     last_step = tc.steps if stop_after is None else min(tc.steps, stop_after)
-    bar = Progress(tc.steps, initial=run.start_step, enabled=tc.progress)
+    bar = Progress(tc.steps, initial=run.start_step, enabled=tc.progress and run.dist.is_main)
     models.student.train()
     last_save = _clock()
     with StopRequests() as stop:
@@ -278,7 +282,7 @@ def _train(run: Run, stop_after, evaluate, log) -> RunResult:
                 final = run_eval(run, done)
                 if final:
                     log(_eval_line(final, "after"))
-            if sample_due(done, tc.sample_every) and run.data.eval:
+            if sample_due(done, tc.sample_every) and run.data.eval and run.dist.is_main:
                 write_samples(
                     run.run_dir,
                     done,
@@ -291,24 +295,25 @@ def _train(run: Run, stop_after, evaluate, log) -> RunResult:
                     backend=run.cfg.sampling.backend,
                 )
             minutes = (_clock() - last_save) / 60
+            stopping = run.dist.any(stop.signum is not None)  # every process stops together
             if (
                 (tc.checkpoint_every and done % tc.checkpoint_every == 0)
                 or (tc.checkpoint_minutes and minutes >= tc.checkpoint_minutes)
                 or done == last_step
-                or stop.signum is not None
+                or stopping
             ):
                 checkpoint(run, done)
                 last_save = _clock()
-            if stop.signum is not None and done < last_step:
+            if stopping and done < last_step:
                 bar.close()
-                name = signal.Signals(stop.signum).name
+                name = signal.Signals(stop.signum or signal.SIGTERM).name
                 raise RunInterrupted(
                     f"{name}: stopped after step {done} (checkpoint written); continue with "
                     f"opd distill --resume {run.run_dir}",
                     128 + stop.signum,
                 )
     bar.close()
-    if last_step == tc.steps:
+    if last_step == tc.steps and run.dist.is_main:
         _check_finite_student(run, "the student")
         save_student(models, student_dir)
         log(f"student saved to {student_dir}")
@@ -324,42 +329,18 @@ def _step_or_checkpoint(run: Run, step: int, bar) -> dict:
     """`train_step`; when the served teacher stays unreachable, rewind the step's random
     state and data position, write a checkpoint of the `step` finished steps and stop with
     one line (exit code 2) saying how to continue. The student was not updated."""
-    before = _rewind_point(run)
+    before = rewind_point(run)
     try:
         return train_step(run, step)
     except TeacherUnreachable as err:
         bar.close()
-        _rewind(run, before)
+        rewind(run, before)
         checkpoint(run, step)
         raise TeacherUnreachable(
             f"{err}; stopped at step {step + 1} with a checkpoint of step {step}: when the "
             f"teacher answers again, continue with opd distill --resume {run.run_dir} (add "
             "model.teacher=URL if it moved)"
         ) from None
-
-
-def _rewind_point(run: Run) -> tuple:
-    import random
-
-    import torch
-
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    states = component_states(run.method)
-    return run.stream.state_dict(), torch.get_rng_state(), cuda, random.getstate(), states
-
-
-def _rewind(run: Run, point: tuple) -> None:
-    import random
-
-    import torch
-
-    data, cpu, cuda, py, states = point
-    run.stream.load_state_dict(data)
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-    random.setstate(py)
-    load_component_states(run.method, states)
 
 
 def save_student(models: Models, path: Path) -> None:

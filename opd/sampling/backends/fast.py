@@ -13,7 +13,8 @@ preallocated tensors:
     sampling: float32 logits of the last position through transformers' own temperature,
               top-k and top-p warpers, in `generate`'s order, then softmax and one
               `torch.multinomial` draw per row (argmax when greedy). With the same torch RNG
-              state and logits equal to `generate`'s, the same tokens come out.
+              state and logits equal to `generate`'s, the same tokens come out. Inside
+              `opd.sampling.rows.row_seeds` each row draws from its own generator instead.
 
 Rows that have emitted a stop token are fed the pad id until every row has stopped (as
 `generate` does), then completions are cut after their first stop token.
@@ -32,16 +33,12 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from opd.errors import ConfigError, ModelError
 from opd.sampling.backends.base import GenerationParams
 from opd.sampling.backends.hf import HFBackend, cut_at_stop, left_pad
+from opd.sampling.rows import draw, row_generators
+from opd.sampling.rows import warpers as _warpers
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +64,6 @@ def unsupported_reason(model: torch.nn.Module, max_len: int = 0) -> str | None:
         if max_len == 0 or window < max_len:
             return f"sliding-window attention (window {window})"
     return None
-
-
-def _warpers(params: GenerationParams) -> LogitsProcessorList:
-    """transformers' warpers in `generate`'s order: temperature, top-k, top-p."""
-    out = LogitsProcessorList()
-    if params.greedy:
-        return out
-    if params.temperature != 1.0:
-        out.append(TemperatureLogitsWarper(params.temperature))
-    if params.top_k > 0:
-        out.append(TopKLogitsWarper(params.top_k))
-    if params.top_p < 1.0:
-        out.append(TopPLogitsWarper(params.top_p))
-    return out
 
 
 def _rotate_half(x):
@@ -257,9 +240,13 @@ class FastBackend:
                 )
             return self.fallback.generate(model, prompts, params, pad_id=pad_id, stop_ids=stop_ids)
         step = self.batch_size or len(prompts)
+        gens = row_generators(len(prompts), model.get_output_embeddings().weight.device)
         out: list[list[int]] = []
         for start in range(0, len(prompts), step):
-            out.extend(self._generate(model, prompts[start : start + step], params, pad_id, stop_ids))
+            sub = gens[start : start + step] if gens else None
+            out.extend(
+                self._generate(model, prompts[start : start + step], params, pad_id, stop_ids, sub)
+            )
         return out
 
     def reason(self, model, max_len: int = 0) -> str | None:
@@ -274,7 +261,7 @@ class FastBackend:
             reason = _VERIFIED[model]
         return reason
 
-    def _generate(self, model, prompts, params, pad_id, stop_ids):
+    def _generate(self, model, prompts, params, pad_id, stop_ids, gens=None):
         head = model.get_output_embeddings()
         device = head.weight.device
         ids_BP, mask_BP = left_pad(prompts, pad_id)
@@ -295,7 +282,11 @@ class FastBackend:
                     next_B = logits_BV.argmax(-1)
                 else:
                     scores_BV = warpers(None, logits_BV) if warpers else logits_BV
-                    next_B = torch.multinomial(scores_BV.softmax(-1), 1).squeeze(1)
+                    probs_BV = scores_BV.softmax(-1)
+                    if gens is not None:  # one generator per row (opd.sampling.rows)
+                        next_B = draw(probs_BV, gens)
+                    else:
+                        next_B = torch.multinomial(probs_BV, 1).squeeze(1)
                 next_B = torch.where(unfinished_B, next_B, torch.full_like(next_B, pad_id))
                 new.append(next_B)
                 unfinished_B &= ~torch.isin(next_B, stops)

@@ -2,17 +2,21 @@
 
 Left-pads the prompts, runs `model.generate` with the KV cache, and cuts each completion
 after its first stop token (EOS or the chat template's end-of-turn token). Sampling draws
-from torch's global RNG, so a restored RNG state reproduces the same completions.
+from torch's global RNG, so a restored RNG state reproduces the same completions; inside
+`opd.sampling.rows.row_seeds` each row draws from its own generator (`RowSampler`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.logits_process import LogitsProcessorList
 
 from opd.sampling.backends.base import GenerationParams
+from opd.sampling.rows import RowSampler, keep_global_rng, row_generators
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,14 +62,16 @@ class HFBackend:
         if not prompts:
             return []
         step = self.batch_size or len(prompts)
+        gens = row_generators(len(prompts), next(model.parameters()).device)
         out: list[list[int]] = []
         for start in range(0, len(prompts), step):
+            sub = gens[start : start + step] if gens and not params.greedy else None
             out.extend(
-                self._generate(model, prompts[start : start + step], params, pad_id, stop_ids)
+                self._generate(model, prompts[start : start + step], params, pad_id, stop_ids, sub)
             )
         return out
 
-    def _generate(self, model, prompts, params, pad_id, stop_ids):
+    def _generate(self, model, prompts, params, pad_id, stop_ids, gens=None):
         device = next(model.parameters()).device
         ids_BP, mask_BP = left_pad(prompts, pad_id)
         cfg = GenerationConfig(
@@ -82,11 +88,16 @@ class HFBackend:
         was_training = model.training
         model.eval()
         try:
-            seqs_BL = model.generate(
-                input_ids=ids_BP.to(device),
-                attention_mask=mask_BP.to(device),
-                generation_config=cfg,
-            )
+            # per-row generators: RowSampler picks each token; generate's own multinomial
+            # (then certain) must not advance the global RNG
+            procs = LogitsProcessorList([RowSampler(gens, params)]) if gens else None
+            with keep_global_rng() if gens else contextlib.nullcontext():
+                seqs_BL = model.generate(
+                    input_ids=ids_BP.to(device),
+                    attention_mask=mask_BP.to(device),
+                    generation_config=cfg,
+                    logits_processor=procs,
+                )
         finally:
             model.train(was_training)
         new_BT = seqs_BL[:, ids_BP.shape[1] :].tolist()
