@@ -302,42 +302,54 @@ def test_gad_resumes_exactly_with_the_discriminator_and_its_optimizer(tmp_path, 
 
 @pytest.mark.slow
 def test_gad_on_the_embedded_pair_resumes_exactly(tmp_path):
-    """A few `gad` steps on the embedded SmolLM2 teacher and an 8-layer pruned student from
-    the CLI; stopped after step 1 and resumed, it logs the uninterrupted run's numbers."""
-    from opd.tasks.shipped import load_shipped
+    """Two `gad` steps on the embedded SmolLM2 teacher and an 8-layer pruned student from the
+    CLI (a checkpoint per step); a copy of the run cut back to its step-1 checkpoint and
+    resumed logs the uninterrupted run's step 2 and ends with the same student."""
+    import shutil
 
-    data = tmp_path / "arith.jsonl"
-    with open(data, "w") as fh:
-        for row in load_shipped("arithmetic", "train")[:8]:
-            fh.write(json.dumps(row) + "\n")
-    common = [
-        "recipe=gad",
-        "method.args.group_size=2",
-        "method.args.warmup_steps=1",
-        "model.student=embedded",
-        "model.student_prune_to=8",  # a quicker 8-layer copy: the test is about resume
-        f"data.train={data}",
-        f"data.eval={data}",
-        "data.eval_count=2",
-        "train.steps=2",
-        "train.batch_size=2",
-        "sampling.max_new_tokens=6",
-        "train.progress=false",
-        "--no-report",
-    ]
+    from safetensors.torch import load_file
+
+    data = write_prompts(tmp_path / "d.jsonl", n=4)
+    full = tmp_path / "full"
+    res = run_opd(
+        [
+            "distill",
+            "recipe=gad",
+            "method.args.group_size=2",
+            "method.args.warmup_steps=1",
+            "model.student=embedded",
+            "model.student_prune_to=8",  # a quicker 8-layer copy: the test is about resume
+            f"data.train={data}",
+            "data.eval_count=0",
+            "data.chat_template=false",
+            "train.steps=2",
+            "train.batch_size=2",
+            "train.checkpoint_every=1",
+            "sampling.max_new_tokens=4",
+            "train.progress=false",
+            "--no-report",
+            f"output_dir={full}",
+        ]
+    )
+    assert res.code == 0, res.err
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "checkpoints" / "step_000002")
+    shutil.rmtree(cut / "student")
+    (cut / "checkpoints" / "latest").write_text("step_000001\n")
+    assert (cut / "checkpoints" / "step_000001" / "components.safetensors").is_file()
+    res = run_opd(["distill", "--resume", str(cut), "--no-report"])
+    assert res.code == 0, res.err
+    assert "resumed from" in res.out and "step 1" in res.out
 
     def rows(run):
         lines = (run / "metrics.jsonl").read_text().splitlines()
         return [json.loads(x) for x in lines if '"loss"' in x]
 
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    res = run_opd(["distill", *common, f"output_dir={full}"])
-    assert res.code == 0, res.err
-    res = run_opd(["distill", *common, f"output_dir={cut}", "--stop-after", "1"])
-    assert res.code == 0, res.err
-    assert (cut / "checkpoints" / "step_000001" / "components.safetensors").is_file()
-    res = run_opd(["distill", "--resume", str(cut), "--no-report"])
-    assert res.code == 0, res.err
-    keys = ("loss", "gad_disc_loss", "reward_mean", "gad_teacher_score")
+    keys = ("loss", "gad_disc_loss", "reward_mean", "gad_teacher_score", "gad_warmup")
     assert [[r[k] for k in keys] for r in rows(cut)] == [[r[k] for k in keys] for r in rows(full)]
     assert [r["gad_warmup"] for r in rows(full)] == [1.0, 0.0]
+    for name in ("student.safetensors", "components.safetensors"):
+        a = load_file(str(full / "checkpoints" / "step_000002" / name))
+        b = load_file(str(cut / "checkpoints" / "step_000002" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
