@@ -12,10 +12,11 @@ Deviations:
 - One run with rounds (a growing prompt pool inside `opd distill`), not separate fine-tuning
   runs per iteration; the optimizer, schedule and student carry over between rounds.
 - Imitation draws uniformly from the whole pool (initial + generated) at every step; Lion
-  trains each iteration on its train pool of new instructions.
+  keeps a separate train pool per iteration (details not re-checked against the paper).
 - The referee scores only the student's answer against the teacher's (one digit, first digit
-  parsed); Lion's referee scores both answers and thresholds their difference. Only hard
-  instructions seed new ones (Lion also writes from easy ones to keep diversity).
+  parsed); as we read the paper, Lion's referee scores both answers and thresholds their
+  difference. Only hard instructions seed new ones (Lion also writes new instructions from
+  easy ones, for diversity). Instructions with a reference answer are judged by the verifier.
 - The templates are opd's own wording, not the paper's prompts.
 """
 
