@@ -353,3 +353,21 @@ def test_gad_on_the_embedded_pair_resumes_exactly(tmp_path):
         a = load_file(str(full / "checkpoints" / "step_000002" / name))
         b = load_file(str(cut / "checkpoints" / "step_000002" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_discriminator_step_is_the_mean_over_the_steps_micro_batches(tok):
+    ro = make_rollout([tok("1=").input_ids] * 2, [tok("1").input_ids, tok("2").input_ids], 0, "p")
+    ro = replace(ro, row_writers=("teacher", "student"))
+    gad = GAD(group_size=1, disc_max_grad_norm=0.0)
+    gad.disc = FixedScores([0.5, 1.5])
+    gad.optimizer = torch.optim.SGD(gad.disc.parameters(), lr=1.0)
+    ctx = StepContext(step=3)
+    gad.discriminate(ro, ctx)
+    gad.discriminate(ro, ctx)  # a second micro-batch of the same optimizer step
+    assert gad._pairs == 2
+    gad.after_optimizer_step()
+    # mean gradient of −log σ(s_t − s_s) over the 2 identical pairs: ∓σ(s_s − s_t) = ∓σ(1)
+    sig = 1 / (1 + math.exp(-1.0))
+    want = torch.tensor([0.5 + sig, 1.5 - sig], dtype=F64)
+    assert torch.allclose(gad.disc.s.detach(), want, rtol=0, atol=1e-15)
+    assert gad._pairs == 0 and gad.updates == 1 and gad.disc.s.grad is None
