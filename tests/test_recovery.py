@@ -11,6 +11,8 @@ import re
 
 import pytest
 
+from opd.bench import quality
+from opd.bench.warmup import plateau_reached
 from opd.errors import ConfigError
 from opd.tasks import get_task
 from opd.tasks import teacher as teacher_mod
@@ -28,6 +30,7 @@ from opd.tasks.recovery import (
     recovery_task,
 )
 from opd.tasks.teacher import TeacherPreset, encode_sft_batch, train_task_teacher
+from opd.tasks.variants import VARIANTS, Variant, task_spec
 from opd.tiny import char_tokenizer, tiny_llama
 
 ROW = {"prompt": "chain: 3+4*2-1\n", "completion": "3+4=7;7*2=14;14-1=13 => 13", "answer": "13"}
@@ -205,3 +208,62 @@ def test_clean_teachers_keep_their_cache_keys(tmp_path, monkeypatch):
            "batch_size": 64, "lr": 3e-3, "warmup": 100, "weight_decay": 0.01}  # fmt: skip
     digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
     assert saved == [tmp_path / f"chain-{digest}"]
+
+
+def test_plateau_rule_on_a_synthetic_curve():
+    curve = [0.10, 0.30, 0.50, 0.62, 0.60, 0.61, 0.62, 0.70]
+    stops = [i for i in range(1, len(curve) + 1) if plateau_reached(curve[:i], patience=3)]
+    assert stops[0] == 7  # 0.60, 0.61, 0.62 do not beat 0.62 (the best before them)
+    assert plateau_reached(curve[:5], patience=1) and not plateau_reached(curve[:4], patience=1)
+    # An improvement must exceed min_delta to count.
+    assert not plateau_reached([0.5, 0.52], patience=1)
+    assert plateau_reached([0.5, 0.52], patience=1, min_delta=0.05)
+    assert not plateau_reached([0.5] * 3, patience=3)  # too short to tell
+    with pytest.raises(ValueError, match="patience"):
+        plateau_reached([0.1, 0.1], patience=0)
+
+
+@pytest.mark.slow
+def test_plateau_warmup_in_a_tiny_sweep(tmp_path):
+    """chain_fix end to end: the warm-up stops at the plateau, the teacher's recovery accuracy
+    and the students' correction markers are recorded."""
+    s = quality.Settings(
+        task="chain_fix", seeds=1, methods=("supervised_kd",), steps=1, batch_size=4,
+        train_rows=64, eval_rows=6, kl_rows=2, eval_points=(1.0,), student_hidden=16,
+        student_layers=1, student_heads=2, threads=1, progress=False, workers=1,
+        warmup="plateau", warmup_eval_every=1, warmup_patience=1, warmup_max_steps=5,
+        valid_rows=5, cache_dir=str(tmp_path / "cache"),
+        teacher_preset=TeacherPreset(hidden=32, layers=1, heads=2, steps=2, batch_size=8,
+                                     warmup=1, corrupt_fraction=0.5),
+    )  # fmt: skip
+    result = quality.run_quality(s, tmp_path / "out", log=lambda *_: None)
+    plateau = result["warmup"][0]["plateau"]
+    # A 16-wide student stays at 0 % after a step or two: no gain at the second evaluation.
+    assert [p["accuracy"] for p in plateau["valid_curve"]] == [0.0, 0.0]
+    assert plateau["stopped_at"] == 2 and plateau["best_step"] == 1
+    assert not plateau["max_steps_reached"] and result["warmup"][0]["steps"] == 2
+    assert (tmp_path / "out" / "runs" / "warmup-seed0" / "student" / "config.json").is_file()
+    valid = [json.loads(x) for x in (tmp_path / "out" / "valid.jsonl").read_text().splitlines()]
+    held_out = (tmp_path / "out" / "eval.jsonl").read_text()
+    assert len(valid) == 5 and not any(r["prompt"] in held_out for r in valid)
+    assert set(result["teacher"]["recovery_accuracy"]) == {"1", "2", "3"}
+    final = result["runs"][0]["final"]
+    assert {"corrections_mean", "with_correction"} <= set(final)
+    assert result["warmup"][0]["curve"][0]["step"] == 0  # the student at init comes first
+    assert "| 2 |" in (tmp_path / "out" / "results.md").read_text()  # the warm-up's steps
+
+
+def test_task_specs_and_variants():
+    assert task_spec("chain_fix:steps=8") == Variant("chain_fix", {"steps": 8}, None)
+    long = task_spec("sort_fix_long")
+    assert long.task == "sort_fix" and long.knobs["length"] == 16
+    assert long.preset.corrupt_fraction > 0 and task_spec("sort_long").preset.corrupt_fraction == 0
+    assert task_spec("sort_long").knobs == long.knobs
+    for name, v in VARIANTS.items():
+        rows = get_task(v.task).generate(3, 0, **v.knobs)
+        ids = char_tokenizer()([r["prompt"] + r["completion"] for r in rows])["input_ids"]
+        assert max(map(len, ids)) < 256, name  # fits the teachers' positions
+    with pytest.raises(ConfigError, match="knob=integer"):
+        task_spec("chain:steps=many")
+    with pytest.raises(ConfigError, match="valid knobs"):
+        task_spec("chain:length=4")

@@ -32,7 +32,7 @@ import torch
 
 from opd.errors import ConfigError
 from opd.tasks import TASKS, get_task
-from opd.tasks.recoverable import RecoverableTask, inject_errors
+from opd.tasks.recoverable import RecoverableTask, count_corrections, inject_errors
 
 RECOVERY_ERRORS = (1, 2, 3)
 """The `n_errors` of a teacher's recovery report."""
@@ -187,3 +187,21 @@ def recovery_report(
     if task is None:
         raise ConfigError(f"task {task_name!r} has no recoverable variant")
     return {str(k): recovery_accuracy(model, tokenizer, task, rows, k, seed=seed) for k in n_errors}
+
+
+def accuracy_and_corrections(
+    model, tokenizer, task_name: str, rows: list[dict[str, str]], max_new_tokens: int
+) -> tuple[float, dict[str, float]]:
+    """Greedy exact-match accuracy (the task's own verifier) and the correction markers of
+    the same completions: `{"corrections_mean": markers per completion, "with_correction":
+    share of completions with at least one}` (did the model learn to correct itself?)."""
+    from opd.tasks.teacher import generate_completions
+
+    task = get_task(task_name)
+    texts = generate_completions(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens)
+    accuracy = sum(task.verify(t, r["answer"]) for t, r in zip(texts, rows)) / max(1, len(rows))
+    counts = [count_corrections(t) for t in texts] or [0]
+    return accuracy, {
+        "corrections_mean": sum(counts) / len(counts),
+        "with_correction": sum(c > 0 for c in counts) / len(counts),
+    }
