@@ -8,7 +8,11 @@ synthetic task by plain supervised next-token cross-entropy, on CPU, in minutes:
 with the input `prompt_ids + completion_ids + [eos]` (no chat template; the prompt ends in
 a newline) and the prompt and padding positions masked out of the loss. Every step draws a
 fresh batch from the task generator, skipping the held-out prompts, so the model never sees
-the evaluation set. AdamW with linear warm-up and a cosine decay to 10 % of the peak rate.
+the evaluation set. AdamW with linear warm-up and a cosine decay to 10 % of the peak rate. With
+`TeacherPreset.corrupt_fraction > 0` (recoverable tasks: `chain_fix`, `sort_fix`) that share of
+rows carries 1..`max_errors` injected, corrected errors whose wrong values are masked out of
+the loss (`opd.tasks.recovery`). For chain / sort teachers, clean or not, the info also holds
+their `recovery_accuracy` (1, 2, 3 errors) on the held-out problems.
 
 The trained teacher is saved with `save_pretrained` (safetensors) into a folder named by a
 hash of every setting, written under a temporary name and `os.replace`d, so an interrupted
