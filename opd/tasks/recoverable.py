@@ -28,7 +28,8 @@ spans masked (it must learn to fix errors, never to make them; `opd.tasks.recove
 Wrong values imitate a student's slips: chain, the right value off by 1 (half the time) or
 by 2..5, else any value in `0..max(20, 2·right)`; sort, an element that belongs elsewhere in
 the list (a skipped or repeated one) or the right element off by 1. Never negative, never
-equal to the right value.
+equal to the right value nor a prefix of it (a prefix ending in `=1` could still become the
+right `=14`; one ending in a wrong value is wrong whatever follows).
 """
 
 from __future__ import annotations

@@ -15,13 +15,12 @@ errors (a weak student makes more errors on longer outputs). Chains of 8-16 step
 
 Sizes, and what was tried: the default teachers (2 x 128) reach >= 97 % on the short tasks.
 Per-step errors compound over a longer output (p^12 for 12 steps), so the long teachers are
-one layer deeper (3 x 128, ~0.5 M parameters) and train 3x longer; these presets are sized by
-that argument and by sequence length (at most ~170 tokens, under the 256 positions of the
-teachers), not tuned by a sweep: on this shared 2-core machine one such teacher costs on the
-order of an hour, and none was trained for this change (see docs/tasks.md). The student
-suggested for them (`STUDENT_FOR_LONG`: 3 x 96, ~0.25 M parameters) has the depth of the
-teacher's per-step computation minus one layer and twice the FLOP-counted parameters of the
-default 2 x 64 student, which already learns the short tasks from the warm-up alone.
+one layer deeper (3 x 128, 519,296 parameters) and train 3x longer; the suggested student
+(`STUDENT_FOR_LONG`: 3 x 96, 297,312 parameters) is one layer deeper than the default 2 x 64,
+as each chain step is the short task's sub-problem but the sequence is 3-4x longer. These are
+choices by that argument, not tuned: the only things tried were that every variant's rows fit
+the teachers' 256 positions, and the step cost (5 steps of `chain_fix_long`: 15 s/step on one
+thread of the shared 2-core machine at load ~11), which puts one long teacher at hours here.
 """
 
 from __future__ import annotations
