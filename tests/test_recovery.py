@@ -64,7 +64,7 @@ def test_sort_fix_verifier_applies_retractions():
     assert sort_fix.verify("1 8 9 < < 3 5 < 5 9", "1 3 5 9")  # consecutive and repeated
     assert apply_sort_corrections("1 8 9 < < 3") == "1 3"
     assert count_corrections("1 8 9 < < 3 5 < 5 9") == 3 and count_corrections("1 3 5") == 0
-    for bad in ("< 1 3 5 9", "1 < < 3 5 9", "1 3 7< 5 9", "1 3 x 5 9", "<"):
+    for bad in ("< 1 3 5 9", "1 < < 3 5 9", "1 3 7< 5 9", "1 3 x 5 9", "<", "1 \u00b2 < 3"):
         assert sort_fix.extract_answer(bad) is None, bad
     assert not get_task("sort").verify("1 3 7 < 5 9", "1 3 5 9")
 

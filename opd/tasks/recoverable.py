@@ -80,7 +80,7 @@ def apply_sort_corrections(line: str) -> str | None:
             if not kept:
                 return None
             kept.pop()
-        elif token.isdigit():
+        elif re.fullmatch(r"[0-9]+", token):
             kept.append(token)
         else:
             return None
