@@ -57,6 +57,23 @@ def test_chain_fix_verifier_applies_corrections():
     assert get_task("chain").extract_answer("3+4=7 => 6!7") is None
 
 
+def test_chain_errors_are_counted_against_the_completions_own_values():
+    count = get_task("chain_fix").count_errors
+    p = ROW["prompt"]
+    cases = {
+        "3+4=7;7*2=14;14-1=13 => 13": 0,
+        "3+4=8;8*2=16;16-1=15 => 15": 1,  # consistent after the first error
+        "3+4=8!7;7*2=15;15-1=14 => 14": 2,
+        "3+4=8!7;7*2=14;14-1=13 => 13": 1,  # a corrected error is still an error made
+        "3+4=7;7*2=14;14-1=13 => 12!13": 1,
+        "3+4=7;8*2=16;16-1=15 => 15": 1,  # copied the previous value wrong
+        "3+4=7;7+2=9;9-1=8 => 8": 1,  # not the prompt's operation: counting stops
+        "3+4=7;7*2=14": 1,  # no answer
+        "": 1,
+    }
+    assert {text: count(p, text) for text in cases} == cases
+
+
 def test_sort_fix_verifier_applies_retractions():
     sort_fix = get_task("sort_fix")
     assert sort_fix.verify("1 3 7 < 5 9", "1 3 5 9")

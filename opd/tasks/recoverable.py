@@ -164,6 +164,33 @@ class ChainFix(RecoverableTask, Chain):
     def fix(self, wrong: str, right: str) -> tuple[str, str]:
         return CHAIN_MARK, right
 
+    def count_errors(self, prompt: str, text: str) -> int:
+        """Wrong values written on the first line, corrected or not, each judged against the
+        completion's own previous (corrected) value: `3+4=8;8*2=16` is one error (the second
+        step is right given 8), `3+4=8!7;7*2=15` two. A step that does not read as
+        `a op b = v` (or names another operation than the prompt's) is one error, and the
+        count stops there; so does a missing `=> answer`."""
+        expr = prompt.split(":", 1)[1].strip()
+        value, ops = int(re.match(r"\d+", expr).group()), re.findall(r"([-+*])(\d+)", expr)
+        body, arrow, final = first_line(text).partition("=>")
+        steps, errors = [x for x in body.split(";") if x.strip()], 0
+        for i, step in enumerate(steps):
+            m = re.fullmatch(r"\s*(\d+)([-+*])(\d+)=(\d+(?:!\d+)*)\s*", step)
+            if not m or i >= len(ops) or (m.group(2), m.group(3)) != ops[i]:
+                return errors + 1
+            a, b = int(m.group(1)), int(ops[i][1])
+            errors += a != value  # copied the previous value wrong
+            right = {"+": a + b, "-": a - b, "*": a * b}[m.group(2)]
+            written = [int(v) for v in m.group(4).split(CHAIN_MARK)]
+            errors += sum(v != right for v in written)
+            value = written[-1]
+        if len(steps) < len(ops) or not arrow:
+            return errors + 1
+        written = re.fullmatch(r"\s*(\d+(?:!\d+)*)\s*", final)
+        if not written:
+            return errors + 1
+        return errors + sum(int(v) != value for v in written.group(1).split(CHAIN_MARK))
+
 
 class SortFix(RecoverableTask, Sort):
     """`sort` with `<` retractions: `1 3 7 < 5 9`."""
