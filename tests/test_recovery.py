@@ -265,7 +265,7 @@ def test_plateau_warmup_in_a_tiny_sweep(tmp_path):
     assert len(valid) == 5 and not any(r["prompt"] in held_out for r in valid)
     assert set(result["teacher"]["recovery_accuracy"]) == {"1", "2", "3"}
     final = result["runs"][0]["final"]
-    assert {"corrections_mean", "with_correction"} <= set(final)
+    assert {"corrections_mean", "with_correction", "errors_mean"} <= set(final)
     assert result["warmup"][0]["curve"][0]["step"] == 0  # the student at init comes first
     assert "| 2 |" in (tmp_path / "out" / "results.md").read_text()  # the warm-up's steps
 
