@@ -24,10 +24,9 @@ Equal compute. The budget B is `budget_gflop`, or by default the estimated cost 
 on-policy steps. Each method gets round(B / its estimated step cost) steps, estimated with C
 = the mean reference completion length; the FLOPs actually spent are counted from the logged
 completion tokens and reported beside B. The shared warm-up is counted apart; it runs
-`warmup_steps`, or with `--warmup plateau` until validation accuracy stops improving
-(`opd.bench.warmup`). For chain / sort and their variants with correction markers
-(`chain_fix`, `sort_fix`) the teacher's recovery accuracy and the students' correction markers
-are recorded too (`opd.tasks.recovery`). `--task` takes knobs (`chain:steps=12`) or variants.
+`warmup_steps`, or to its plateau (`--warmup plateau`, `opd.bench.warmup`). Chain / sort tasks
+also record the teacher's recovery accuracy and the students' correction markers and errors
+(`opd.tasks.recovery`; see docs/tasks.md, also for knobs and long variants in `--task`).
 
 Deviations and limits: P per step is the training pool's mean prompt length; the limits of
 the FLOP count are in `opd.bench.flops`; FLOPs are not seconds (generating with tiny models is
@@ -64,7 +63,7 @@ from opd.config import load_config
 from opd.data import encode_rows, load_rows
 from opd.evaluate import heldout_kl
 from opd.tasks import get_task
-from opd.tasks.recovery import accuracy_and_corrections, recovery_report, recovery_task
+from opd.tasks.recovery import accuracy_and_corrections, recovery_task, teacher_recovery
 from opd.tasks.teacher import EVAL_SEED, evaluate_accuracy, train_task_teacher
 from opd.tasks.variants import task_spec
 from opd.tiny import tiny_llama
@@ -90,8 +89,8 @@ class Settings:
     steps: int = _f(200, "on-policy steps whose estimated FLOPs define the budget")
     budget_gflop: float = _f(None, "the budget in GFLOPs instead (overrides --steps)",
                              flag="--budget", type=float)
-    warmup: str = _f("fixed", "'fixed' (warmup_steps) or 'plateau' (until validation accuracy "
-                     "stops improving; opd.bench.warmup)", choices=("fixed", "plateau"))
+    warmup: str = _f("fixed", "'fixed' (warmup_steps) or 'plateau' (opd.bench.warmup)",
+                     choices=("fixed", "plateau"))
     warmup_steps: int = _f(400, "steps of the shared supervised-KD warm-up (constant lr)")
     warmup_eval_every: int = _f(100, "plateau warm-up: steps between validation evaluations")
     warmup_patience: int = _f(3, "plateau warm-up: evaluations without improvement that stop it")
@@ -153,8 +152,9 @@ def prepare_task(s: Settings, out_dir: Path) -> TaskSetup:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
         (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    valid = (write_valid_split(task, s.valid_rows, knobs, held_out | {r["prompt"] for r in
-             train_rows}, out_dir) if s.warmup == "plateau" else "")  # fmt: skip
+    seen = held_out | {r["prompt"] for r in train_rows}  # the plateau's validation split avoids
+    valid = write_valid_split(task, s.valid_rows, knobs, seen, out_dir) if s.warmup == "plateau" \
+        else ""
     prompt_ids = tok([r["prompt"] for r in train_rows], add_special_tokens=False)["input_ids"]
     comp_ids = tok([r["completion"] for r in train_rows], add_special_tokens=False)["input_ids"]
     return TaskSetup(
@@ -192,15 +192,14 @@ def _config(s: Settings, setup: TaskSetup, run_dir: Path, method: str, steps: in
 
 
 def evaluate_student(models, setup: TaskSetup, s: Settings) -> dict:
-    """Greedy exact-match accuracy and held-out KL(q_student ‖ p_teacher); for chain / sort
-    tasks also the correction markers per completion (`opd.tasks.recoverable`)."""
+    """Greedy exact match, held-out KL(q_student ‖ p_teacher); chain / sort: markers, errors."""
     rows = [json.loads(line) for line in Path(setup.eval_file).read_text().splitlines()]
     if recovery_task(setup.task) is None:
         acc, marks = evaluate_accuracy(models.student, models.tokenizer, setup.task, rows,
                                        max_new_tokens=setup.max_new_tokens), {}
-    else:  # the same greedy completions, kept to count their correction markers
-        acc, marks = accuracy_and_corrections(models.student, models.tokenizer, setup.task,
-                                              rows, setup.max_new_tokens)  # fmt: skip
+    else:  # the same greedy completions, kept to count their correction markers and errors
+        acc, marks = accuracy_and_corrections(models.student, models.tokenizer, setup.task, rows,
+                                              setup.max_new_tokens)  # fmt: skip
     loaded = load_rows(setup.eval_file).rows[: s.kl_rows]
     examples = encode_rows(loaded, models.tokenizer, use_chat_template=False).examples
     kl = heldout_kl(models.student, models.teacher, examples, pad_id=models.pad_id,
@@ -276,7 +275,12 @@ def _job(queue, kwargs: dict) -> dict:
 
 
 def _run(job: dict, report) -> dict:
-    return (run_plateau_warmup if job.pop("plateau", False) else run_method)(**job, report=report)
+    if not job.pop("plateau", False):
+        return run_method(**job, report=report)
+    _quiet()
+    torch.set_num_threads(job["s"].threads)
+    return run_plateau_warmup(**job, models=_models(job["setup"], job["s"], job["seed"], None),
+                              train=train_segment, evaluate=evaluate_student, report=report)
 
 
 def run_jobs(jobs: list[dict], workers: int, bar) -> list[dict]:
@@ -337,9 +341,7 @@ def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
     # The teacher scored as if it were the student: its accuracy.
     as_student = Models(probe.teacher, probe.teacher, probe.tokenizer, probe.vocab_size)
     settings = {k: v for k, v in dataclasses.asdict(s).items() if k != "teacher_preset"}
-    rows = [json.loads(x) for x in Path(setup.eval_file).read_text().splitlines()]
-    recovery = {"recovery_accuracy": recovery_report(probe.teacher, probe.tokenizer, s.task, rows)
-                } if recovery_task(s.task) else {}  # the teacher continuing corrupted prefixes
+    recovery = teacher_recovery(probe.teacher, probe.tokenizer, s.task, setup.eval_file)
     result = {
         "task": s.task, "settings": settings,
         "machine_at_start": started_on, "machine_at_end": machine(),
@@ -364,8 +366,8 @@ def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opd bench quality", description=__doc__.split("\n")[0])
-    p.add_argument("--task", nargs="+", default=["sort"], help="one or more synthetic tasks: NAME, "
-                   "NAME:knob=value,... or a variant of opd.tasks.variants (chain_fix_long, ...)")
+    p.add_argument("--task", nargs="+", default=["sort"], help="synthetic tasks: NAME, "
+                   "NAME:knob=value,... or a variant (opd.tasks.variants)")
     p.add_argument("--recipes", nargs="*", default=[], help="methods added to --methods")
     p.add_argument("--out", default=None, help="run folder (default runs/bench-quality-<time>)")
     p.add_argument("--no-progress", action="store_true")

@@ -24,7 +24,9 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
+from opd.bench.methods import prefixes_of
+from opd.tasks.teacher import evaluate_accuracy
+from opd.train import save_student
 
 VALID_SEED = 20_240_202
 """Seed of the validation split's prompt stream (held-out and training prompts removed)."""
@@ -60,32 +62,26 @@ def write_valid_split(task, n: int, knobs: dict, exclude: set[str], out_dir: Pat
     return str(path)
 
 
-def run_plateau_warmup(s, setup, seed: int, report=lambda n: None) -> dict:
-    """Supervised KD from scratch until validation accuracy plateaus; saves the student.
+def run_plateau_warmup(s, setup, seed: int, models, train, evaluate, report=lambda n: None):
+    """Supervised KD of `models.student` (fresh) until validation accuracy plateaus; saves it.
 
-    Returns `run_method`'s warm-up record plus `plateau`: `{"stopped_at", "best_step",
-    "max_steps_reached", "valid_curve": [{"step", "accuracy"}]}`.
+    `train` and `evaluate` are the quality benchmark's `train_segment` and `evaluate_student`
+    (passed in: this module does not import the benchmark). Returns `run_method`'s warm-up
+    record plus `plateau`: `{"stopped_at", "best_step", "max_steps_reached", "valid_curve":
+    [{"step", "accuracy"}]}`.
     """
-    from opd.bench.methods import prefixes_of
-    from opd.bench.quality import _models, _quiet, evaluate_student, train_segment
-    from opd.tasks.teacher import evaluate_accuracy
-    from opd.train import save_student
-
-    _quiet()
-    torch.set_num_threads(s.threads)
     run_dir = Path(setup.out_dir) / "runs" / f"warmup-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    models = _models(setup, s, seed, None)
     valid = [json.loads(line) for line in Path(setup.valid_file).read_text().splitlines()]
     prefixes, max_steps = prefixes_of("supervised_kd"), s.warmup_max_steps
     schedule = (max(1, s.warmup_steps // 10), 1.0)
     flops = seconds = 0.0
     done, accs, curve = 0, [], []
-    start = {"step": 0, "flops": 0.0, "seconds": 0.0, **evaluate_student(models, setup, s)}
+    start = {"step": 0, "flops": 0.0, "seconds": 0.0, **evaluate(models, setup, s)}
     while done < max_steps:
         stop = min(max_steps, done + s.warmup_eval_every)
-        f, sec = train_segment(s, setup, models, run_dir, "supervised_kd", max_steps, seed,
-                               s.warmup_lr, schedule, done, stop, prefixes)  # fmt: skip
+        f, sec = train(s, setup, models, run_dir, "supervised_kd", max_steps, seed, s.warmup_lr,
+                       schedule, done, stop, prefixes)  # fmt: skip
         flops, seconds = flops + f, seconds + sec
         report(stop - done)
         done = stop
@@ -99,8 +95,7 @@ def run_plateau_warmup(s, setup, seed: int, report=lambda n: None) -> dict:
         save_student(models, run_dir / "student")
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     best = curve[accs.index(max(accs))]["step"]
-    point = {"step": done, "flops": flops, "seconds": seconds,
-             **evaluate_student(models, setup, s)}  # fmt: skip
+    point = {"step": done, "flops": flops, "seconds": seconds, **evaluate(models, setup, s)}
     return {
         "method": "supervised_kd", "seed": seed, "steps": done, "lr": s.warmup_lr,
         "flops": flops, "seconds": seconds, "curve": [start, point], "final": point,

@@ -25,8 +25,10 @@ recover by writing the marker it never saw, so its score measures the premise's 
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -212,3 +214,12 @@ def accuracy_and_corrections(
         errors = [fix.count_errors(r["prompt"], t) for t, r in zip(texts, rows)]
         marks["errors_mean"] = sum(errors) / len(errors)
     return accuracy, marks
+
+
+def teacher_recovery(model, tokenizer, task_name: str, rows_file) -> dict:
+    """`{"recovery_accuracy": recovery_report(...)}` on the rows of a JSONL file (the quality
+    benchmark's held-out set) for a task with a recoverable variant, else `{}`."""
+    if recovery_task(task_name) is None:
+        return {}
+    rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines()]
+    return {"recovery_accuracy": recovery_report(model, tokenizer, task_name, rows)}
