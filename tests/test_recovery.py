@@ -270,6 +270,14 @@ def test_plateau_warmup_in_a_tiny_sweep(tmp_path):
     assert "| 2 |" in (tmp_path / "out" / "results.md").read_text()  # the warm-up's steps
 
 
+def test_bad_plateau_settings_stop_before_any_teacher_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "train_task_teacher", lambda *a, **k: pytest.fail("trained"))
+    for option, flag in (("warmup_patience", "--warmup-patience"), ("valid_rows", "--valid-rows")):
+        s = quality.Settings(task="chain_fix", warmup="plateau", progress=False, **{option: 0})
+        with pytest.raises(ConfigError, match=f"{flag} must be >= 1 with --warmup plateau"):
+            quality.prepare_task(s, tmp_path / option)
+
+
 def test_task_specs_and_variants():
     assert task_spec("chain_fix:steps=8") == Variant("chain_fix", {"steps": 8}, None)
     long = task_spec("sort_fix_long")

@@ -143,7 +143,6 @@ def prepare_task(s: Settings, out_dir: Path) -> TaskSetup:
     kwargs = dict(seed=s.teacher_seed, cache_dir=s.cache_dir, progress=s.progress,
                   steps=s.teacher_steps, preset=s.teacher_preset, num_threads=s.threads,
                   **({"knobs": s.knobs} if s.knobs else {}))
-    _, tok, info = train_task_teacher(s.task, **kwargs)
     task, knobs = get_task(s.task), s.knobs or {}
     eval_rows = task.generate(s.eval_rows, EVAL_SEED + s.teacher_seed, **knobs)  # its held-out
     held_out = {r["prompt"] for r in eval_rows}
@@ -153,8 +152,9 @@ def prepare_task(s: Settings, out_dir: Path) -> TaskSetup:
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
         (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     seen = held_out | {r["prompt"] for r in train_rows}  # the plateau's validation split avoids
-    valid = write_valid_split(task, s.valid_rows, knobs, seen, out_dir) if s.warmup == "plateau" \
+    valid = write_valid_split(s, task, knobs, seen, out_dir) if s.warmup == "plateau" \
         else ""
+    _, tok, info = train_task_teacher(s.task, **kwargs)  # after the checks of the prompt files
     prompt_ids = tok([r["prompt"] for r in train_rows], add_special_tokens=False)["input_ids"]
     comp_ids = tok([r["completion"] for r in train_rows], add_special_tokens=False)["input_ids"]
     return TaskSetup(

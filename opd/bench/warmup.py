@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 
 from opd.bench.methods import prefixes_of
+from opd.errors import ConfigError
 from opd.tasks.teacher import evaluate_accuracy
 from opd.train import save_student
 
@@ -47,16 +48,28 @@ def plateau_reached(accuracies: list[float], patience: int, min_delta: float = 0
     return max(accuracies[-patience:]) <= max(accuracies[:-patience]) + min_delta
 
 
-def write_valid_split(task, n: int, knobs: dict, exclude: set[str], out_dir: Path) -> str:
-    """`out_dir/valid.jsonl`: up to `n` rows from `VALID_SEED` whose prompts are not in
-    `exclude` (the held-out and training prompts); returns its path."""
+def write_valid_split(s, task, knobs: dict, exclude: set[str], out_dir: Path) -> str:
+    """Check the plateau settings of `s`, then write `out_dir/valid.jsonl`: up to
+    `s.valid_rows` rows from `VALID_SEED` whose prompts are not in `exclude` (the held-out and
+    training prompts); returns its path.
+
+    Raises:
+      ConfigError: for a plateau option below 1, or no validation prompt left.
+    """
+    for flag in ("valid_rows", "warmup_patience", "warmup_eval_every", "warmup_max_steps"):
+        if getattr(s, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1 with --warmup plateau, "
+                              f"got {getattr(s, flag)}")  # fmt: skip
     rows, seen = [], set(exclude)
-    for row in task.generate(20 * n, VALID_SEED, **knobs):
+    for row in task.generate(20 * s.valid_rows, VALID_SEED, **knobs):
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
             rows.append(row)
-            if len(rows) == n:
+            if len(rows) == s.valid_rows:
                 break
+    if not rows:
+        raise ConfigError(f"task {task.name!r}: no validation prompt outside the held-out set "
+                          "and the training pool; lower --train-rows")  # fmt: skip
     path = out_dir / "valid.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
