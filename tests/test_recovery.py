@@ -205,6 +205,11 @@ def test_corrupted_teacher_trains_and_reports_recovery(tmp_path, monkeypatch):
     assert len(seen) == 2 and all("masked" in r for rows in seen for r in rows)
     assert info["corrupt_fraction"] == 1.0 and info["max_errors"] == 2
     assert set(info["recovery_accuracy"]) == {"1", "2", "3"}
+    clean = TeacherPreset(hidden=32, layers=1, heads=2, steps=1, batch_size=8, warmup=1)
+    _, _, info = train_task_teacher("chain", cache_dir=tmp_path, preset=clean, eval_rows=4,
+                                    progress=False)  # fmt: skip
+    assert set(info["recovery_accuracy"]) == {"1", "2", "3"}  # clean teachers are scored too
+    assert "corrupt_fraction" not in info
     with pytest.raises(ConfigError, match="no correction marker"):
         train_task_teacher("reverse", cache_dir=tmp_path, preset=preset, progress=False)
     with pytest.raises(ConfigError, match="corrupt_fraction"):
