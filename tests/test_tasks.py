@@ -225,7 +225,7 @@ def test_train_task_teacher_rejects_bad_settings(tmp_path):
 
 def test_every_teacher_preset_builds():
     tok = char_tokenizer()
-    assert set(PRESETS) == set(SYNTHETIC)
+    assert set(PRESETS) == {*SYNTHETIC, "chain_fix", "sort_fix"}
     for name, preset in PRESETS.items():
         model = tiny_llama(len(tok), hidden=preset.hidden, layers=preset.layers, heads=preset.heads)
         assert sum(p.numel() for p in model.parameters()) < 2_000_000, name

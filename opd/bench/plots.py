@@ -59,7 +59,8 @@ def markdown_table(result: dict) -> str:
         acc = _mean_std([w["curve"][idx]["accuracy"] for w in result["warmup"]])
         kl = _mean_std([w["curve"][idx]["teacher_kl"] for w in result["warmup"]])
         spent = f"{comp['warmup_gflop_mean']:.1f} (shared)" if idx == -1 else "0"
-        steps = result["settings"]["warmup_steps"] if idx == -1 else 0
+        warm = sorted({w["steps"] for w in result["warmup"]})  # per seed when at a plateau
+        steps = "/".join(map(str, warm)) if idx == -1 else 0
         lines.append(f"| {name} | {steps} | {spent} | {_pm(*acc, 100)} | {_pm(*kl, 1, 4)} | — |")
     for method, row in result["summary"].items():
         lines.append(

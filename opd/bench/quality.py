@@ -23,7 +23,10 @@ et al. 2020, with N_writer the parameters that decode each completion token).
 Equal compute. The budget B is `budget_gflop`, or by default the estimated cost of `steps`
 on-policy steps. Each method gets round(B / its estimated step cost) steps, estimated with C
 = the mean reference completion length; the FLOPs actually spent are counted from the logged
-completion tokens and reported beside B. The shared warm-up is counted apart.
+completion tokens and reported beside B. The shared warm-up is counted apart; it runs
+`warmup_steps`, or to its plateau (`--warmup plateau`, `opd.bench.warmup`). Chain / sort tasks
+also record the teacher's recovery accuracy and the students' correction markers and errors
+(`opd.tasks.recovery`; see docs/tasks.md, also for knobs and long variants in `--task`).
 
 Deviations and limits: P per step is the training pool's mean prompt length; the limits of
 the FLOP count are in `opd.bench.flops`; FLOPs are not seconds (generating with tiny models is
@@ -54,12 +57,15 @@ from opd.bench.environment import machine
 from opd.bench.flops import flop_params, microbatch_flops, writer_params
 from opd.bench.methods import parse_method, prefixes_of, slug
 from opd.bench.plots import summarize, write_report
+from opd.bench.warmup import run_plateau_warmup, write_valid_split
 from opd.build import Models, finish_models
 from opd.config import load_config
 from opd.data import encode_rows, load_rows
 from opd.evaluate import heldout_kl
 from opd.tasks import get_task
+from opd.tasks.recovery import accuracy_and_corrections, recovery_task, teacher_recovery
 from opd.tasks.teacher import EVAL_SEED, evaluate_accuracy, train_task_teacher
+from opd.tasks.variants import task_spec
 from opd.tiny import tiny_llama
 from opd.train import distill
 
@@ -77,12 +83,20 @@ class Settings:
     """Everything a quality sweep depends on; each field is also a command-line option."""
 
     task: str = _f("sort", "synthetic task", cli=False)
+    knobs: dict = _f(None, "task knobs (opd.tasks.variants.task_spec)", cli=False)
     seeds: int = _f(3, "number of seeds (0 .. n-1): student init, data order, sampling")
     methods: tuple = _f(METHODS, "methods, 'recipe' or 'recipe:arg=value,arg=value'", item=str)
     steps: int = _f(200, "on-policy steps whose estimated FLOPs define the budget")
     budget_gflop: float = _f(None, "the budget in GFLOPs instead (overrides --steps)",
                              flag="--budget", type=float)
+    warmup: str = _f("fixed", "'fixed' (warmup_steps) or 'plateau' (opd.bench.warmup)",
+                     choices=("fixed", "plateau"))
     warmup_steps: int = _f(400, "steps of the shared supervised-KD warm-up (constant lr)")
+    warmup_eval_every: int = _f(100, "plateau warm-up: steps between validation evaluations")
+    warmup_patience: int = _f(3, "plateau warm-up: evaluations without improvement that stop it")
+    warmup_min_delta: float = _f(0.0, "plateau warm-up: smallest accuracy gain that counts")
+    warmup_max_steps: int = _f(4000, "plateau warm-up: stop here at the latest")
+    valid_rows: int = _f(200, "plateau warm-up: validation prompts (not held-out, not training)")
     warmup_lr: float = _f(3e-3, "learning rate of the warm-up")
     lr: float = _f(2e-3, "peak learning rate of every method (cosine to 10 %)")
     lr_warmup: int = _f(10, "linear lr ramp of every method (a fresh AdamW)")
@@ -121,20 +135,26 @@ class TaskSetup:
     max_new_tokens: int
     prompt_tokens: float  # mean prompt length of the training pool
     completion_tokens: float  # mean reference completion length, eos included
+    valid_file: str = ""  # validation split of the plateau warm-up (opd.bench.warmup)
 
 
 def prepare_task(s: Settings, out_dir: Path) -> TaskSetup:
     """Train (or load) the teacher and write the student's train / held-out prompt files."""
     kwargs = dict(seed=s.teacher_seed, cache_dir=s.cache_dir, progress=s.progress,
-                  steps=s.teacher_steps, preset=s.teacher_preset, num_threads=s.threads)
-    _, tok, info = train_task_teacher(s.task, **kwargs)
-    task = get_task(s.task)
-    eval_rows = task.generate(s.eval_rows, EVAL_SEED + s.teacher_seed)  # the teacher's held-out
+                  steps=s.teacher_steps, preset=s.teacher_preset, num_threads=s.threads,
+                  **({"knobs": s.knobs} if s.knobs else {}))
+    task, knobs = get_task(s.task), s.knobs or {}
+    eval_rows = task.generate(s.eval_rows, EVAL_SEED + s.teacher_seed, **knobs)  # its held-out
     held_out = {r["prompt"] for r in eval_rows}
-    train_rows = [r for r in task.generate(s.train_rows, TRAIN_SEED) if r["prompt"] not in held_out]
+    train_rows = [r for r in task.generate(s.train_rows, TRAIN_SEED, **knobs)
+                  if r["prompt"] not in held_out]
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
         (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = held_out | {r["prompt"] for r in train_rows}  # the plateau's validation split avoids
+    valid = write_valid_split(s, task, knobs, seen, out_dir) if s.warmup == "plateau" \
+        else ""
+    _, tok, info = train_task_teacher(s.task, **kwargs)  # after the checks of the prompt files
     prompt_ids = tok([r["prompt"] for r in train_rows], add_special_tokens=False)["input_ids"]
     comp_ids = tok([r["completion"] for r in train_rows], add_special_tokens=False)["input_ids"]
     return TaskSetup(
@@ -143,7 +163,7 @@ def prepare_task(s: Settings, out_dir: Path) -> TaskSetup:
         teacher_info=dict(info),
         max_new_tokens=max(len(c) for c in comp_ids) + 1 + 4,  # + eos, + 4 to ramble in
         prompt_tokens=statistics.mean(len(p) for p in prompt_ids),
-        completion_tokens=statistics.mean(len(c) + 1 for c in comp_ids),
+        completion_tokens=statistics.mean(len(c) + 1 for c in comp_ids), valid_file=valid,
     )
 
 
@@ -172,16 +192,20 @@ def _config(s: Settings, setup: TaskSetup, run_dir: Path, method: str, steps: in
 
 
 def evaluate_student(models, setup: TaskSetup, s: Settings) -> dict:
-    """Greedy exact-match accuracy and held-out KL(q_student ‖ p_teacher)."""
+    """Greedy exact match, held-out KL(q_student ‖ p_teacher); chain / sort: markers, errors."""
     rows = [json.loads(line) for line in Path(setup.eval_file).read_text().splitlines()]
-    acc = evaluate_accuracy(models.student, models.tokenizer, setup.task, rows,
-                            max_new_tokens=setup.max_new_tokens)
+    if recovery_task(setup.task) is None:
+        acc, marks = evaluate_accuracy(models.student, models.tokenizer, setup.task, rows,
+                                       max_new_tokens=setup.max_new_tokens), {}
+    else:  # the same greedy completions, kept to count their correction markers and errors
+        acc, marks = accuracy_and_corrections(models.student, models.tokenizer, setup.task, rows,
+                                              setup.max_new_tokens)  # fmt: skip
     loaded = load_rows(setup.eval_file).rows[: s.kl_rows]
     examples = encode_rows(loaded, models.tokenizer, use_chat_template=False).examples
     kl = heldout_kl(models.student, models.teacher, examples, pad_id=models.pad_id,
                     stop_ids=models.stop_ids, vocab_size=models.vocab_size,
                     max_new_tokens=setup.max_new_tokens)
-    return {"accuracy": acc, "teacher_kl": kl["kl"], "mean_length": kl["mean_length"]}
+    return {"accuracy": acc, "teacher_kl": kl["kl"], "mean_length": kl["mean_length"], **marks}
 
 
 # ------------------------------------------------------------------------ one run
@@ -201,7 +225,6 @@ def run_method(s: Settings, setup: TaskSetup, method: str, seed: int, steps: int
     shutil.rmtree(run_dir, ignore_errors=True)
     models = _models(setup, s, seed, None if warmup else runs / f"warmup-seed{seed}" / "student")
     prefixes = prefixes_of(method)
-    n_s, n_t = flop_params(models.student), flop_params(models.teacher)
     points = [0, steps] if warmup else sorted({max(1, round(f * steps)) for f in s.eval_points})
     points = points if points[-1] == steps else [*points, steps]
     # The warm-up keeps its lr constant after a 10 % ramp: its checkpoint is mid-training, not
@@ -210,18 +233,9 @@ def run_method(s: Settings, setup: TaskSetup, method: str, seed: int, steps: int
     curve, flops, seconds, done = [], 0.0, 0.0, 0
     for stop in points:
         if stop > done:
-            cfg = _config(s, setup, run_dir, method, steps, seed, lr, *schedule)
-            t0 = time.perf_counter()
-            res = distill(cfg, models=models, resume=done > 0, stop_after=stop, evaluate=False,
-                          log=lambda *_: None)
-            seconds += time.perf_counter() - t0
-            for row in res.metrics:  # one per optimizer step; `tokens` = completion tokens
-                flops += microbatch_flops(
-                    n_student=n_s, n_teacher=n_t,
-                    n_writer=writer_params(prefixes, n_s, n_t, row.get("student_share")),
-                    prompt_tokens=s.batch_size * cfg.train.grad_accum * setup.prompt_tokens,
-                    completion_tokens=row["tokens"],
-                )
+            f, sec = train_segment(s, setup, models, run_dir, method, steps, seed, lr, schedule,
+                                   done, stop, prefixes)
+            flops, seconds = flops + f, seconds + sec
             report(stop - done)
             done = stop
         curve.append({"step": stop, "flops": flops, "seconds": seconds,
@@ -231,6 +245,25 @@ def run_method(s: Settings, setup: TaskSetup, method: str, seed: int, steps: int
             "seconds": seconds, "curve": curve, "final": curve[-1]}
 
 
+def train_segment(s: Settings, setup: TaskSetup, models, run_dir: Path, method: str, steps: int,
+                  seed: int, lr: float, schedule: tuple, done: int, stop: int, prefixes):
+    """Steps `done`..`stop` of a `steps`-step run (one lr schedule); returns (FLOPs, seconds)."""
+    n_s, n_t = flop_params(models.student), flop_params(models.teacher)
+    cfg = _config(s, setup, run_dir, method, steps, seed, lr, *schedule)
+    t0 = time.perf_counter()
+    res = distill(cfg, models=models, resume=done > 0, stop_after=stop, evaluate=False,
+                  log=lambda *_: None)
+    seconds, flops = time.perf_counter() - t0, 0.0
+    for row in res.metrics:  # one per optimizer step; `tokens` = completion tokens
+        flops += microbatch_flops(
+            n_student=n_s, n_teacher=n_t,
+            n_writer=writer_params(prefixes, n_s, n_t, row.get("student_share")),
+            prompt_tokens=s.batch_size * cfg.train.grad_accum * setup.prompt_tokens,
+            completion_tokens=row["tokens"],
+        )
+    return flops, seconds
+
+
 def _quiet() -> None:
     """No library progress bars or advisory warnings inside the sweep's own display."""
     transformers.utils.logging.set_verbosity_error()
@@ -238,7 +271,16 @@ def _quiet() -> None:
 
 
 def _job(queue, kwargs: dict) -> dict:
-    return run_method(**kwargs, report=queue.put)
+    return _run(kwargs, queue.put)
+
+
+def _run(job: dict, report) -> dict:
+    if not job.pop("plateau", False):
+        return run_method(**job, report=report)
+    _quiet()
+    torch.set_num_threads(job["s"].threads)
+    return run_plateau_warmup(**job, models=_models(job["setup"], job["s"], job["seed"], None),
+                              train=train_segment, evaluate=evaluate_student, report=report)
 
 
 def run_jobs(jobs: list[dict], workers: int, bar) -> list[dict]:
@@ -248,7 +290,7 @@ def run_jobs(jobs: list[dict], workers: int, bar) -> list[dict]:
     cores finish a sweep in about half the time of one two-thread process.
     """
     if workers <= 1:
-        return [run_method(**job, report=bar.update) for job in jobs]
+        return [_run(dict(job), bar.update) for job in jobs]
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         queue = manager.Queue()
@@ -288,7 +330,8 @@ def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
     common = dict(s=s, setup=setup)
     warmups = run_jobs([dict(common, method="supervised_kd", seed=seed, steps=s.warmup_steps,
                              lr=s.warmup_lr, warmup=True) for seed in range(s.seeds)],
-                       s.workers, bar)
+                       s.workers, bar) if s.warmup == "fixed" else run_jobs(
+        [dict(common, seed=seed, plateau=True) for seed in range(s.seeds)], s.workers, bar)
     runs = run_jobs([dict(common, method=m, seed=seed, steps=steps[m], lr=s.lr)
                      for seed in range(s.seeds) for m in s.methods], s.workers, bar)
     bar.close()
@@ -298,10 +341,11 @@ def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
     # The teacher scored as if it were the student: its accuracy.
     as_student = Models(probe.teacher, probe.teacher, probe.tokenizer, probe.vocab_size)
     settings = {k: v for k, v in dataclasses.asdict(s).items() if k != "teacher_preset"}
+    recovery = teacher_recovery(probe.teacher, probe.tokenizer, s.task, setup.eval_file)
     result = {
         "task": s.task, "settings": settings,
         "machine_at_start": started_on, "machine_at_end": machine(),
-        "teacher": {**setup.teacher_info, "flop_params": n_t,
+        "teacher": {**setup.teacher_info, "flop_params": n_t, **recovery,
                     "eval": evaluate_student(as_student, setup, s)},
         "student": {"flop_params": n_s, "hidden": s.student_hidden, "layers": s.student_layers},
         "compute": {
@@ -322,7 +366,8 @@ def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opd bench quality", description=__doc__.split("\n")[0])
-    p.add_argument("--task", nargs="+", default=["sort"], help="one or more synthetic tasks")
+    p.add_argument("--task", nargs="+", default=["sort"], help="synthetic tasks: NAME, "
+                   "NAME:knob=value,... or a variant (opd.tasks.variants)")
     p.add_argument("--recipes", nargs="*", default=[], help="methods added to --methods")
     p.add_argument("--out", default=None, help="run folder (default runs/bench-quality-<time>)")
     p.add_argument("--no-progress", action="store_true")
@@ -332,6 +377,7 @@ def _parser() -> argparse.ArgumentParser:
             shown = " ".join(map(str, d)) if isinstance(d, tuple) else d
             kw = dict(nargs="+", type=f.metadata["item"]) if isinstance(d, tuple) else dict(
                 type=f.metadata.get("type", type(d)))
+            kw.update({"choices": f.metadata["choices"]} if "choices" in f.metadata else {})
             doc = f.metadata["doc"].replace("%", "%%")
             doc += "" if d is None else f" (default {shown})"
             p.add_argument(flag, dest=f.name, default=d, help=doc, **kw)
@@ -344,8 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     tasks, extra, quiet = args.pop("task"), args.pop("recipes"), args.pop("no_progress")
     args["methods"] = tuple(args["methods"]) + tuple(extra)
     args["eval_points"] = tuple(args["eval_points"])
-    for task in tasks:
-        run_quality(Settings(task=task, progress=not quiet, **args),
-                    out / task if len(tasks) > 1 else out)
+    for spec in tasks:
+        v = task_spec(spec)  # a task, 'task:knob=value,...' or a variant such as chain_fix_long
+        run_quality(Settings(task=v.task, knobs=v.knobs or None, teacher_preset=v.preset,
+                             progress=not quiet, **args),
+                    out / slug(spec) if len(tasks) > 1 else out)
     return 0
 

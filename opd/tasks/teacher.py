@@ -8,7 +8,11 @@ synthetic task by plain supervised next-token cross-entropy, on CPU, in minutes:
 with the input `prompt_ids + completion_ids + [eos]` (no chat template; the prompt ends in
 a newline) and the prompt and padding positions masked out of the loss. Every step draws a
 fresh batch from the task generator, skipping the held-out prompts, so the model never sees
-the evaluation set. AdamW with linear warm-up and a cosine decay to 10 % of the peak rate.
+the evaluation set. AdamW with linear warm-up and a cosine decay to 10 % of the peak rate. With
+`TeacherPreset.corrupt_fraction > 0` (recoverable tasks: `chain_fix`, `sort_fix`) that share of
+rows carries 1..`max_errors` injected, corrected errors whose wrong values are masked out of
+the loss (`opd.tasks.recovery`). For chain / sort teachers, clean or not, the info also holds
+their `recovery_accuracy` (1, 2, 3 errors) on the held-out problems.
 
 The trained teacher is saved with `save_pretrained` (safetensors) into a folder named by a
 hash of every setting, written under a temporary name and `os.replace`d, so an interrupted
@@ -25,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -39,6 +44,13 @@ from opd.errors import ConfigError
 from opd.sampling import GenerationParams, make_backend
 from opd.tasks import get_task
 from opd.tasks.base import Task
+from opd.tasks.recovery import (
+    check_corruption,
+    corrupt_rows,
+    masked_labels,
+    recovery_report,
+    recovery_task,
+)
 from opd.tiny import char_tokenizer, tiny_llama
 
 CACHE_FORMAT = 1
@@ -67,6 +79,11 @@ class TeacherPreset:
     """Linear warm-up steps."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
+    corrupt_fraction: float = 0.0
+    """Recoverable tasks only: fraction of training rows given injected, corrected errors
+    (`opd.tasks.recovery`). 0 (clean training) leaves the cache key as it always was."""
+    max_errors: int = 2
+    """Errors per corrupted row are drawn from 1..max_errors."""
 
 
 PRESETS: dict[str, TeacherPreset] = {
@@ -77,6 +94,9 @@ PRESETS: dict[str, TeacherPreset] = {
     "chain": TeacherPreset(hidden=128, layers=2, steps=1000),
     "brackets": TeacherPreset(hidden=128, layers=2, steps=1000),
     "reverse": TeacherPreset(hidden=128, layers=2, steps=500),
+    # Half the rows carry 1-2 corrected errors; the wrong values' loss is masked.
+    "chain_fix": TeacherPreset(hidden=128, layers=2, steps=1000, corrupt_fraction=0.5),
+    "sort_fix": TeacherPreset(hidden=128, layers=2, steps=800, corrupt_fraction=0.5),
 }
 """Per-task settings tuned to reach >= 95 % held-out accuracy on 2 CPU cores."""
 
@@ -219,13 +239,18 @@ def train_task_teacher(
         preset = dataclasses.replace(preset, steps=steps)
     if preset.steps < 1:
         raise ConfigError(f"steps must be >= 1, got {preset.steps}")
+    if preset.corrupt_fraction:
+        check_corruption(task, preset.corrupt_fraction, preset.max_errors)
+    fields = dataclasses.asdict(preset)
+    if not preset.corrupt_fraction:  # clean training: the cache key of every older teacher
+        del fields["corrupt_fraction"], fields["max_errors"]
     settings = {
         "format": CACHE_FORMAT,
         "task": task_name,
         "knobs": task.resolve_knobs(knobs),
         "seed": seed,
         "eval_rows": eval_rows,
-        **dataclasses.asdict(preset),
+        **fields,
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
@@ -284,7 +309,12 @@ def _train(task: Task, settings: dict, preset: TeacherPreset, progress: bool):
             for r in task.generate(preset.batch_size, batch_seed, **knobs)
             if r["prompt"] not in held_out_prompts
         ]
+        if preset.corrupt_fraction:
+            rows = corrupt_rows(task, rows, random.Random(batch_seed + EVAL_SEED),
+                                preset.corrupt_fraction, preset.max_errors)  # fmt: skip
         input_ids_BT, attention_mask_BT, labels_BT = encode_sft_batch(tokenizer, rows)
+        if preset.corrupt_fraction:
+            labels_BT = masked_labels(tokenizer, rows, labels_BT, _prompt_lengths(tokenizer, rows))
         loss = model(
             input_ids=input_ids_BT, attention_mask=attention_mask_BT, labels=labels_BT
         ).loss
@@ -309,7 +339,14 @@ def _train(task: Task, settings: dict, preset: TeacherPreset, progress: bool):
         "final_loss": round(loss.item(), 5),
         "accuracy": accuracy,
     }
+    if recovery_task(task.name) is not None:
+        info["recovery_accuracy"] = recovery_report(model, tokenizer, task.name, held_out)
     return model, tokenizer, info
+
+
+def _prompt_lengths(tokenizer, rows: list[dict]) -> list[int]:
+    ids = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+    return [len(x) for x in ids]
 
 
 def _save_atomic(
