@@ -40,6 +40,8 @@ def analyse(cells: list[dict], *, eval_rows: int, resamples: int = 200, seed: in
     for target in TARGETS:
         y = _values(cells, target, eval_rows)
         try:
+            if np.ptp(y) == 0:
+                raise ConfigError(f"every cell has the same value {y[0]:g}; nothing to fit")
             fit = bootstrap(n, comp, y, fit_law(n, comp, y), resamples=resamples, seed=seed)
         except ConfigError as e:
             out[target] = {"error": str(e)}
@@ -185,6 +187,7 @@ def plot(result: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import ScalarFormatter
     except ImportError:
         return False
     cells, fits = result["cells"], result["fits"]
@@ -213,6 +216,9 @@ def plot(result: dict, path: Path) -> bool:
                     lw=1,
                 )
         ax.set_xscale("log"), ax.set_yscale("log")
+        for axis in (ax.yaxis,):  # plain numbers: the KL range can be narrow on a log axis
+            axis.set_major_formatter(ScalarFormatter())
+            axis.set_minor_formatter(ScalarFormatter())
         ax.set_xlabel("estimated training FLOPs C")
         ax.set_ylabel(TARGETS[target])
         if "params" in fit:
