@@ -124,6 +124,10 @@ def _ci(fit: dict, k: str) -> str:
     return f"{v:.3g} [{lo:.3g}, {hi:.3g}]"
 
 
+def _cell(value, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
 def markdown(result: dict) -> str:
     fits, s = result["fits"], result["settings"]
     lines = [
@@ -166,14 +170,7 @@ def markdown(result: dict) -> str:
         row = [_ci(fits[t], k) if "params" in fits.get(t, {}) else "no fit" for t in TARGETS]
         lines.append(f"| {k} | " + " | ".join(row) + " |")
     for label, key in (("R² (log space)", "r2"), ("bootstrap resamples", "boot_ok")):
-        row = [
-            f"{fits[t][key]:.3f}"
-            if key == "r2"
-            else str(fits[t][key])
-            if key in fits.get(t, {})
-            else "—"
-            for t in TARGETS
-        ]
+        row = [_cell(fits.get(t, {}).get(key), ".3f" if key == "r2" else "d") for t in TARGETS]
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     lines += ["", "Where the fit fails (computed from the numbers above):", ""]
     lines += [f"- {n}" for n in fits["notes"]]
