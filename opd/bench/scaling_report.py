@@ -65,10 +65,14 @@ def analyse(cells: list[dict], *, eval_rows: int, resamples: int = 200, seed: in
         out["notes"].append(f"gap: {str(e).removeprefix('fit_law: ')}")
     sat = sum(c["accuracy"] in (0.0, 1.0) for c in cells)
     if sat:
+        tail = (
+            "with most cells saturated the error-rate fit carries no information"
+            if 2 * sat >= len(cells)
+            else "the error-rate fit is shaped by the floor there"
+        )
         out["notes"].append(
             f"accuracy: {sat} of {len(cells)} cells saturate at 0 or 1 (error "
-            f"floored at {0.5 / eval_rows:g}); the error-rate fit is shaped by "
-            "the floor there"
+            f"floored at {0.5 / eval_rows:g}); {tail}"
         )
     out["notes"] += _monotone_notes(cells)
     return out
@@ -111,7 +115,7 @@ def _monotone_notes(cells) -> list[str]:
         if worse:
             notes.append(
                 f"teacher_kl: at budget #{k + 1} a wider student has a higher KL "
-                f"(hidden {', '.join(worse)}): the size effect is below the noise there"
+                f"(hidden {', '.join(worse)}): KL is not monotone in N there"
             )
     return notes
 
