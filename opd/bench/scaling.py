@@ -18,8 +18,8 @@ L = E + A·N^(−α) + B·C^(−β) on the KL, and the same law on the error rat
 
 Deviations: the budgets of one size are points of ONE run with one cosine schedule sized for
 C_max (Kaplan et al. 2020 style), not separate runs annealed at each budget (Hoffmann et al.
-2022), which would cost 1 + Σ f_k times as much; intermediate points are therefore not
-annealed and slightly pessimistic. With `warmup_steps` > 0 each student is first trained
+2022), which would cost Σ f_k times as much (1.9× by default); the intermediate points are
+not annealed, so their loss is overstated and the fitted β biased upward. With `warmup_steps` > 0 each student is first trained
 with supervised KD (quality's warm-up) and those FLOPs are added to C. The student at
 initialisation is saved as the run's start checkpoint when there is no warm-up. N counts
 parameters without the input embedding (`flop_params`); `params_total` is reported beside it.
