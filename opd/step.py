@@ -47,6 +47,7 @@ from opd.losses import chunked_token_logprobs
 from opd.losses.reduce import coefficients, reduce, step_count
 from opd.models import decoder_and_head
 from opd.parts import OnePassSignal, ReverseKLSignal
+from opd.pipeline import step_batch
 from opd.precision import autocast, autocast_rows, like_rows
 from opd.signals import Divergence
 from opd.types import StudentRows, completion_rows
@@ -121,8 +122,11 @@ def rollout_kl(method, srows, tscores, values_N, ctx):
     return logq_N - tscores.token_logprobs_N.float()
 
 
-def micro_step(method, models, rollout, ctx, device, count=None, precision="fp32"):
+def micro_step(method, models, rollout, ctx, device, count=None, precision="fp32", tscores=None):
     """Loss of one micro-batch, normalised by `count` (None: this micro-batch's own count).
+
+    `tscores`: the teacher's scores of `rollout` when already computed (the asynchronous
+    pipeline, `opd.pipeline`); None scores it here.
 
     `precision="bf16"`: the teacher and the student's decoder run under bfloat16 autocast;
     the loss is formed outside it, reducing in float32 (`opd.precision`).
@@ -134,8 +138,9 @@ def micro_step(method, models, rollout, ctx, device, count=None, precision="fp32
     """
     # The teacher first: its forward's activations are freed before the student's, which
     # autograd keeps for the backward, are allocated (a lower peak than the other order).
-    with autocast(precision, device):
-        tscores = method.teacher.score(models.teacher, rollout, models.vocab_size)
+    if tscores is None:
+        with autocast(precision, device):
+            tscores = method.teacher.score(models.teacher, rollout, models.vocab_size)
     if not teacher_scores_finite(tscores):
         raise NonFiniteError(
             f"step {ctx.step + 1}: the teacher's output is not finite (NaN/inf in its scores); "
@@ -203,15 +208,13 @@ def train_step(run, step: int) -> dict:
     ctx = run.ctx
     ctx.step, ctx.rollout, ctx.metrics = step, None, {}
     causes = likely_causes(models, tc.lr)
-    with autocast(tc.precision, run.device):  # bf16: rollouts under autocast too
-        rollouts = [
-            _rollout(run.method, run.stream, ctx, step, causes) for _ in range(tc.grad_accum)
-        ]
+    batch = step_batch(run, step, causes)  # opd.pipeline: synchronous or the async queue
+    rollouts = batch.rollouts
     count = step_count(run.method.reduction, [r.completion_mask_BT for r in rollouts])
     total_loss, kl_sum, n_tok, lengths, info = 0.0, 0.0, 0, [], {}
-    for rollout in rollouts:
+    for rollout, tscores in zip(rollouts, batch.scores):
         loss, kl_N, rollout = micro_step(
-            run.method, models, rollout, ctx, run.device, count, tc.precision
+            run.method, models, rollout, ctx, run.device, count, tc.precision, tscores
         )
         if not bool(torch.isfinite(loss.detach())):
             raise NonFiniteError(
@@ -240,10 +243,12 @@ def train_step(run, step: int) -> dict:
     pop_stats = getattr(models.teacher, "pop_stats", None)  # a served teacher's counters
     if pop_stats is not None:
         info.update(pop_stats())
+    info.update(batch.info)  # policy_lag, the vLLM engine's weight lag, importance weights
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     after_optimizer_step(run.method)
+    batch.finish()  # async: the next item is queued, the state is back at the step boundary
     dt = time.perf_counter() - t0
     return {
         "step": step + 1,
