@@ -91,7 +91,7 @@ def sync_backend(backend, model, step: int, sampling) -> dict:
     sync = getattr(backend, "sync_weights", None)
     if sync is None:
         return {}
-    return sync(model, step, every=sampling.vllm_sync_every)
+    return sync(model, step, every=sampling.vllm_sync_every, gpu_memory=sampling.vllm_gpu_memory)
 
 
 def step_batch(run, step: int, causes: str) -> StepBatch:
