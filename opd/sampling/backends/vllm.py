@@ -119,9 +119,14 @@ class VLLMBackend:
                 dtype=dtype,
                 seed=self.seed,
                 enforce_eager=True,
+                use_tqdm_on_load=False,  # no progress bar on stderr
                 gpu_memory_utilization=self.gpu_memory,
                 **self.engine_args,
             )
+            # one token: kernels that do not support the model fail here, as a ModelError
+            # (e.g. vLLM's CPU attention and head_dim=12: "Unsupported CPU attention ...")
+            warm = vllm.SamplingParams(n=1, temperature=0.0, max_tokens=1, detokenize=False)
+            llm.generate([{"prompt_token_ids": [0]}], [warm], use_tqdm=False)
         except Exception as err:
             shutil.rmtree(folder, ignore_errors=True)
             why = " ".join(str(err).split())[:300]
