@@ -8,13 +8,15 @@ queue from the checkpoint's state; the importance weights are 1 at lag 0 and cli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from opd.errors import ConfigError
+from opd.errors import ConfigError, TeacherUnreachable
+from opd.run_setup import build_method
 from opd.train import distill
 from tests.helpers import fresh_models, tiny_cfg
 
@@ -135,3 +137,34 @@ def test_refusals(tmp_path, prompt_file, tok):
         _run(tmp_path, prompt_file, tok, "a", "train.async_correction=true")
     with pytest.raises(ConfigError, match="keeps state across steps"):
         _run(tmp_path, prompt_file, tok, "b", "train.async_rollouts=1", "method.recipe=distillm")
+
+
+class _Flaky:
+    """The recipe's teacher access, unreachable from its `fail_at`-th score on."""
+
+    def __init__(self, inner, fail_at: int):
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score(self, teacher, rollout, vocab_size):
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            raise TeacherUnreachable("teacher http://x unreachable after 1 tries")
+        return self.inner.score(teacher, rollout, vocab_size)
+
+
+def test_a_producer_error_stops_at_its_step_with_a_checkpoint(tmp_path, prompt_file, tok):
+    cfg = tiny_cfg(tmp_path, prompt_file, "train.steps=4", "train.async_rollouts=1", name="f")
+    method = build_method(cfg)
+    method = dataclasses.replace(method, teacher=_Flaky(method.teacher, fail_at=3))
+    with pytest.raises(TeacherUnreachable, match="stopped at step 3 with a checkpoint of step 2"):
+        distill(cfg, models=fresh_models(tok), method=method, evaluate=False, log=lambda *_: None)
+    rows = (tmp_path / "f/metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # items 0 and 1 trained; item 2 (scored during step 2) failed
+    sync = _run(tmp_path, prompt_file, tok, "sync", "train.checkpoint_every=2")
+    state = json.loads((tmp_path / "f/checkpoints/step_000002/state.json").read_text())
+    sync_state = json.loads((tmp_path / "sync/checkpoints/step_000002/state.json").read_text())
+    assert state["data"] == sync_state["data"]  # rewound to just before item 2
+    assert json.loads(rows[0])["loss"] == sync.losses[0]
