@@ -6,6 +6,7 @@ The default suite runs against `tests/vllm_standin.py` (the same vLLM calls, in-
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -138,6 +139,19 @@ def test_real_engine(tmp_path, prompt_file):
     res = run_opd(["distill", *args])
     assert res.code == 0, res.err
     assert (tmp_path / "run" / "student").is_dir()
+    # the asynchronous pipeline: the engine holds the generator copy
+    args = small_cli_args(
+        tmp_path / "a",
+        dirs,
+        prompt_file,
+        "sampling.backend=vllm",
+        "train.async_rollouts=1",
+        "train.steps=3",
+    )
+    res = run_opd(["distill", *args])
+    assert res.code == 0, res.err
+    rows = [json.loads(line) for line in (tmp_path / "a/run/metrics.jsonl").open()]
+    assert [r["policy_lag"] for r in rows if "policy_lag" in r] == [0.0, 1.0, 1.0]
     # a model vLLM's CPU kernels do not take: one line at the engine's start
     small = save_tiny_models(tmp_path / "small")  # head_dim 12
     res = run_opd(
