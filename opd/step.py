@@ -52,6 +52,7 @@ from opd.losses import chunked_token_logprobs
 from opd.losses.reduce import coefficients, reduce, step_count
 from opd.models import decoder_and_head
 from opd.parts import OnePassSignal, ReverseKLSignal
+from opd.pipeline import step_batch
 from opd.precision import autocast, autocast_rows, like_rows
 from opd.sampling.rows import row_seeds
 from opd.signals import Divergence
@@ -127,11 +128,15 @@ def rollout_kl(method, srows, tscores, values_N, ctx):
     return logq_N - tscores.token_logprobs_N.float()
 
 
-def micro_step(method, models, rollout, ctx, device, count=None, precision="fp32", decoder=None):
+def micro_step(
+    method, models, rollout, ctx, device, count=None, precision="fp32", decoder=None, tscores=None
+):
     """Loss of one micro-batch, normalised by `count` (None: this micro-batch's own count).
 
     `decoder`: the student's decoder forward to run instead of its own (the DDP-wrapped one
     of `opd.distributed`, whose forward registers the gradient all-reduce).
+    `tscores`: the teacher's scores of `rollout` when already computed (the asynchronous
+    pipeline, `opd.pipeline`); None scores it here.
 
     `precision="bf16"`: the teacher and the student's decoder run under bfloat16 autocast;
     the loss is formed outside it, reducing in float32 (`opd.precision`).
@@ -143,8 +148,9 @@ def micro_step(method, models, rollout, ctx, device, count=None, precision="fp32
     """
     # The teacher first: its forward's activations are freed before the student's, which
     # autograd keeps for the backward, are allocated (a lower peak than the other order).
-    with autocast(precision, device):
-        tscores = method.teacher.score(models.teacher, rollout, models.vocab_size)
+    if tscores is None:
+        with autocast(precision, device):
+            tscores = method.teacher.score(models.teacher, rollout, models.vocab_size)
     if not teacher_scores_finite(tscores):
         raise NonFiniteError(
             f"step {ctx.step + 1}: the teacher's output is not finite (NaN/inf in its scores); "
@@ -217,18 +223,16 @@ def train_step(run, step: int) -> dict:
     ctx = run.ctx
     ctx.step, ctx.rollout, ctx.metrics = step, None, {}
     causes = likely_causes(models, tc.lr)
-    with autocast(tc.precision, run.device):  # bf16: rollouts under autocast too
-        rollouts = [
-            _rollout(run.method, run.stream, ctx, step, causes, dist, tc.seed, m)
-            for m in range(tc.grad_accum)
-        ]
+    batch = step_batch(run, step, causes)  # opd.pipeline: synchronous or the async queue
+    rollouts = batch.rollouts
     # the global count: over every micro-batch of every process (opd.distributed)
     (count,) = dist.sum(step_count(run.method.reduction, [r.completion_mask_BT for r in rollouts]))
     total_loss, kl_sum, n_tok, lengths, info = 0.0, 0.0, 0, [], {}
-    for m, rollout in enumerate(rollouts):
+    for m, (rollout, tscores) in enumerate(zip(rollouts, batch.scores)):
         dist.sync_grads(last=m == len(rollouts) - 1)  # DDP: all-reduce on the last backward
+        decoder = dist.decoder()  # DDP: the wrapped forward (None in one process)
         loss, kl_N, rollout = micro_step(
-            run.method, models, rollout, ctx, run.device, count, tc.precision, dist.decoder()
+            run.method, models, rollout, ctx, run.device, count, tc.precision, decoder, tscores
         )
         if not bool(torch.isfinite(loss.detach())):
             raise NonFiniteError(
@@ -263,10 +267,12 @@ def train_step(run, step: int) -> dict:
     pop_stats = getattr(models.teacher, "pop_stats", None)  # a served teacher's counters
     if pop_stats is not None:
         info.update(pop_stats())
+    info.update(batch.info)  # policy_lag, the vLLM engine's weight lag, importance weights
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     after_optimizer_step(run.method)
+    batch.finish()  # async: the next item is queued, the state is back at the step boundary
     dt = time.perf_counter() - t0
     return {
         "step": step + 1,

@@ -146,8 +146,8 @@ def test_unsupported_architectures_fall_back_or_fail_clearly():
     windowed = _build(MistralForCausalLM, MistralConfig, sliding_window=4)
     assert "sliding-window" in unsupported_reason(windowed, max_len=20)
     assert unsupported_reason(windowed, max_len=4) is None
-    with pytest.raises(ConfigError, match="sampling.backend: 'vllm' is not one of auto, fast, hf"):
-        make_backend("vllm")
+    with pytest.raises(ConfigError, match="sampling.backend: 'sglang' is not one of auto, fast, hf"):
+        make_backend("sglang")
 
 
 class _ScaledLlama(LlamaForCausalLM):

@@ -300,14 +300,15 @@ class FastBackend:
         return [cut_at_stop(r, stop_ids) for r in rows]
 
 
-BACKENDS = ("auto", "fast", "hf")
+BACKENDS = ("auto", "fast", "hf", "vllm")
 
 
 def make_backend(name: str = "auto", batch_size: int | None = None):
     """The generation backend called `name`.
 
     auto: `FastBackend`, which falls back to `HFBackend` for models it does not support;
-    fast: the same, but an unsupported model is an error; hf: Hugging Face `generate`.
+    fast: the same, but an unsupported model is an error; hf: Hugging Face `generate`;
+    vllm: a vLLM engine holding a copy of the model (`opd.sampling.backends.vllm`).
     """
     if name == "hf":
         return HFBackend(batch_size)
@@ -315,4 +316,8 @@ def make_backend(name: str = "auto", batch_size: int | None = None):
         return FastBackend(batch_size)
     if name == "fast":
         return FastBackend(batch_size, strict=True)
+    if name == "vllm":
+        from opd.sampling.backends.vllm import VLLMBackend
+
+        return VLLMBackend()
     raise ConfigError(f"sampling.backend: {name!r} is not one of {', '.join(BACKENDS)}")
