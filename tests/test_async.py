@@ -59,11 +59,16 @@ def test_queue_gives_the_synchronous_numbers_when_weights_stay(tmp_path, prompt_
     assert _rows(asyn, "policy_lag") == [float(min(s, k)) for s in range(4)]
 
 
+BIG_LR = "train.lr=5e-2"  # each row has its own sampling seed (opd.sampling.rows): only a
+# weight change this large makes θ_{s-1} and θ_s sample different tokens from the same draws
+
+
 def test_rollouts_are_really_stale_with_a_learning_rate(tmp_path, prompt_file, tok):
-    sync = _run(tmp_path, prompt_file, tok, "sync")
-    asyn = _run(tmp_path, prompt_file, tok, "k1", "train.async_rollouts=1")
+    sync = _run(tmp_path, prompt_file, tok, "sync", BIG_LR)
+    asyn = _run(tmp_path, prompt_file, tok, "k1", BIG_LR, "train.async_rollouts=1")
     assert asyn.losses[0] == sync.losses[0]  # step 1: both written by θ_0
     assert asyn.losses[1:] != sync.losses[1:]  # then by θ_{s-1} instead of θ_s
+    assert _rows(asyn, "policy_lag") == [0.0, 1.0, 1.0, 1.0]
     assert not _same_weights(_weights(sync), _weights(asyn))
     assert all(torch.isfinite(torch.tensor(asyn.losses)))
 
