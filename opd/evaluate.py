@@ -89,7 +89,7 @@ def heldout_kl(
 
     Returns:
       {"kl": float | None, "teacher_nll": float | None, "tokens": int, "mean_length": float,
-       "accuracy": float | None}: `kl` with a teacher that gives full logits; otherwise (a
+       "accuracy": float | None, "completions": list[list[int]]}: `kl` with a teacher that gives full logits; otherwise (a
       served teacher) `kl` is None and `teacher_nll` is the token-mean −log p_teacher(y_t) of
       the student's greedy tokens (lower: the teacher finds the student's outputs likelier).
     """
@@ -125,6 +125,7 @@ def heldout_kl(
         "tokens": count,
         "mean_length": sum(lengths) / max(len(lengths), 1),
         "accuracy": accuracy,
+        "completions": comps,  # the greedy token ids, reused by opd.diagnostics
     }
 
 

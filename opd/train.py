@@ -39,6 +39,7 @@ from pathlib import Path
 from opd.build import Models, PromptSets
 from opd.checkpoint import save_checkpoint
 from opd.config import RunConfig, resolve_output_dir
+from opd.diagnostics import run_diagnostics
 from opd.errors import TeacherUnreachable
 from opd.evaluate import heldout_kl
 from opd.logs import Progress
@@ -157,6 +158,7 @@ def run_eval(run: Run, step: int) -> dict | None:
     }
     if res["teacher_nll"] is not None:  # a served teacher: no full distribution
         row["heldout_teacher_nll"] = res["teacher_nll"]
+    row.update(run_diagnostics(run, res["completions"]))  # exposure gap, ECE, ... (never raises)
     run.metrics_log.write(row)
     return row
 
