@@ -61,7 +61,9 @@ def test_student_numbers_match_heldout_kl_and_the_gap_is_own_minus_teacher(tiny_
     assert pos["start"] == list(range(6))
     assert d["diag_length"] == ref["mean_length"]
     samples = d["diag_samples"]
-    assert len(samples) == 3 and samples[0]["prompt"] == "0+1=" and samples[0]["teacher"] is not None
+    assert (
+        len(samples) == 3 and samples[0]["prompt"] == "0+1=" and samples[0]["teacher"] is not None
+    )
 
 
 def test_ece_known_values():
