@@ -15,6 +15,8 @@ COMMANDS: list[tuple[str, str, str, str]] = [
      "opd.serve.args:add_serve_arguments", "opd.serve.server:serve_teacher"),
     ("cache-teacher", "precompute a teacher cache",
      "opd.cache_cli:add_cache_arguments", "opd.cache_cli:run_cache_teacher"),
+    ("report", "render a run's diagnostics as PNG plots and an HTML page",
+     "opd.report:add_report_arguments", "opd.report:run_report"),
 ]  # fmt: skip
 
 OVERRIDE_COMMANDS: tuple[str, ...] = ("cache-teacher",)
