@@ -99,7 +99,7 @@ def _train_seconds(model, ids, mask, repeats: int) -> float:
     return _best(train, repeats)
 
 
-def _loss_seconds(rows: int, vocab: int, width: int, repeats: int = 3, chunk: int = 0) -> float:
+def _loss_seconds(rows: int, vocab: int, width: int, repeats: int = 3) -> float:
     import torch
 
     from opd.losses.one_pass import chunked_weighted_divergence
@@ -110,20 +110,10 @@ def _loss_seconds(rows: int, vocab: int, width: int, repeats: int = 3, chunk: in
     c = torch.full((rows,), 1 / rows)
 
     def run():
-        loss, _ = chunked_weighted_divergence(
-            "reverse_kl", hs, ws, ht, wt, c, chunk_size=chunk or rows
-        )
+        loss, _ = chunked_weighted_divergence("reverse_kl", hs, ws, ht, wt, c, chunk_size=rows)
         loss.backward()
 
     return _best(run, repeats)
-
-
-def _loss_chunk() -> float:
-    """Latency per chunk of the one-pass loss: 4 chunks of 8 rows minus 1, divided by 3,
-    plus the fixed part spread over one chunk (a step has few chunks)."""
-    one, four = _loss_seconds(8, 32, 16, 10), _loss_seconds(32, 32, 16, 10, chunk=8)
-    per_chunk = max((four - one) / 3, 0.0)
-    return max(one, per_chunk)
 
 
 def _memory() -> tuple[float, float]:
@@ -175,7 +165,7 @@ def calibrate(threads: int = 0) -> Device:
     return Device(
         fwd_flops=rates[512][0], train_flops=rates[512][1], fwd_flops_narrow=rates[128][0],
         train_flops_narrow=rates[128][1], bandwidth=bandwidth, adam_s=adam_s, entry_s=e,
-        entry_width_s=e_d, loss_entry_s=lo, loss_width_s=lo_d, loss_chunk_s=_loss_chunk(),
+        entry_width_s=e_d, loss_entry_s=lo, loss_width_s=lo_d, loss_chunk_s=_loss_seconds(8, 32, 16, 10),
         decode_fixed_s=dec[0], decode_layer_s=dec[1], forward_fixed_s=fwd[0],
         forward_layer_s=fwd[1], train_fixed_s=trn[0], train_layer_s=trn[1],
         threads=torch.get_num_threads(), name="calibrated",
