@@ -190,14 +190,14 @@ def markdown(results: list[dict], devices: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--demo-steps", type=int, default=4)
+    p.add_argument("--demo-steps", type=int, default=30, help="the demo's own 30 by default")
     p.add_argument("--skip-demo", action="store_true")
-    p.add_argument("--out", default=None, help="write plan.json and plan.md here")
+    p.add_argument("--out", default=None, help="write plan.json, plan.md and the runs here")
     a = p.parse_args(argv)
     default_threads = torch.get_num_threads()
     devices, results = {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        tmp = Path(a.out) if a.out else Path(tmp)  # --out keeps the run folders
         for vocab in (0, 49152):
             cfg, models, threads = speed_setting(vocab, a.steps, tmp)
             name = f"speed bench, vocab {vocab or 105}"
