@@ -1,6 +1,6 @@
 """`opd plan`'s predictions against component times measured inside real training steps.
 
-    PYTHONPATH=. python benchmarks/bench_plan.py [--steps 6] [--demo-steps 4] [--out DIR]
+    PYTHONPATH=. python benchmarks/bench_plan.py [--steps 6] [--demo-steps 30] [--out DIR]
 
 Settings: the speed benchmark's (`opd bench speed`: gkd λ = 1, β = 1, tiny Llamas 4 × 256
 teacher / 2 × 128 student, batch 16, 32 new tokens, sort prompts, one torch thread) with
@@ -198,6 +198,7 @@ def main(argv=None) -> int:
     devices, results = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(a.out) if a.out else Path(tmp)  # --out keeps the run folders
+        tmp.mkdir(parents=True, exist_ok=True)
         for vocab in (0, 49152):
             cfg, models, threads = speed_setting(vocab, a.steps, tmp)
             name = f"speed bench, vocab {vocab or 105}"
