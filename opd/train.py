@@ -39,7 +39,7 @@ from pathlib import Path
 from opd.build import Models, PromptSets
 from opd.checkpoint import save_checkpoint
 from opd.config import RunConfig, resolve_output_dir
-from opd.diagnostics import run_diagnostics
+from opd.diagnostics import EvalDiagnostics
 from opd.errors import TeacherUnreachable
 from opd.evaluate import heldout_kl
 from opd.logs import Progress
@@ -137,6 +137,7 @@ def run_eval(run: Run, step: int) -> dict | None:
 
         run.metrics_log.write(eval_row(run, step))  # teacher NLL per byte, heldout_kl null
         return None
+    diag = EvalDiagnostics.for_run(run)  # exposure gap, ECE, ... (opd.diagnostics; never raises)
     res = heldout_kl(
         m.student,
         m.teacher,
@@ -148,6 +149,7 @@ def run_eval(run: Run, step: int) -> dict | None:
         chunk_size=tc.chunk_size,
         tokenizer=m.tokenizer,
         verify=run.verify,
+        on_batch=diag.own_batch,
     )
     row = {
         "event": "eval",
@@ -158,7 +160,7 @@ def run_eval(run: Run, step: int) -> dict | None:
     }
     if res["teacher_nll"] is not None:  # a served teacher: no full distribution
         row["heldout_teacher_nll"] = res["teacher_nll"]
-    row.update(run_diagnostics(run, res["completions"]))  # exposure gap, ECE, ... (never raises)
+    row.update(diag.finish(res["completions"]))
     run.metrics_log.write(row)
     return row
 

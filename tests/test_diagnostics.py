@@ -66,6 +66,19 @@ def test_student_numbers_match_heldout_kl_and_the_gap_is_own_minus_teacher(tiny_
     )
 
 
+def test_a_frozen_teachers_text_and_scores_are_computed_once(tiny_models):
+    t, s, tok = tiny_models
+    t.requires_grad_(False)
+    calls = []
+    hook = t.model.register_forward_hook(lambda *a: calls.append(1))
+    first = diag(s, t, tok)
+    n_first = len(calls)
+    second = diag(s, t, tok)  # own prefixes: one teacher forward; teacher prefixes: cached
+    hook.remove()
+    assert len(calls) - n_first == 1 < n_first
+    assert second["diag_rkl_teacher"] == pytest.approx(first["diag_rkl_teacher"])
+
+
 def test_ece_known_values():
     ece, table = expected_calibration_error(torch.tensor([0.95, 0.95, 0.15, 1.0]),
                                             torch.tensor([1.0, 0.0, 0.0, 1.0]))  # fmt: skip
