@@ -24,7 +24,7 @@ SHAPE_HELP = "hidden=576,layers=30,intermediate=1536,vocab=49152[,heads=9,kv_hea
 def add_plan_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--config", help="a YAML config file")
-    p.add_argument("--calibrate", action="store_true", help="measure this device first (~15 s)")
+    p.add_argument("--calibrate", action="store_true", help="measure this device first (~1 min)")
     p.add_argument("--save", metavar="FILE", help="with --calibrate: write the device JSON here")
     p.add_argument("--device", metavar="FILE", help="device JSON from --calibrate --save")
     p.add_argument("--flops", type=float, help="effective FLOP/s (instead of a device file)")

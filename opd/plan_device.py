@@ -10,7 +10,8 @@ kernels at small reference shapes (models built in code, nothing downloaded):
                                 16,384-entry vocabulary minus one with 32 entries, at widths
                                 64 and 256: seconds per (row × entry) = e + e_d · width
     loss_entry_s, loss_width_s  opd's one-pass loss (reverse KL, forward + backward) on
-                                256 rows × 24,576 entries at widths 64 and 256:
+                                256 rows × 49,152 entries (a chunk larger than the
+                                caches, as in real runs) at widths 64 and 256:
                                 seconds per (row × entry) = l + l_d · (3·d_s + d_t)
     bandwidth                   a 256 MB float32 copy: 2 · 256 MB / seconds
     latencies                   tiny Llamas (width 16, vocabulary 32) with 1 and 4 layers:
@@ -19,7 +20,7 @@ kernels at small reference shapes (models built in code, nothing downloaded):
 
 Every number is the median of a few repeats with `threads` torch threads (0: torch's
 default); on a shared machine it reflects the load of the moment, as does the run that
-follows. About half a minute. `--save FILE` keeps it as JSON, `--device FILE` reads it back.
+follows. About a minute. `--save FILE` keeps it as JSON, `--device FILE` reads it back.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def calibrate(threads: int = 0) -> Device:
         big, small = (tiny_llama(v, hidden=d, layers=1, heads=4, seed=0) for v in (16384, 32))
         extra = _decode_step(big, 16, 3) - _decode_step(small, 16, 3)
         entry[d] = max(extra, 0.0) / (16 * (16384 - 32))
-    loss = {d: _loss_seconds(256, 24576, d) / (256 * 24576) for d in (64, 256)}
+    loss = {d: _loss_seconds(256, 49152, d, 2) / (256 * 49152) for d in (64, 256)}
     e, e_d = _two_points(64, entry[64], 256, entry[256])
     lo, lo_d = _two_points(4 * 64, loss[64], 4 * 256, loss[256])
     return Device(
