@@ -183,7 +183,7 @@ def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd d
     The student's numbers come from the loop's own held-out evaluations at step 0 and at the
     end (KL and accuracy from one greedy pass each); only the teacher is generated here.
     """
-    from opd.evaluate import EvalTable
+    from opd.evaluate import EvalTable, teacher_row
     from opd.logs import read_metrics
     from opd.train import RunInterrupted, distill
 
@@ -200,7 +200,7 @@ def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd d
     evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r.get("event") == "eval"]
     first = evals[0] if evals and evals[0]["step"] == 0 else {}
     last = evals[-1] if evals and evals[-1]["step"] == cfg.train.steps else {}
-    from opd.evaluate import teacher_row
+    from opd.report import diag_json, diag_markdown  # the diagnostics section (opd.diagnostics)
 
     teacher = teacher_row(models, result.data, cfg)
     table = EvalTable(
@@ -221,7 +221,7 @@ def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd d
         f"# {title}\n\nrecipe `{cfg.method.recipe}`, {cfg.train.steps} steps, "
         f"batch {cfg.train.batch_size}, wall time {minutes:.1f} min\n\n{table.to_markdown()}\n"
     )
-    (result.run_dir / "report.md").write_text(report_md)
+    (result.run_dir / "report.md").write_text(report_md + diag_markdown(evals))
     summary = {
         "kl_before": kl_before,
         "kl_after": kl_after,
@@ -233,7 +233,7 @@ def run_distill(cfg, *, resume=False, stop_after=None, report=True, title="opd d
         "teacher_samples": teacher["samples"],
         "minutes": minutes,
     }
-    (result.run_dir / "report.json").write_text(json.dumps(summary, indent=2))
+    (result.run_dir / "report.json").write_text(json.dumps(diag_json(summary, evals), indent=2))
     print(f"report: {result.run_dir / 'report.md'}")
     return 0
 

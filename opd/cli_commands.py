@@ -15,9 +15,13 @@ COMMANDS: list[tuple[str, str, str, str]] = [
      "opd.serve.args:add_serve_arguments", "opd.serve.server:serve_teacher"),
     ("cache-teacher", "precompute a teacher cache",
      "opd.cache_cli:add_cache_arguments", "opd.cache_cli:run_cache_teacher"),
+    ("report", "render a run's diagnostics as PNG plots and an HTML page",
+     "opd.report:add_report_arguments", "opd.report:run_report"),
+    ("plan", "predict a run's step time, memory and staged budget split",
+     "opd.plan_cli:add_plan_arguments", "opd.plan_cli:run_plan"),
 ]  # fmt: skip
 
-OVERRIDE_COMMANDS: tuple[str, ...] = ("cache-teacher",)
+OVERRIDE_COMMANDS: tuple[str, ...] = ("cache-teacher", "plan")
 
 
 def resolve(ref: str):

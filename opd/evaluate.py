@@ -62,8 +62,9 @@ def _per_token(rows, teacher, rollout, vocab_size, chunk_size):
     t, ctx = as_teacher(teacher), StepContext(chunk_size=chunk_size)
     if "full_logits" in t.provides:
         tscores = _as_float(FullLogits().score(t, rollout, vocab_size))
-        return "kl", Divergence("reverse_kl")(rows, tscores, ctx)
-    return "nll", -SampledLogprobs(chunk_size).score(t, rollout, vocab_size).token_logprobs_N
+        return "kl", Divergence("reverse_kl")(rows, tscores, ctx), tscores
+    tscores = SampledLogprobs(chunk_size).score(t, rollout, vocab_size)
+    return "nll", -tscores.token_logprobs_N, tscores
 
 
 @torch.no_grad()
@@ -80,8 +81,12 @@ def heldout_kl(
     chunk_size: int = 512,
     tokenizer=None,
     verify=None,
+    on_batch=None,
 ) -> dict:
     """Token-mean KL(q_student ‖ p_teacher) on greedy student completions.
+
+    `on_batch(rows, teacher_scores, rollout)`, if given, sees every scored batch (the
+    diagnostics of `opd.diagnostics` reuse these forward passes).
 
     With a `tokenizer`, the same greedy completions are also scored for answer accuracy
     (`verify`, default `generic_verify`) on the examples that have an answer, so one
@@ -89,7 +94,7 @@ def heldout_kl(
 
     Returns:
       {"kl": float | None, "teacher_nll": float | None, "tokens": int, "mean_length": float,
-       "accuracy": float | None}: `kl` with a teacher that gives full logits; otherwise (a
+       "accuracy": float | None, "completions": list[list[int]]}: `kl` with a teacher that gives full logits; otherwise (a
       served teacher) `kl` is None and `teacher_nll` is the token-mean −log p_teacher(y_t) of
       the student's greedy tokens (lower: the teacher finds the student's outputs likelier).
     """
@@ -115,7 +120,9 @@ def heldout_kl(
             s_dec(ro.input_ids_BL.to(device), ro.attention_mask_BL.to(device)), ro
         )
         rows = StudentRows(hidden_ND.float(), s_head[:vocab_size].float(), None, None)
-        kind, values_N = _per_token(rows, teacher, ro, vocab_size, chunk_size)
+        kind, values_N, tscores = _per_token(rows, teacher, ro, vocab_size, chunk_size)
+        if on_batch is not None:
+            on_batch(rows, tscores, ro)
         total += float(values_N.sum())
         count += values_N.numel()
     lengths = [len(c) for c in comps]
@@ -125,6 +132,7 @@ def heldout_kl(
         "tokens": count,
         "mean_length": sum(lengths) / max(len(lengths), 1),
         "accuracy": accuracy,
+        "completions": comps,  # the greedy token ids (opd.diagnostics)
     }
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from opd.build import Models, PromptSets
 from opd.checkpoint import save_checkpoint
 from opd.config import RunConfig, resolve_output_dir
+from opd.diagnostics import EvalDiagnostics
 from opd.distributed import Dist
 from opd.errors import TeacherUnreachable
 from opd.evaluate import heldout_kl
@@ -109,6 +110,7 @@ def run_eval(run: Run, step: int) -> dict | None:
 
         run.metrics_log.write(eval_row(run, step))  # teacher NLL per byte, heldout_kl null
         return None
+    diag = EvalDiagnostics.for_run(run)  # exposure gap, ECE, ... (opd.diagnostics; never raises)
     res = heldout_kl(
         m.student,
         m.teacher,
@@ -120,6 +122,7 @@ def run_eval(run: Run, step: int) -> dict | None:
         chunk_size=tc.chunk_size,
         tokenizer=m.tokenizer,
         verify=run.verify,
+        on_batch=diag.own_batch,
     )
     row = {
         "event": "eval",
@@ -130,6 +133,7 @@ def run_eval(run: Run, step: int) -> dict | None:
     }
     if res["teacher_nll"] is not None:  # a served teacher: no full distribution
         row["heldout_teacher_nll"] = res["teacher_nll"]
+    row.update(diag.finish(res["completions"]))
     run.metrics_log.write(row)
     return row
 
