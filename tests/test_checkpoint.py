@@ -112,9 +112,18 @@ def test_resume_without_checkpoint_starts_from_step_zero(tmp_path, prompt_file, 
     assert _rows(run) == ([1, 2, 3], [0, 3])
 
 
+@pytest.fixture
+def default_sigint():
+    """SIGINT as an interactive Python has it: a shell starts background jobs (`cmd &`, so
+    a suite run that way) with SIGINT ignored, which opd rightly leaves ignored."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_finishes_the_step_checkpoints_and_resumes(
-    tmp_path, prompt_file, tok, signum, monkeypatch
+    tmp_path, prompt_file, tok, signum, monkeypatch, default_sigint
 ):
     import opd.train as train_mod
 
