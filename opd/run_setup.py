@@ -273,6 +273,10 @@ def setup_run(
     check_self_teacher(method, models)
     check_trainable_dtype(models)
     check_pair(models, method, cfg)  # [crosstok] another tokenizer needs a cross-tokenizer method
+    if tc.async_rollouts:  # a background producer cannot serve every method (opd.pipeline)
+        from opd.pipeline import check_async
+
+        check_async(method, models)
     setup_student(models, cfg, log)  # LoRA wrap, gradient checkpointing, precision (issue 13)
     data = data if data is not None else build_data(cfg, models.tokenizer)
     check_data_fits(method, data)

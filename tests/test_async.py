@@ -142,6 +142,7 @@ def test_refusals(tmp_path, prompt_file, tok):
         _run(tmp_path, prompt_file, tok, "a", "train.async_correction=true")
     with pytest.raises(ConfigError, match="keeps state across steps"):
         _run(tmp_path, prompt_file, tok, "b", "train.async_rollouts=1", "method.recipe=distillm")
+    assert not (tmp_path / "b").exists()  # refused in setup_run, before the run folder
 
 
 class _Flaky:
