@@ -30,26 +30,9 @@ from tests.helpers import (
     tiny_cfg,
     write_prompts,
 )
+from tests.test_blackbox import TextOnlyTeacher
 
 F64 = torch.float64
-
-
-class TextOnlyTeacher:
-    """A black-box teacher: its local model writes; any scoring request raises."""
-
-    provides = frozenset({"text"})
-
-    def __init__(self, model):
-        self.model = model
-
-    def logprobs(self, *args, **kwargs):
-        raise AssertionError("a black-box teacher was asked for log-probs")
-
-    def rows(self, *args, **kwargs):
-        raise AssertionError("a black-box teacher was asked for full logits")
-
-    def describe(self):
-        return "text-only test teacher"
 
 
 # ---------------------------------------------------------------- the BT loss by hand

@@ -24,6 +24,7 @@ from tests.helpers import (
     tiny_cfg,
     write_prompts,
 )
+from tests.test_blackbox import TextOnlyTeacher
 
 
 def harder_sums(hard, n, ctx):
@@ -133,22 +134,6 @@ def test_lion_arguments_are_checked():
         get_recipe("lion").build(writer="no_such_module:f")
     with pytest.raises(ConfigError, match="round_steps"):
         get_recipe("lion").build(round_steps=0)
-
-
-class TextOnlyTeacher:
-    provides = frozenset({"text"})
-
-    def __init__(self, model):
-        self.model = model
-
-    def logprobs(self, *args, **kwargs):
-        raise AssertionError("a black-box teacher was asked for log-probs")
-
-    def rows(self, *args, **kwargs):
-        raise AssertionError("a black-box teacher was asked for full logits")
-
-    def describe(self):
-        return "text-only test teacher"
 
 
 def test_lion_runs_from_the_cli_with_a_teacher_that_only_writes(tmp_path, monkeypatch):
