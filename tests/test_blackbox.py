@@ -44,6 +44,20 @@ class TextOnlyTeacher:
         return "text-only test teacher"
 
 
+def patch_text_only_teacher(monkeypatch) -> None:
+    """Make every run built from the CLI wrap its teacher in `TextOnlyTeacher`."""
+    import opd.run_setup
+
+    real = opd.run_setup.build_models
+
+    def text_only(cfg):
+        m = real(cfg)
+        m.teacher = TextOnlyTeacher(m.teacher)
+        return m
+
+    monkeypatch.setattr(opd.run_setup, "build_models", text_only)
+
+
 @pytest.mark.parametrize(
     "recipe, extra, logged",
     [

@@ -30,7 +30,7 @@ from tests.helpers import (
     tiny_cfg,
     write_prompts,
 )
-from tests.test_blackbox import TextOnlyTeacher
+from tests.test_blackbox import patch_text_only_teacher
 
 F64 = torch.float64
 
@@ -205,16 +205,7 @@ def test_gad_arguments_and_rollouts_are_checked(tok):
 
 
 def test_gad_runs_from_the_cli_with_a_teacher_that_only_writes(tmp_path, monkeypatch):
-    import opd.run_setup
-
-    real = opd.run_setup.build_models
-
-    def text_only(cfg):
-        m = real(cfg)
-        m.teacher = TextOnlyTeacher(m.teacher)
-        return m
-
-    monkeypatch.setattr(opd.run_setup, "build_models", text_only)
+    patch_text_only_teacher(monkeypatch)
     dirs = save_tiny_models(tmp_path)
     data = write_prompts(tmp_path / "d.jsonl", n=8)
     args = small_cli_args(

@@ -24,7 +24,7 @@ from tests.helpers import (
     tiny_cfg,
     write_prompts,
 )
-from tests.test_blackbox import TextOnlyTeacher
+from tests.test_blackbox import TextOnlyTeacher, patch_text_only_teacher
 
 
 def harder_sums(hard, n, ctx):
@@ -137,16 +137,7 @@ def test_lion_arguments_are_checked():
 
 
 def test_lion_runs_from_the_cli_with_a_teacher_that_only_writes(tmp_path, monkeypatch):
-    import opd.run_setup
-
-    real = opd.run_setup.build_models
-
-    def text_only(cfg):
-        m = real(cfg)
-        m.teacher = TextOnlyTeacher(m.teacher)
-        return m
-
-    monkeypatch.setattr(opd.run_setup, "build_models", text_only)
+    patch_text_only_teacher(monkeypatch)
     dirs = save_tiny_models(tmp_path)
     data = write_prompts(tmp_path / "d.jsonl", n=8)
     lion_args = [
