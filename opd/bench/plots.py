@@ -17,6 +17,7 @@ from pathlib import Path
 from opd.bench.loss_worker import HIDDEN, VOCAB
 from opd.bench.methods import label
 from opd.bench.step_workers import SIDES, side_name
+from opd.bench.sweep import sweep_markdown
 
 
 def _pm(mean, std, scale: float = 1.0, digits: int = 1) -> str:
@@ -25,20 +26,27 @@ def _pm(mean, std, scale: float = 1.0, digits: int = 1) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * (std or 0.0):.{digits}f}"
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
+def _mean_std(xs: list) -> tuple:
+    """Mean and sample std of the values that are not None; (None, None) if none is."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def summarize(runs: list[dict], methods) -> dict:
-    """Per method: mean and sample std over seeds of the final accuracy and teacher KL."""
+    """Per method: mean and sample std over seeds of the final accuracy, both held-out KLs and
+    the share of completions with a correction marker; its lr and collapsed runs."""
     out = {}
     for m in methods:
         rs = [r for r in runs if r["method"] == m]
-        row = {"steps": rs[0]["steps"], "seeds": len(rs),
+        row = {"steps": rs[0]["steps"], "seeds": len(rs), "lr": rs[0]["lr"],
                "gflop_mean": statistics.mean(r["flops"] for r in rs) / 1e9,
-               "seconds_mean": statistics.mean(r["seconds"] for r in rs)}
-        for key in ("accuracy", "teacher_kl"):
-            xs = [r["final"][key] for r in rs if math.isfinite(r["final"][key])]
+               "seconds_mean": statistics.mean(r["seconds"] for r in rs),
+               "collapsed": sum(bool(r.get("stability", {}).get("collapsed")) for r in rs)}
+        for key in ("accuracy", "teacher_kl", "teacher_fkl", "with_correction"):
+            xs = [r["final"][key] for r in rs
+                  if r["final"].get(key) is not None and math.isfinite(r["final"][key])]
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std(xs) if xs else (None, None)
         out[m] = row
     return out
@@ -48,27 +56,56 @@ def markdown_table(result: dict) -> str:
     """One row per method, plus the teacher, the initial student and the warm-up start."""
     comp = result["compute"]
     lines = [
-        "| method | steps | GFLOP spent | accuracy % (greedy, exact match) "
-        "| KL(q_student ‖ p_teacher), held-out | seconds / run |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | lr | steps | GFLOP spent | accuracy % (greedy, exact match) "
+        "| KL(q_student ‖ p_teacher), student text | KL(p_teacher ‖ q_student), teacher text "
+        "| completions with a correction % | collapsed runs | seconds / run |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     teacher = result["teacher"]["eval"]
-    lines.append(f"| teacher ({result['teacher'].get('params')} params) | — | — "
-                 f"| {100 * teacher['accuracy']:.1f} | 0 | — |")
+    lines.append(f"| teacher ({result['teacher'].get('params')} params) | — | — | — "
+                 f"| {100 * teacher['accuracy']:.1f} | 0 | 0 "
+                 f"| {_pct(teacher.get('with_correction'))} | — | — |")
     for name, idx in (("student at init", 0), ("warm-up checkpoint (start of every method)", -1)):
-        acc = _mean_std([w["curve"][idx]["accuracy"] for w in result["warmup"]])
-        kl = _mean_std([w["curve"][idx]["teacher_kl"] for w in result["warmup"]])
+        acc, kl, fkl, fix = (_mean_std([w["curve"][idx].get(k) for w in result["warmup"]])
+                             for k in ("accuracy", "teacher_kl", "teacher_fkl", "with_correction"))
         spent = f"{comp['warmup_gflop_mean']:.1f} (shared)" if idx == -1 else "0"
         warm = sorted({w["steps"] for w in result["warmup"]})  # per seed when at a plateau
         steps = "/".join(map(str, warm)) if idx == -1 else 0
-        lines.append(f"| {name} | {steps} | {spent} | {_pm(*acc, 100)} | {_pm(*kl, 1, 4)} | — |")
+        lines.append(f"| {name} | — | {steps} | {spent} | {_pm(*acc, 100)} | {_pm(*kl, 1, 4)} "
+                     f"| {_pm(*fkl, 1, 4)} | {_pm(*fix, 100)} | — | — |")
     for method, row in result["summary"].items():
         lines.append(
-            f"| {label(method)} | {row['steps']} | {row['gflop_mean']:.1f} "
+            f"| {label(method)} | {row['lr']:g} | {row['steps']} | {row['gflop_mean']:.1f} "
             f"| {_pm(row['accuracy_mean'], row['accuracy_std'], 100)} "
             f"| {_pm(row['teacher_kl_mean'], row['teacher_kl_std'], 1, 4)} "
-            f"| {row['seconds_mean']:.0f} |"
+            f"| {_pm(row.get('teacher_fkl_mean'), row.get('teacher_fkl_std'), 1, 4)} "
+            f"| {_pm(row.get('with_correction_mean'), row.get('with_correction_std'), 100)} "
+            f"| {row.get('collapsed', 0)}/{row['seeds']} | {row['seconds_mean']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def paired_markdown(result: dict, base: str = "supervised_kd") -> str:
+    """Per method, its final accuracy minus `base`'s on the same seed (same warm-up
+    checkpoint), in points: each seed, and mean ± std; '' when `base` was not run."""
+    finals = {(r["method"], r["seed"]): r["final"]["accuracy"] for r in result["runs"]}
+    seeds = sorted({r["seed"] for r in result["runs"]})
+    if not any(m == base for m, _ in finals):
+        return ""
+    lines = [f"| method − {base} (accuracy points) | "
+             + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+             "|---|" + "---:|" * (len(seeds) + 1)]
+    for method in result["summary"]:
+        if method == base:
+            continue
+        d = [100 * (finals[method, s] - finals[base, s]) for s in seeds
+             if (method, s) in finals and (base, s) in finals]
+        lines.append(f"| {label(method)} | " + " | ".join(f"{x:+.1f}" for x in d)
+                     + f" | {_pm(*_mean_std(d))} |")
     return "\n".join(lines)
 
 
@@ -140,6 +177,11 @@ def write_report(result: dict, out_dir: Path, log=print) -> Path:
         f"{result['machine_at_start']}; at end: {result['machine_at_end']}.\n\n"
         + markdown_table(result) + "\n\n" + note + "\n"
     )
+    paired = paired_markdown(result)
+    text += f"\nPaired per-seed differences:\n\n{paired}\n" if paired else ""
+    if result.get("sweep"):
+        text += ("\nLearning-rate sweep (seed 0, validation split; opd.bench.sweep):\n\n"
+                 + sweep_markdown(result["sweep"]) + "\n")
     path = out_dir / "results.md"
     path.write_text(text)
     log(text)

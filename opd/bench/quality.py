@@ -57,20 +57,21 @@ from opd.bench.environment import machine
 from opd.bench.flops import flop_params, microbatch_flops, writer_params
 from opd.bench.methods import parse_method, prefixes_of, slug
 from opd.bench.plots import summarize, write_report
+from opd.bench.stability import evaluate_student
+from opd.bench.sweep import run_methods
 from opd.bench.warmup import run_plateau_warmup, write_valid_split
 from opd.build import Models, finish_models
 from opd.config import load_config
-from opd.data import encode_rows, load_rows
-from opd.evaluate import heldout_kl
 from opd.tasks import get_task
-from opd.tasks.recovery import accuracy_and_corrections, recovery_task, teacher_recovery
-from opd.tasks.teacher import EVAL_SEED, evaluate_accuracy, train_task_teacher
+from opd.tasks.recovery import teacher_recovery
+from opd.tasks.teacher import EVAL_SEED, train_task_teacher
 from opd.tasks.variants import task_spec
 from opd.tiny import tiny_llama
 from opd.train import distill
 
-METHODS = ("supervised_kd", "seqkd", "gkd:lmbda=1.0,beta=0.0", "gkd:lmbda=1.0,beta=0.5",
-           "gkd:lmbda=1.0,beta=1.0", "on_policy_rkl")
+METHODS = ("supervised_kd", "seqkd", *(f"gkd:lmbda={lm},beta={b}" for lm in (0.5, 1.0)
+                                       for b in (0.0, 0.5, 1.0)),
+           "on_policy_rkl", "sampled_rkl", "staged")
 TRAIN_SEED = 20_240_101  # the student's training prompt pool (held-out prompts removed)
 
 
@@ -99,6 +100,8 @@ class Settings:
     valid_rows: int = _f(200, "plateau warm-up: validation prompts (not held-out, not training)")
     warmup_lr: float = _f(3e-3, "learning rate of the warm-up")
     lr: float = _f(2e-3, "peak learning rate of every method (cosine to 10 %)")
+    lrs: tuple = _f((), "sweep: lrs tried per method on seed 0, validation accuracy picks one "
+                    "(opd.bench.sweep); none: --lr for all", item=float)
     lr_warmup: int = _f(10, "linear lr ramp of every method (a fresh AdamW)")
     batch_size: int = _f(32, "prompts per step")
     temperature: float = _f(1.0, "sampling temperature of rollouts (student and teacher)")
@@ -152,8 +155,8 @@ def prepare_task(s: Settings, out_dir: Path) -> TaskSetup:
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
         (out_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     seen = held_out | {r["prompt"] for r in train_rows}  # the plateau's validation split avoids
-    valid = write_valid_split(s, task, knobs, seen, out_dir) if s.warmup == "plateau" \
-        else ""
+    valid = write_valid_split(s, task, knobs, seen, out_dir) \
+        if s.warmup == "plateau" or len(set(s.lrs)) > 1 else ""
     _, tok, info = train_task_teacher(s.task, **kwargs)  # after the checks of the prompt files
     prompt_ids = tok([r["prompt"] for r in train_rows], add_special_tokens=False)["input_ids"]
     comp_ids = tok([r["completion"] for r in train_rows], add_special_tokens=False)["input_ids"]
@@ -191,37 +194,21 @@ def _config(s: Settings, setup: TaskSetup, run_dir: Path, method: str, steps: in
     ])  # fmt: skip
 
 
-def evaluate_student(models, setup: TaskSetup, s: Settings) -> dict:
-    """Greedy exact match, held-out KL(q_student ‖ p_teacher); chain / sort: markers, errors."""
-    rows = [json.loads(line) for line in Path(setup.eval_file).read_text().splitlines()]
-    if recovery_task(setup.task) is None:
-        acc, marks = evaluate_accuracy(models.student, models.tokenizer, setup.task, rows,
-                                       max_new_tokens=setup.max_new_tokens), {}
-    else:  # the same greedy completions, kept to count their correction markers and errors
-        acc, marks = accuracy_and_corrections(models.student, models.tokenizer, setup.task, rows,
-                                              setup.max_new_tokens)  # fmt: skip
-    loaded = load_rows(setup.eval_file).rows[: s.kl_rows]
-    examples = encode_rows(loaded, models.tokenizer, use_chat_template=False).examples
-    kl = heldout_kl(models.student, models.teacher, examples, pad_id=models.pad_id,
-                    stop_ids=models.stop_ids, vocab_size=models.vocab_size,
-                    max_new_tokens=setup.max_new_tokens)
-    return {"accuracy": acc, "teacher_kl": kl["kl"], "mean_length": kl["mean_length"], **marks}
-
-
 # ------------------------------------------------------------------------ one run
 
 
 def run_method(s: Settings, setup: TaskSetup, method: str, seed: int, steps: int, lr: float,
-               report=lambda n: None, warmup: bool = False) -> dict:
+               report=lambda n: None, warmup: bool = False, valid: bool = False) -> dict:
     """Train from the seed's warm-up checkpoint (from scratch if `warmup`), evaluating as we go.
 
     Training runs in segments that end at the eval points (`distill(stop_after=...)`, then
     `resume=True`), so the curve comes from one run with one learning-rate schedule.
+    With `valid` (a learning-rate sweep's run) the end is also scored on the validation split.
     """
     _quiet()
     torch.set_num_threads(s.threads)
     runs = Path(setup.out_dir) / "runs"
-    run_dir = runs / f"{'warmup' if warmup else slug(method)}-seed{seed}"
+    run_dir = runs / f"{'warmup' if warmup else slug(method)}{f'-lr{lr:g}' * valid}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     models = _models(setup, s, seed, None if warmup else runs / f"warmup-seed{seed}" / "student")
     prefixes = prefixes_of(method)
@@ -230,24 +217,27 @@ def run_method(s: Settings, setup: TaskSetup, method: str, seed: int, steps: int
     # The warm-up keeps its lr constant after a 10 % ramp: its checkpoint is mid-training, not
     # annealed, so every method continues a student that is still learning.
     schedule = (steps // 10, 1.0) if warmup else (s.lr_warmup, 0.1)
-    curve, flops, seconds, done = [], 0.0, 0.0, 0
+    curve, flops, seconds, done, losses = [], 0.0, 0.0, 0, []
     for stop in points:
         if stop > done:
-            f, sec = train_segment(s, setup, models, run_dir, method, steps, seed, lr, schedule,
-                                   done, stop, prefixes)
+            f, sec, seg = train_segment(s, setup, models, run_dir, method, steps, seed, lr,
+                                        schedule, done, stop, prefixes)
             flops, seconds = flops + f, seconds + sec
+            losses += seg
             report(stop - done)
             done = stop
         curve.append({"step": stop, "flops": flops, "seconds": seconds,
                       **evaluate_student(models, setup, s)})
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return {"method": method, "seed": seed, "steps": steps, "lr": lr, "flops": flops,
-            "seconds": seconds, "curve": curve, "final": curve[-1]}
+            "seconds": seconds, "curve": curve, "final": curve[-1], "losses": losses,
+            **({"valid": evaluate_student(models, setup, s, setup.valid_file)} if valid else {})}
 
 
 def train_segment(s: Settings, setup: TaskSetup, models, run_dir: Path, method: str, steps: int,
                   seed: int, lr: float, schedule: tuple, done: int, stop: int, prefixes):
-    """Steps `done`..`stop` of a `steps`-step run (one lr schedule); returns (FLOPs, seconds)."""
+    """Steps `done`..`stop` of a `steps`-step run (one lr schedule); returns (FLOPs, seconds,
+    the steps' losses)."""
     n_s, n_t = flop_params(models.student), flop_params(models.teacher)
     cfg = _config(s, setup, run_dir, method, steps, seed, lr, *schedule)
     t0 = time.perf_counter()
@@ -261,7 +251,7 @@ def train_segment(s: Settings, setup: TaskSetup, models, run_dir: Path, method: 
             prompt_tokens=s.batch_size * cfg.train.grad_accum * setup.prompt_tokens,
             completion_tokens=row["tokens"],
         )
-    return flops, seconds
+    return flops, seconds, [float(row["loss"]) for row in res.metrics]
 
 
 def _quiet() -> None:
@@ -325,15 +315,15 @@ def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
     ) for m in (*s.methods, "on_policy_rkl")}
     budget = s.budget_gflop * 1e9 if s.budget_gflop else s.steps * step_cost["on_policy_rkl"]
     steps = {m: max(1, round(budget / step_cost[m])) for m in s.methods}
-    bar = tqdm(total=s.seeds * (s.warmup_steps + sum(steps.values())), desc=f"bench {s.task}",
+    sweeps = s.seeds + max(0, len(set(s.lrs)) - 1)  # runs per method
+    bar = tqdm(total=s.seeds * s.warmup_steps + sweeps * sum(steps.values()), desc=f"bench {s.task}",
                unit="step", disable=not s.progress, dynamic_ncols=True)
     common = dict(s=s, setup=setup)
     warmups = run_jobs([dict(common, method="supervised_kd", seed=seed, steps=s.warmup_steps,
                              lr=s.warmup_lr, warmup=True) for seed in range(s.seeds)],
                        s.workers, bar) if s.warmup == "fixed" else run_jobs(
         [dict(common, seed=seed, plateau=True) for seed in range(s.seeds)], s.workers, bar)
-    runs = run_jobs([dict(common, method=m, seed=seed, steps=steps[m], lr=s.lr)
-                     for seed in range(s.seeds) for m in s.methods], s.workers, bar)
+    runs, sweep = run_methods(s, common, steps, warmups, run_jobs, bar)
     bar.close()
     for r in runs:
         log(f"[{s.task}] {r['method']} seed {r['seed']}: accuracy {r['final']['accuracy']:.3f}, "
@@ -356,7 +346,7 @@ def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
             "max_new_tokens": setup.max_new_tokens,
             "warmup_gflop_mean": statistics.mean(w["flops"] for w in warmups) / 1e9,
         },
-        "warmup": warmups, "runs": runs, "summary": summarize(runs, s.methods),
+        "warmup": warmups, "runs": runs, "summary": summarize(runs, s.methods), "sweep": sweep,
         "wall_seconds": time.perf_counter() - t0, "teacher_seconds": teacher_seconds,
     }
     (out_dir / "quality.json").write_text(json.dumps(result, indent=1, default=str))

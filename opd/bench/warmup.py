@@ -93,7 +93,7 @@ def run_plateau_warmup(s, setup, seed: int, models, train, evaluate, report=lamb
     start = {"step": 0, "flops": 0.0, "seconds": 0.0, **evaluate(models, setup, s)}
     while done < max_steps:
         stop = min(max_steps, done + s.warmup_eval_every)
-        f, sec = train(s, setup, models, run_dir, "supervised_kd", max_steps, seed, s.warmup_lr,
+        f, sec, _ = train(s, setup, models, run_dir, "supervised_kd", max_steps, seed, s.warmup_lr,
                        schedule, done, stop, prefixes)  # fmt: skip
         flops, seconds = flops + f, seconds + sec
         report(stop - done)
