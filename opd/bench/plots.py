@@ -170,7 +170,9 @@ def write_report(result: dict, out_dir: Path, log=print) -> Path:
         f"{s['seeds']} seeds; student {result['student']['layers']} layers × "
         f"{result['student']['hidden']} ({result['student']['flop_params']:,} FLOP-counted "
         f"params), teacher {result['teacher']['flop_params']:,}; batch {s['batch_size']}, "
-        f"lr {s['lr']} (warm-up {s['warmup_steps']} steps of supervised_kd at {s['warmup_lr']}); "
+        + (f"lr per method from the sweep below ({', '.join(map(str, s['lrs']))}) "
+           if result.get("sweep") else f"lr {s['lr']} ")
+        + f"(warm-up {s['warmup_steps']} steps of supervised_kd at {s['warmup_lr']}); "
         f"budget {comp['budget_gflop']:.1f} GFLOP per method after the warm-up; up to "
         f"{comp['max_new_tokens']} new tokens, sampling temperature {s['temperature']}.\n"
         f"Wall time {result['wall_seconds'] / 60:.1f} min. Machine at start: "

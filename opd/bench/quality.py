@@ -9,13 +9,19 @@ dataset completions) and every method continues from that one checkpoint, as in 
 
     supervised_kd               dataset writes y;  KL(p_teacher ‖ q_student)   off-policy
     seqkd                       teacher samples y; KL(p_teacher ‖ q_student)   off-policy
+    gkd λ=0.5, β = 0 / 0.5 / 1  half the rows student-written; JSD(β)          mixed
     gkd λ=1, β = 0 / 0.5 / 1    student samples y; generalized JSD(β)          on-policy
     on_policy_rkl               student samples y; KL(q_student ‖ p_teacher)   on-policy
+    sampled_rkl                 student samples y; sampled-token RKL estimate  on-policy
+    staged                      dataset FKL, then on-policy RKL, then reward   staged
 
 At fractions of the budget (`eval_points`) we record exact-match accuracy of greedy
 completions on the teacher's held-out prompts (the task's verifier) and the held-out
-token-mean KL(q_student ‖ p_teacher) on greedy student completions (`heldout_kl`); the
-summary is mean ± sample std over seeds at the end of the budget.
+token-mean KL(q_student ‖ p_teacher) on greedy student completions (`heldout_kl`) and
+KL(p_teacher ‖ q_student) on the teacher's greedy completions (`opd.bench.stability`); the
+summary is mean ± sample std over seeds at the end of the budget, with paired per-seed
+differences to supervised KD. With `--lrs` each method's lr is chosen on a validation split
+(`opd.bench.sweep`); every run carries a collapse record (`opd.bench.stability`).
 
 How compute is counted: `opd.bench.flops` (estimated FLOPs, the 2N / 6N rule of Kaplan
 et al. 2020, with N_writer the parameters that decode each completion token).
