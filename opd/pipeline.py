@@ -204,8 +204,9 @@ class Pipeline:
             for name, tensor in self.snapshots[version].items():
                 self._gen[name].copy_(tensor)
 
-    def produce(self, j: int, version: int, causes: str) -> Item:
-        """Item j from the generator (θ_version); an exception is kept in the item."""
+    def produce(self, j: int, version: int, causes: str, snapshot: bool = False) -> Item:
+        """Item j from the generator (θ_version), first keeping θ_version when `snapshot` (in
+        the thread: the copy overlaps training); an exception is kept in the item."""
         from opd.step import _rollout
 
         run, tc = self.run, self.run.cfg.train
@@ -213,6 +214,8 @@ class Pipeline:
         state = _capture(run)
         ctx = dataclasses.replace(run.ctx, student=self.generator, step=j, rollout=None, metrics={})
         try:
+            if snapshot:
+                self.snapshot(version)
             with torch.no_grad(), autocast(tc.precision, run.device):
                 info = sync_backend(ctx.backend, self.generator, j, run.cfg.sampling)
                 rollouts = [
@@ -286,8 +289,7 @@ class Pipeline:
         return StepBatch(rollouts, item.scores, info, self)
 
     def _work(self, j: int, version: int, causes: str) -> None:
-        self.snapshot(version)  # off the main thread: the copy overlaps training
-        self.result = self.produce(j, version, causes)
+        self.result = self.produce(j, version, causes, snapshot=True)
 
     def _correct(self, item: Item):
         """Rollouts with w_t = min(π_θ/π_β, c) multiplied into their token weights."""

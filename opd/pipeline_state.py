@@ -77,6 +77,8 @@ def queue_state(run, done: int) -> tuple[dict, dict]:
     pipe = getattr(run, "pipeline", None)
     start = done if pipe is None or pipe.start is None else pipe.start
     versions = sorted({max(j - k, start) for j in range(done, done + k)} - {done})
+    if any(v not in pipe.snapshots for v in versions):  # a failed copy: refill from θ_done
+        start, versions = done, []
     tensors = {
         f"{v}/{name}": t.contiguous() for v in versions for name, t in pipe.snapshots[v].items()
     }
