@@ -47,18 +47,25 @@ def _weights(res):
     return {k: v.clone() for k, v in res.models.student.state_dict().items()}
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["k1", "k2"])
-def runs(request, tmp_path_factory):
-    """(k, folder, prompts, the uninterrupted run, the run stopped after step 2), k = 1, 2."""
-    k, tmp, tok = request.param, tmp_path_factory.mktemp(f"k{request.param}"), char_tokenizer()
-    prompt_file = write_prompts(tmp / "prompts.jsonl")
-    full = _distill(_cfg(tmp, prompt_file, "full", k), tok)
-    cut = _distill(_cfg(tmp, prompt_file, "cut", k), tok, stop_after=2)
-    return k, tmp, prompt_file, full, cut
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """k → (folder, prompts, the uninterrupted 4-step run with that k), each made once."""
+    made, tok = {}, char_tokenizer()
+
+    def get(k):
+        if k not in made:
+            tmp = tmp_path_factory.mktemp(f"k{k}")
+            prompt_file = write_prompts(tmp / "prompts.jsonl")
+            made[k] = tmp, prompt_file, _distill(_cfg(tmp, prompt_file, "full", k), tok)
+        return made[k]
+
+    return get
 
 
-def test_resume_equals_the_uninterrupted_run_bit_for_bit(runs, tok):
-    k, tmp, prompt_file, full, cut = runs
+@pytest.mark.parametrize("k", [1, 2])
+def test_resume_equals_the_uninterrupted_run_bit_for_bit(uninterrupted, tok, k):
+    tmp, prompt_file, full = uninterrupted(k)
+    _distill(_cfg(tmp, prompt_file, "cut", k), tok, stop_after=2)
     ckpt = tmp / "cut/checkpoints/step_000002"
     state = json.loads((ckpt / "state.json").read_text())
     versions = list(range(2 - k, 2))  # items 2 .. 1+k were written by θ_{2−k} .. θ_1
@@ -73,12 +80,12 @@ def test_resume_equals_the_uninterrupted_run_bit_for_bit(runs, tok):
     assert [r["teacher_kl"] for r in res.metrics] == [r["teacher_kl"] for r in full.metrics[2:]]
     mine, ref = _weights(res), _weights(full)
     assert all(torch.equal(mine[n], ref[n]) for n in ref)
-    assert full.losses[2:] != _refilled_from_theta_d(runs, tok).losses[2:]  # the test can fail
+    old = _refilled_from_theta_d(tmp, prompt_file, k, tok)
+    assert full.losses[2:] != old.losses[2:]  # so the test can fail
 
 
-def _refilled_from_theta_d(runs, tok):
+def _refilled_from_theta_d(tmp, prompt_file, k, tok):
     """The old resume: the queue refilled from the checkpoint's θ_2 (no saved versions)."""
-    k, tmp, prompt_file, _, _ = runs
     cfg = _cfg(tmp, prompt_file, "old", k)
     _distill(cfg, tok, stop_after=2)
     ckpt = tmp / "old/checkpoints/step_000002"
@@ -89,10 +96,8 @@ def _refilled_from_theta_d(runs, tok):
     return _distill(_cfg(tmp, prompt_file, "old", k), tok, resume=True)
 
 
-def test_another_k_on_resume(runs, tok):
-    k, tmp, prompt_file, full, _ = runs
-    if k != 1:
-        pytest.skip("one checkpoint is enough")
+def test_another_k_on_resume(uninterrupted, tok):
+    tmp, prompt_file, _ = uninterrupted(1)
     before = tree_digest(tmp / "full")
     other = _cfg(tmp, prompt_file, "full", 2)
     with pytest.raises(ConfigError) as err:
@@ -106,11 +111,9 @@ def test_another_k_on_resume(runs, tok):
     assert any("train.async_rollouts=1; resumed with 0" in line for line in lines)
 
 
-def test_a_damaged_queue_file_falls_back_to_the_older_checkpoint(runs, tok, capsys):
-    k, tmp, prompt_file, full, _ = runs
-    if k != 2:
-        pytest.skip("one checkpoint is enough")
-    cfg = _cfg(tmp, prompt_file, "damaged", k)
+def test_a_damaged_queue_file_falls_back_to_the_older_checkpoint(uninterrupted, tok):
+    tmp, prompt_file, full = uninterrupted(2)
+    cfg = _cfg(tmp, prompt_file, "damaged", 2)
     _distill(cfg, tok, stop_after=3)
     (tmp / "damaged/checkpoints/step_000003/queue.safetensors").write_bytes(b"not safetensors")
     lines = []
@@ -119,19 +122,17 @@ def test_a_damaged_queue_file_falls_back_to_the_older_checkpoint(runs, tok, caps
     assert res.losses == full.losses  # resumed exactly from step 2 instead
 
 
-def test_resume_after_a_producer_error_equals_the_run_without_it(runs, tok):
+def test_resume_after_a_producer_error_equals_the_run_without_it(uninterrupted, tok):
     """The served teacher's "checkpoint and stop" at step 3 (item 2 failed in the producer):
     the checkpoint holds θ_1, the version item 2 was being written by, so resuming once the
     teacher answers gives the run in which it never failed."""
-    k, tmp, prompt_file, full, _ = runs
-    if k != 1:
-        pytest.skip("one k is enough")
-    cfg = _cfg(tmp, prompt_file, "flaky", k)
+    tmp, prompt_file, full = uninterrupted(1)
+    cfg = _cfg(tmp, prompt_file, "flaky", 1)
     method = build_method(cfg)
     method = dataclasses.replace(method, teacher=_Flaky(method.teacher, fail_at=3))
     with pytest.raises(TeacherUnreachable, match="checkpoint of step 2"):
         distill(cfg, models=fresh_models(tok), method=method, evaluate=False, log=lambda *_: None)
     state = json.loads((tmp / "flaky/checkpoints/step_000002/state.json").read_text())
     assert state["async"]["versions"] == [1]
-    res = _distill(_cfg(tmp, prompt_file, "flaky", k), tok, resume=True)
+    res = _distill(_cfg(tmp, prompt_file, "flaky", 1), tok, resume=True)
     assert res.losses == full.losses
