@@ -9,6 +9,8 @@ A checkpoint is a folder `checkpoints/step_000042/` with
   rng.safetensors       torch CPU (and CUDA) RNG states
   components.safetensors  only when a method part's state holds tensors (e.g. the EMA
                         self-teacher's weights): state.json then holds {"__tensor__": key}
+  queue.safetensors     only with train.async_rollouts=k > 0: the older weight versions the
+                        queued rollouts were written by (state.json "async"; opd.pipeline_state)
 
 It is written into `checkpoints/.tmp-step_000042/` and renamed into place with `os.replace`,
 so a crash mid-write never leaves a half checkpoint under a real name; `latest` (a one-line
@@ -78,6 +80,7 @@ def save_checkpoint(
     scheduler,
     state: dict,
     keep: int = 2,
+    queue: dict | None = None,
 ) -> Path:
     """Write a checkpoint atomically and return its folder (CheckpointError if it fails)."""
     name = f"step_{step:06d}"
@@ -103,6 +106,8 @@ def save_checkpoint(
         state = _split_tensors(state, "", tensors)
         if tensors:
             save_file(tensors, str(tmp / COMPONENTS))
+        if queue:  # the async queue's older weight versions (opd.pipeline_state)
+            save_file(queue, str(tmp / QUEUE))
         full_state = dict(state, step=step, python_rng=[py[0], list(py[1]), py[2]])
         (tmp / "state.json").write_text(json.dumps(full_state))
         if final.exists():
@@ -124,6 +129,7 @@ def save_checkpoint(
 
 
 COMPONENTS = "components.safetensors"
+QUEUE = "queue.safetensors"
 _TENSOR = "__tensor__"
 
 
@@ -222,6 +228,7 @@ def _read(path: Path) -> dict:
         raise _Damaged("optimizer.pt lacks the optimizer or scheduler state")
     if "torch_cpu" not in out["rng.safetensors"]:
         raise _Damaged("rng.safetensors lacks the torch CPU RNG state")
+    _read_queue(path, state, out)
     if (path / COMPONENTS).is_file():
         try:
             tensors = load_file(str(path / COMPONENTS))
@@ -235,6 +242,26 @@ def _read(path: Path) -> dict:
     except KeyError as err:
         raise _Damaged(f"{COMPONENTS} lacks the tensor {err.args[0]!r}") from None
     return out
+
+
+def _read_queue(path: Path, state: dict, out: dict) -> None:
+    """queue.safetensors into `out` when state.json's "async" lists weight versions."""
+    info = state.get("async")
+    versions = info.get("versions") if isinstance(info, dict) else None
+    if not versions:
+        return
+    if not (path / QUEUE).is_file():
+        raise _Damaged(f"missing {QUEUE} (the async queue's weight versions {versions})")
+    try:
+        queue = load_file(str(path / QUEUE))
+    except Exception as err:  # noqa: BLE001 - any reader failure means a damaged file
+        text = " ".join(str(err).split())[:120] or type(err).__name__
+        raise _Damaged(f"{QUEUE} is unreadable ({type(err).__name__}: {text})") from None
+    held = {key.partition("/")[0] for key in queue}
+    lacking = [v for v in versions if str(v) not in held]
+    if lacking:
+        raise _Damaged(f"{QUEUE} lacks the weight version(s) {lacking}")
+    out[QUEUE] = queue
 
 
 def check_architecture(path: Path, weights: dict, student: torch.nn.Module) -> None:
@@ -269,6 +296,8 @@ def _apply(loaded: dict, student, optimizer, scheduler) -> dict:
         if states:
             torch.cuda.set_rng_state_all(states)
     state = loaded["state.json"]
+    if QUEUE in loaded:
+        state["queue_weights"] = loaded[QUEUE]  # opd.pipeline_state.resume_queue reads them
     v, internal, gauss = state["python_rng"]
     random.setstate((v, tuple(internal), gauss))
     return state

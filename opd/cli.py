@@ -103,12 +103,12 @@ def _parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench",
-        help="benchmarks: `opd bench quality ...` (on- vs off-policy) or "
-        "`opd bench speed ...` (vs TRL)",
-        description="Benchmarks. `opd bench quality --help` and `opd bench speed --help` list "
-        "each benchmark's options.",
+        help="benchmarks: `opd bench quality ...` (on- vs off-policy), `opd bench speed ...` "
+        "(vs TRL) or `opd bench scaling ...` (the scaling-law fit)",
+        description="Benchmarks. `opd bench quality|speed|scaling --help` lists each "
+        "benchmark's options.",
     )
-    b.add_argument("which", choices=["quality", "speed"])
+    b.add_argument("which", choices=["quality", "speed", "scaling"])
     b.add_argument(
         "rest", nargs=argparse.REMAINDER, help="options of that benchmark (--help lists them)"
     )
@@ -360,9 +360,9 @@ def _dispatch(args) -> int:
     if code is not None:
         return code
     if args.command == "bench":
-        from opd.bench import main_quality, main_speed
+        from opd.bench.__main__ import main as bench_main  # the table of the benchmarks
 
-        return (main_quality if args.which == "quality" else main_speed)(args.rest)
+        return bench_main([args.which, *args.rest])
     if args.command == "demo":
         cfg = load_config(None, [*DEMO_DEFAULTS, *args.overrides])
         _check_recipe(cfg)

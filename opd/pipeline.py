@@ -16,8 +16,8 @@ the teacher's scores of step s + k while the main thread trains step s:
     step s     pop item s; thread: item s + k = rollouts(generator) + teacher scores;
                main: train on item s; join the thread (`StepBatch.finish`)
     lag        item j is written by θ_{j−k}: policy_lag = k, logged per step; after a start
-               (or resume) at step r the first k items are written synchronously by θ_r, so
-               the lags are 0, 1, ..., k − 1, then k
+               at step r the first k items are written synchronously by θ_r, so the lags
+               are 0, 1, ..., k − 1, then k (a resume restores the uninterrupted run's lags)
 
 One item is produced per step, so in the steady state a step costs max(train, produce)
 instead of train + produce; k > 1 only adds staleness and absorbs variation.
@@ -28,13 +28,18 @@ while it runs; the main thread's training draws none when the student has no dro
 opd's models). With weights that do not change, the pipeline gives the synchronous losses
 bit for bit (tests/test_async.py).
 
-Checkpoints and resume: after each step the thread is joined, the producer's data position
-and RNG states are kept aside and the global ones set back to those just before item s + 1
-was produced. A checkpoint therefore holds exactly what the synchronous loop's holds and
-never a queue. On resume the queue is refilled from that state with the checkpoint's weights
-θ_D: the prompts and random draws are those of the uninterrupted run, but items D .. D+k−1
-are written by θ_D instead of θ_{D−k} .. θ_{D−1} (lags 0 .. k−1, logged), as at a run's
-start. A resumed run equals the uninterrupted one exactly when the weights do not change.
+Checkpoints and resume (exact): after each step the thread is joined, the producer's data
+position and RNG states are kept aside and the global ones set back to those just before
+item s + 1 was produced, so the checkpoint's state.json / rng.safetensors are those of the
+synchronous loop. What the queue adds is its weights: item j is written by
+θ_{v(j)}, v(j) = max(j − k, r) with r the step the queue was last filled from the live
+weights (the run's start). Each step keeps a CPU copy of θ_s's trainable tensors (taken by the
+producer thread, the last k kept), and the checkpoint of D steps holds the distinct versions
+v(D) .. v(D+k−1) (all < D, at most k) in queue.safetensors, with state.json's
+"async" = {rollouts: k, start: r, versions}; `opd.pipeline_state` writes and reads them.
+--resume refills the queue with exactly those versions, in the same order from the same
+state, so the resumed run's losses and weights equal the uninterrupted run's bit for bit
+(tests/test_async_resume.py). Another k on resume: module doc of `opd.pipeline_state`.
 
 Importance correction (`train.async_correction=true`): per counted token
 
@@ -65,9 +70,8 @@ import torch
 from opd.errors import ConfigError
 from opd.losses import chunked_token_logprobs
 from opd.models import decoder_and_head
-from opd.parts import Stateful
+from opd.pipeline_state import check_async
 from opd.precision import autocast
-from opd.teachers.base import teacher_model
 
 
 @dataclass
@@ -116,31 +120,6 @@ def step_batch(run, step: int, causes: str) -> StepBatch:
     if pipe is None:
         pipe = run.pipeline = Pipeline(run, tc.async_rollouts)
     return pipe.next_batch(step, causes)
-
-
-def check_async(method, models) -> None:
-    """ConfigError when the method cannot run with a background producer (module doc)."""
-    pre = "train.async_rollouts > 0"
-    if teacher_model(models.teacher) is models.student:
-        raise ConfigError(f"{pre}: the teacher is the student (model.teacher=self); use 0")
-    parts = {"prompts": method.prompts, "prefixes": method.prefixes, "teacher": method.teacher}
-    parts.update(
-        {"signal": method.signal}, **{f"weight {i}": w for i, w in enumerate(method.weights)}
-    )
-    for name, part in parts.items():
-        if callable(getattr(part, "after_optimizer_step", None)):
-            raise ConfigError(
-                f"{pre}: recipe {method.name!r}'s {name} ({type(part).__name__}) follows the "
-                "student after each optimizer step; it cannot score from a background thread; "
-                "use train.async_rollouts=0"
-            )
-    for name in ("prompts", "prefixes", "teacher"):
-        if isinstance(parts[name], Stateful):
-            raise ConfigError(
-                f"{pre}: recipe {method.name!r}'s {name} ({type(parts[name]).__name__}) keeps "
-                "state across steps, which the background producer would share with training; "
-                "use train.async_rollouts=0"
-            )
 
 
 def _capture(run) -> tuple:
@@ -195,6 +174,12 @@ class Pipeline:
         self.generator = copy.deepcopy(student)  # the second copy of the weights
         self.generator.requires_grad_(False)
         self._pairs = list(zip(self.generator.state_dict().values(), student.state_dict().values()))
+        own = {id(p) for p in student.parameters() if p.requires_grad}
+        self._gen = self.generator.state_dict()
+        self.trainable = [n for n, v in student.state_dict(keep_vars=True).items() if id(v) in own]
+        self.snapshots: dict[int, dict] = {}  # version s → θ_s's trainable tensors (CPU)
+        self.start: int | None = None  # r: the step the queue was last filled from θ_r
+        self.resume = getattr(run, "queue_resume", None)  # (r, snapshots): opd.pipeline_state
         self.queue: deque[Item] = deque()
         self.producer_state: tuple | None = None
         self.thread: threading.Thread | None = None
@@ -206,8 +191,22 @@ class Pipeline:
         for dst, src in self._pairs:
             dst.copy_(src)
 
-    def produce(self, j: int, version: int, causes: str) -> Item:
-        """Item j from the generator (θ_version); an exception is kept in the item."""
+    @torch.no_grad()
+    def snapshot(self, version: int) -> None:
+        """Keep θ_version's trainable tensors (the generator holds θ_version) on the CPU."""
+        self.snapshots[version] = {n: self._gen[n].to("cpu", copy=True) for n in self.trainable}
+
+    @torch.no_grad()
+    def load_version(self, version: int, step: int) -> None:
+        """The generator's weights ← θ_version (a kept snapshot; the student's when = step)."""
+        self.refresh()
+        if version != step:
+            for name, tensor in self.snapshots[version].items():
+                self._gen[name].copy_(tensor)
+
+    def produce(self, j: int, version: int, causes: str, snapshot: bool = False) -> Item:
+        """Item j from the generator (θ_version), first keeping θ_version when `snapshot` (in
+        the thread: the copy overlaps training); an exception is kept in the item."""
         from opd.step import _rollout
 
         run, tc = self.run, self.run.cfg.train
@@ -215,6 +214,8 @@ class Pipeline:
         state = _capture(run)
         ctx = dataclasses.replace(run.ctx, student=self.generator, step=j, rollout=None, metrics={})
         try:
+            if snapshot:
+                self.snapshot(version)
             with torch.no_grad(), autocast(tc.precision, run.device):
                 info = sync_backend(ctx.backend, self.generator, j, run.cfg.sampling)
                 rollouts = [
@@ -248,25 +249,38 @@ class Pipeline:
         _restore(self.run, item.state)
         raise item.error
 
+    def fill(self, step: int, causes: str) -> None:
+        """A (re)start: items step .. step+k−1, synchronously, each by θ_{v(j)} (module doc):
+        all by θ_step, or after an exact resume by the checkpoint's weight versions."""
+        start, saved = self.resume if self.resume is not None else (step, {})
+        self.resume, self.start = None, start
+        self.snapshots.update(saved)
+        for j in range(step, min(step + self.k, self.run.cfg.train.steps)):
+            version = max(j - self.k, start)
+            self.load_version(version, step)
+            self.queue.append(self.produce(j, version, causes))
+            if self.queue[-1].error is not None:
+                break
+        self.producer_state = _capture(self.run)
+
     def next_batch(self, step: int, causes: str) -> StepBatch:
-        if not self.queue:  # a (re)start: the first k items from θ_step, synchronously
-            self.refresh()
-            for j in range(step, min(step + self.k, self.run.cfg.train.steps)):
-                self.queue.append(self.produce(j, step, causes))
-                if self.queue[-1].error is not None:
-                    break
-            self.producer_state = _capture(self.run)
+        if not self.queue:
+            self.fill(step, causes)
         else:
             _restore(self.run, self.producer_state)
         item = self.queue.popleft()
         if item.error is not None:
             self._fail(item)
         self.refresh()  # θ_step, before this step's optimizer update
+        for version in [v for v in self.snapshots if v <= step - self.k]:
+            del self.snapshots[version]  # a checkpoint of step + 1 needs θ_{step+1−k} .. θ_step
         if step + self.k < self.run.cfg.train.steps and all(q.error is None for q in self.queue):
             self.thread = threading.Thread(
                 target=self._work, args=(step + self.k, step, causes), daemon=True
             )
             self.thread.start()
+        else:
+            self.snapshot(step)
         info = {"policy_lag": float(step - item.version), **item.info}
         rollouts = item.rollouts
         if self.correction:
@@ -275,7 +289,7 @@ class Pipeline:
         return StepBatch(rollouts, item.scores, info, self)
 
     def _work(self, j: int, version: int, causes: str) -> None:
-        self.result = self.produce(j, version, causes)
+        self.result = self.produce(j, version, causes, snapshot=True)
 
     def _correct(self, item: Item):
         """Rollouts with w_t = min(π_θ/π_β, c) multiplied into their token weights."""

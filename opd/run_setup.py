@@ -42,6 +42,7 @@ from opd.logs import MetricsLog
 from opd.method import Method
 from opd.models import shared_vocab_size
 from opd.parts import Preparable, Stateful
+from opd.pipeline_state import check_async, resume_queue
 from opd.precision import setup_student
 from opd.recipes import get_recipe
 from opd.samples import truncate_samples
@@ -274,8 +275,6 @@ def setup_run(
     check_trainable_dtype(models)
     check_pair(models, method, cfg)  # [crosstok] another tokenizer needs a cross-tokenizer method
     if tc.async_rollouts:  # a background producer cannot serve every method (opd.pipeline)
-        from opd.pipeline import check_async
-
         check_async(method, models)
     setup_student(models, cfg, log)  # LoRA wrap, gradient checkpointing, precision (issue 13)
     data = data if data is not None else build_data(cfg, models.tokenizer)
@@ -368,6 +367,7 @@ def setup_run(
             ckpt, state = found
             stream.load_state_dict(state["data"])
             load_component_states(method, state.get("components", {}))
+            resume_queue(run, ckpt, state, log)  # async: the queue's weight versions
             run.start_step, run.losses = state["step"], list(state["losses"])
             resume_step = run.start_step
             log(f"resumed from {ckpt} at step {run.start_step}")

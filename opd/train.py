@@ -49,6 +49,7 @@ from opd.errors import TeacherUnreachable
 from opd.evaluate import heldout_kl
 from opd.logs import Progress
 from opd.method import Method
+from opd.pipeline_state import queue_state
 from opd.run_setup import (
     Run,
     build_method,
@@ -163,7 +164,9 @@ def checkpoint(run: Run, done: int) -> None:
         return
     _check_finite_student(run, f"the checkpoint of step {done}")
     tc = run.cfg.train
+    queue, queue_weights = queue_state(run, done)  # async: the queue's older weight versions
     state = {
+        **queue,
         "data": run.stream.state_dict(),  # a position in the global stream
         "losses": run.losses,
         "components": component_states(run.method),
@@ -178,6 +181,7 @@ def checkpoint(run: Run, done: int) -> None:
         run.scheduler,
         state,
         keep=run.cfg.train.keep_checkpoints,
+        queue=queue_weights,
     )
 
 

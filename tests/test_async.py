@@ -3,7 +3,8 @@
 k = 0 is the synchronous loop bit for bit; with weights that do not move (lr ≈ 0) the queue
 gives the synchronous losses bit for bit (same prompts, same random draws, same teacher
 scores); with a real learning rate the rollouts are really k steps stale; resume refills the
-queue from the checkpoint's state; the importance weights are 1 at lag 0 and clipped at c.
+queue from the checkpoint's state (exact with a real lr too: tests/test_async_resume.py); the
+importance weights are 1 at lag 0 and clipped at c.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def test_checkpoint_holds_the_synchronous_state_and_resume_refills(tmp_path, pro
     )
     res = distill(cfg, models=fresh_models(tok), evaluate=False, resume=True, log=lambda *_: None)
     assert res.losses == full.losses  # the resumed run's prompts and draws are the same
-    assert _rows(res, "policy_lag") == [0.0, 1.0]  # refilled from θ_2 (module doc)
+    assert _rows(res, "policy_lag") == [2.0, 2.0]  # refilled by θ_0, θ_1: exact (opd.pipeline)
 
 
 def test_importance_weights(tmp_path, prompt_file, tok):

@@ -232,4 +232,4 @@ def test_spawned_loss_worker_runs_through_python_m_opd_bench(tmp_path):
 def test_python_m_opd_bench_names_the_benchmarks(capsys):
     from opd.bench.__main__ import main
 
-    assert main([]) == 2 and "{quality,speed}" in capsys.readouterr().err
+    assert main([]) == 2 and "{quality,speed,scaling}" in capsys.readouterr().err

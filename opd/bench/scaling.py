@@ -43,6 +43,7 @@ from opd.bench.environment import machine
 from opd.bench.flops import flop_params, microbatch_flops, writer_params
 from opd.bench.methods import prefixes_of
 from opd.bench.scaling_report import analyse, write_report
+from opd.cli import _Parser as CliParser
 from opd.errors import ConfigError, OpdError
 from opd.tasks.teacher import TeacherPreset
 
@@ -261,9 +262,8 @@ def _starts(s: ScalingSettings, setup, out_dir: Path, sizes, bar) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python benchmarks/bench_scaling.py", description=__doc__.split("\n")[0]
-    )
+    # opd's parser: a bad option is one `opd: error:` line (exit 2), as for `opd distill`
+    p = CliParser(prog="opd bench scaling", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="run folder (default runs/bench-scaling-<time>)")
     p.add_argument("--no-progress", action="store_true")
     for f in dataclasses.fields(ScalingSettings):
