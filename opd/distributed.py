@@ -100,13 +100,15 @@ class Dist:
     local_rank: int = 0
     owns_group: bool = False  # this object initialised the process group
     ddp: object = field(default=None, repr=False)  # DistributedDataParallel(decoder module)
+    fsdp: bool = False  # train.fsdp: shard the student (opd.fsdp) instead of DDP
+    root: object = field(default=None, repr=False)  # the FSDP root (opd.fsdp.LossForward)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> Dist:
+    def from_env(cls, fsdp: bool = False) -> Dist:
         world, rank, local = env_world()
         if world == 1:
             return cls()
@@ -123,7 +125,7 @@ class Dist:
                 timeout=datetime.timedelta(minutes=minutes),
             )
             owns = True
-        return cls(world, rank, local, owns)
+        return cls(world, rank, local, owns, fsdp=fsdp)
 
     # ------------------------------------------------------------------ collectives
 
@@ -186,16 +188,48 @@ class Dist:
 
     # ------------------------------------------------------------------ the student
 
-    def wrap(self, student: torch.nn.Module) -> None:
-        """Wrap the student's decoder forward in DistributedDataParallel (world > 1).
+    @property
+    def kind(self) -> str:
+        return "FSDP" if self.fsdp else "DDP"
 
-        DDP broadcasts rank 0's parameters and buffers, so every replica starts equal."""
+    def wrap(self, run, log=print) -> None:
+        """Wrap the student's decoder forward in DistributedDataParallel (world > 1), or
+        with train.fsdp shard a training copy of it (`opd.fsdp.shard_run`, which moves
+        `run.params`, `run.optimizer` and `run.scheduler` onto the shards).
+
+        DDP broadcasts rank 0's parameters and buffers, so every replica starts equal
+        (under FSDP every process loaded the same weights and checkpoint)."""
         if self.world == 1:
+            if run.cfg.train.fsdp:
+                log("train.fsdp=true in one process: nothing to shard, the student trains whole")
+            return
+        if self.fsdp:
+            from opd.fsdp import shard_run
+
+            self.root = shard_run(run, self)
             return
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.local_rank] if self._nccl() else None
-        self.ddp = DistributedDataParallel(_DecoderForward(student), device_ids=ids)
+        self.ddp = DistributedDataParallel(_DecoderForward(run.models.student), device_ids=ids)
+
+    def loss_step(self, fn):
+        """`fn` (opd.step.micro_step), or under FSDP `fn` run inside the sharded root's
+        forward (`opd.fsdp.loss_in_forward`)."""
+        if self.root is None:
+            return fn
+        from opd.fsdp import loss_in_forward
+
+        return loss_in_forward(self.root, fn)
+
+    def saved_optimizer(self, optimizer):
+        """What a checkpoint saves of `optimizer`: itself, or under FSDP its state gathered to
+        full tensors (a collective: every process calls this, rank 0 writes)."""
+        if self.root is None:
+            return optimizer
+        from opd.fsdp import Gathered, full_optimizer_state
+
+        return Gathered(full_optimizer_state(optimizer))
 
     def decoder(self):
         """The callable `(input_ids, attention_mask) -> hidden_BLD` through DDP, or None."""
@@ -206,9 +240,12 @@ class Dist:
         it is the step's last (what `DistributedDataParallel.no_sync` sets for the others)."""
         if self.ddp is not None:
             self.ddp.require_backward_grad_sync = last
+        if self.root is not None:  # FSDP: reduce-scatter on the last backward only
+            self.root.set_requires_gradient_sync(last)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """loss.backward(), scaled by N: DDP averages gradients, the loss is a global sum."""
+        """loss.backward(), scaled by N: DDP (and FSDP) average gradients, the loss is a global
+        sum."""
         (loss * self.world if self.world > 1 else loss).backward()
 
 
