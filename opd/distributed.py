@@ -39,6 +39,12 @@ per-micro-batch coins of the global torch RNG (which every rank draws identicall
 Not split-invariant: token-level mixing (`opd.sampling.interleaved`), replay buffers and
 curricula keep per-process state or draw from the global RNG per row.
 
+Fully sharded (`train.fsdp=true`, `opd.fsdp`): the same, except that the student's
+parameters, gradients and optimizer state are sharded over the processes (FSDP2), the
+loss runs inside the sharded root's forward (`loss_step`), an unsharded inference copy
+serves rollouts, evaluation and saving, and checkpoints gather the optimizer state
+(`saved_optimizer`) into the format above.
+
 Errors: a rank that raises exits non-zero; torchrun (and accelerate, which runs it) then
 stops the other ranks, which are blocked in a collective at the latest at the next step;
 the process-group timeout (`OPD_DIST_TIMEOUT_MIN`, default 30 minutes) bounds any wait.
@@ -240,8 +246,9 @@ class Dist:
         it is the step's last (what `DistributedDataParallel.no_sync` sets for the others)."""
         if self.ddp is not None:
             self.ddp.require_backward_grad_sync = last
-        if self.root is not None:  # FSDP: reduce-scatter on the last backward only
-            self.root.set_requires_gradient_sync(last)
+        # FSDP reduce-scatters on every backward: accumulating unsharded gradients over the
+        # micro-batches (`set_requires_gradient_sync(False)`) would hold a full gradient per
+        # process between them (opd.fsdp)
 
     def backward(self, loss: torch.Tensor) -> None:
         """loss.backward(), scaled by N: DDP (and FSDP) average gradients, the loss is a global

@@ -16,9 +16,11 @@ gradients and optimizer state live. With N processes:
                     `aten.mm got mixed torch.Tensor and DTensor`); the decoder layers gather
                     their own shards in their forward and again in the backward
     gradients       reduce-scattered (averaged over processes, hence the backward scaled by N
-                    as under DDP: the gradient of the global token mean); on the step's last
-                    micro-batch only (`set_requires_gradient_sync`); the gradient norm is
-                    the norm of the full gradient (`full`)
+                    as under DDP: the gradient of the global token mean) after EVERY
+                    micro-batch's backward and accumulated as shards: skipping the sync until
+                    the last micro-batch (`set_requires_gradient_sync(False)`, DDP's
+                    `no_sync`) would keep a full unsharded gradient per process in between;
+                    the gradient norm is the norm of the full gradient (`full`)
     inference copy  `models.student` stays an ordinary, unsharded module: rollouts (every
                     generation backend), teacher=self scoring, evaluation, samples, the
                     checkpoint and the saved student read it. After every optimizer step a

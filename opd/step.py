@@ -31,6 +31,8 @@ recomputed in the backward); it equals the general path in value and gradient.
 Data-parallel (`opd.distributed`): each process rolls out its rows of the global
 micro-batch, C is summed over processes (one all_reduce), each process's backward is scaled
 by the process count (DDP averages), and the row's numbers are combined over processes.
+Under `train.fsdp` (opd.fsdp) `micro_step` runs inside the sharded root module's forward
+(`dist.loss_step`) and the gradient norm is that of the full (gathered) gradient.
 
 Non-finite numbers stop the run (`NonFiniteError`, an `OpdError`: the CLI exits 2) at the
 step where they appear, before the optimizer touches the student: the teacher's scores, each

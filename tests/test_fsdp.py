@@ -40,7 +40,10 @@ from tests.test_ddp import (
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP = ["train.fsdp=true"]
-RECIPES = ("gkd", "topk_rkl")  # topk_rkl: grad_accum 2 (reduce-scatter on the last only)
+RECIPES = ("gkd", "topk_rkl")
+# topk_rkl: grad_accum 2 (gradient shards accumulated over micro-batches) and gradient
+# checkpointing (the layers gather their shards again in the recompute); its twin has neither
+EXTRA = {"gkd": [], "topk_rkl": ["train.gradient_checkpointing=true"]}
 
 
 @pytest.mark.parametrize(
@@ -65,7 +68,10 @@ def launched(tmp_path_factory):
     data = write_prompts(base / "prompts.jsonl", n=20)
     # a 1-process checkpoint (unsharded, global batch 4, 1 step) for 2 FSDP processes
     _one(_overrides(base, models, data, "one_then_two", "gkd", 4), stop_after=1)
-    jobs = [{"overrides": _overrides(base, models, data, f"two_{r}", r, 2) + FSDP} for r in RECIPES]
+    jobs = [
+        {"overrides": _overrides(base, models, data, f"two_{r}", r, 2) + FSDP + EXTRA[r]}
+        for r in RECIPES
+    ]
     jobs.append({"overrides": ["train.batch_size=2", *FSDP], "resume": str(base / "one_then_two")})
     two_then_one = _overrides(base, models, data, "two_then_one", "gkd", 2)
     jobs.append({"overrides": two_then_one + FSDP, "stop_after": 1})
