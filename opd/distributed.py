@@ -235,7 +235,7 @@ class Dist:
             return optimizer
         from opd.fsdp import Gathered, full_optimizer_state
 
-        return Gathered(full_optimizer_state(optimizer))
+        return Gathered(full_optimizer_state(optimizer, keep=self.is_main))
 
     def decoder(self):
         """The callable `(input_ids, attention_mask) -> hidden_BLD` through DDP, or None."""

@@ -120,12 +120,18 @@ def refresh(plain: torch.nn.Module, sharded: torch.nn.Module) -> None:
             p.copy_(full(q.detach()))
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's state_dict with every DTensor gathered to a full tensor: the format of
-    an unsharded optimizer over the same parameters (a collective: every process calls it)."""
+def full_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict | None:
+    """The optimizer's state_dict with every DTensor gathered to a full tensor on the CPU: the
+    format of an unsharded optimizer over the same parameters. A collective: every process
+    calls it; one tensor is gathered at a time, and a process with `keep=False` (not the
+    writer) drops each at once and returns None, so only the writer ever holds it all."""
     sd = optimizer.state_dict()
-    state = {i: {k: full(v) for k, v in s.items()} for i, s in sd["state"].items()}
-    return {"state": state, "param_groups": sd["param_groups"]}
+    state: dict = {}
+    for i, s in sd["state"].items():
+        row = {k: full(v) for k, v in s.items()}
+        if keep:
+            state[i] = {k: v.cpu() if torch.is_tensor(v) else v for k, v in row.items()}
+    return {"state": state, "param_groups": sd["param_groups"]} if keep else None
 
 
 def _shard_optimizer_state(sd: dict, params: list) -> dict:
@@ -154,6 +160,20 @@ class Gathered:
         return self._state
 
 
+@torch.no_grad()
+def _fill(root: LossForward, plain: torch.nn.Module, device: torch.device) -> None:
+    """Storage for the meta-built sharded copy, filled with this process's shards of the
+    parameters of `plain` (no messages: every process holds the full weights) and its
+    buffers (e.g. rotary frequencies, which `to_empty` leaves uninitialised)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    root.to_empty(device=device)
+    for q, p in zip(root.student.parameters(), plain.parameters(), strict=True):
+        q.copy_(distribute_tensor(p.detach(), q.device_mesh, q.placements, src_data_rank=None))
+    for qb, pb in zip(root.student.buffers(), plain.buffers(), strict=True):
+        qb.copy_(pb)
+
+
 def shard_run(run, dist) -> LossForward:
     """Shard a copy of `run.models.student` over the process group and move the run's
     optimizer and scheduler (with any restored state) onto the sharded parameters."""
@@ -163,11 +183,18 @@ def shard_run(run, dist) -> LossForward:
     plain = run.models.student
     device = next(plain.parameters()).device
     mesh = init_device_mesh(device.type, (dist.world,))
-    twin = copy.deepcopy(plain).train()  # only ever trained; the inference copy is `plain`
+    # the training copy: built on the meta device (no second full copy in memory), sharded,
+    # then given storage for its shards only and filled from `plain`
+    meta = {
+        id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+        for p in plain.parameters()
+    }
+    twin = copy.deepcopy(plain, meta).train()  # only ever trained; `plain` is the inference copy
     for layer in decoder_layers(twin):
         fully_shard(layer, mesh=mesh)
     root = LossForward(twin)
     fully_shard(root, mesh=mesh)
+    _fill(root, plain, device)
     params = [p for p in root.parameters() if p.requires_grad]
     tc, old_opt, old_sched = run.cfg.train, run.optimizer, run.scheduler
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
