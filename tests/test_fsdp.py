@@ -5,7 +5,7 @@ resumed across the two.
 One torchrun launch (tests/fsdp_worker.py, which runs tests/ddp_worker.py's jobs and records
 the shards) runs every 2-process job; the 1-process twins run in this process and are
 shared with tests/test_ddp.py (`_reference`). The launch is marked slow (about 25 s of wall
-time on this machine); the refusals are fast.
+time on this machine); the refusals and the 1-process run are fast.
 """
 
 from __future__ import annotations
@@ -137,3 +137,14 @@ def test_checkpoints_move_between_fsdp_and_one_unsharded_process(launched):
     losses, student = _one(["train.batch_size=4"], resume=base / "two_then_one")
     assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-6)
     _assert_same_student(base / "two_then_one", ref_student)
+
+
+def test_one_process_with_fsdp_trains_the_student_whole(tmp_path):
+    """Without a launcher there is nothing to shard: the run says so and trains as usual."""
+    models = save_tiny_models(tmp_path / "models")
+    data = write_prompts(tmp_path / "p.jsonl", n=8)
+    res = run_opd(["distill", *small_cli_args(tmp_path, models, data, *FSDP, "data.eval_count=0")])
+    assert res.code == 0, res.err[-3000:]
+    assert "train.fsdp=true in one process: nothing to shard" in res.out
+    assert "FSDP" not in res.out  # no "N processes (FSDP ...)" line
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
