@@ -59,6 +59,17 @@ def test_unsupported_settings_are_refused_before_anything_is_written(tmp_path, e
     assert not (tmp_path / "run").exists()
 
 
+def _tied_student(folder: Path) -> Path:
+    from opd.tiny import char_tokenizer, tiny_llama
+
+    tok = char_tokenizer()
+    model = tiny_llama(len(tok), hidden=48, layers=2, seed=2, tie_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     """Every 2-process FSDP job in one torchrun launch; the folders, rank 0's results and
@@ -75,6 +86,10 @@ def launched(tmp_path_factory):
     jobs.append({"overrides": ["train.batch_size=2", *FSDP], "resume": str(base / "one_then_two")})
     two_then_one = _overrides(base, models, data, "two_then_one", "gkd", 2)
     jobs.append({"overrides": two_then_one + FSDP, "stop_after": 1})
+    tied = _tied_student(base / "tied")  # lm_head.weight is embed_tokens.weight
+    jobs.append(
+        {"overrides": _overrides(base, (models[0], tied), data, "two_tied", "gkd", 2) + FSDP}
+    )
     (base / "jobs.json").write_text(json.dumps(jobs))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -86,7 +101,7 @@ def launched(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     rows = [json.loads(x) for x in (base / "out.jsonl").read_text().splitlines()]
     shards = [json.loads(x) for x in (base / "shards.jsonl").read_text().splitlines()]
-    assert len(rows) == len(shards) == 4
+    assert len(rows) == len(shards) == 5
     return base, models, data, rows, shards
 
 
@@ -148,3 +163,17 @@ def test_one_process_with_fsdp_trains_the_student_whole(tmp_path):
     assert "train.fsdp=true in one process: nothing to shard" in res.out
     assert "FSDP" not in res.out  # no "N processes (FSDP ...)" line
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow  # the same launch
+def test_a_tied_head_is_sharded_once_and_trains_as_in_one_process(launched):
+    base, models, data, rows, shards = launched
+    tied = (models[0], base / "tied")
+    losses, student = _one(_overrides(base, tied, data, "one_tied", "gkd", 4))
+    assert rows[4]["losses"] == pytest.approx(losses, rel=1e-4, abs=1e-6)
+    _assert_same_student(base / "two_tied", student)
+    assert student.lm_head.weight is student.model.embed_tokens.weight  # still tied
+    # one sharded parameter for the two modules (FSDP's root unit holds it once)
+    names = set(shards[4]["root"])
+    assert "student.model.embed_tokens.weight" in names
+    assert "student.lm_head.weight" not in names
