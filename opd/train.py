@@ -29,7 +29,9 @@ checkpoint or student with non-finite parameters is ever written.
 Data-parallel (`torchrun` / `accelerate launch`, `opd.distributed`): every process runs this
 loop on its shard; rank 0 alone logs, evaluates, writes samples, checkpoints and the student
 (the others skip those and meet it at the next step's collectives); a stop request is agreed
-on by all processes; all meet at a barrier before returning.
+on by all processes; all meet at a barrier before returning. Fully sharded
+(`train.fsdp=true`, opd.fsdp): the same, with the optimizer state gathered by every process
+for rank 0's checkpoint; rollouts, evaluation and saving read the unsharded inference copy.
 """
 
 from __future__ import annotations
