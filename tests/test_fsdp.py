@@ -3,8 +3,7 @@
 resumed across the two.
 
 One torchrun launch (tests/fsdp_worker.py, which runs tests/ddp_worker.py's jobs and records
-the shards) runs every 2-process job; the 1-process twins run in this process and are
-shared with tests/test_ddp.py (`_reference`). The launch is marked slow (about 25 s of wall
+the shards) runs every 2-process job; the 1-process twins run in this process. The launch is marked slow (about 25 s of wall
 time on this machine); the refusals and the 1-process run are fast.
 """
 
@@ -34,7 +33,6 @@ from tests.test_ddp import (
     _free_port,
     _one,
     _overrides,
-    _reference,
     _rows,
 )
 
@@ -62,6 +60,18 @@ def test_unsupported_settings_are_refused_before_anything_is_written(tmp_path, e
     line = assert_clean_error(res, "train.fsdp=true", needle)
     assert "train.fsdp=false" in line
     assert not (tmp_path / "run").exists()
+
+
+_REFERENCE: dict = {}
+
+
+def _reference(launched, recipe):
+    """The 1-process unsharded run with the global batch (4) of the 2 × 2 runs, in this
+    module's folder (tests/test_ddp.py keeps its own, in its folder)."""
+    base, models, data = launched[:3]
+    if recipe not in _REFERENCE:
+        _REFERENCE[recipe] = _one(_overrides(base, models, data, f"one_{recipe}", recipe, 4))
+    return _REFERENCE[recipe]
 
 
 def _tied_student(folder: Path) -> Path:
@@ -115,7 +125,7 @@ def launched(tmp_path_factory):
 def test_two_fsdp_processes_equal_one_with_the_same_global_batch(launched, recipe):
     base, models, data, rows, shards = launched
     two = rows[RECIPES.index(recipe)]
-    losses, student = _reference(launched[:4], recipe)
+    losses, student = _reference(launched, recipe)
     assert len(two["losses"]) == STEPS and two["main"] is True
     assert two["losses"] == pytest.approx(losses, rel=1e-4, abs=1e-6)
     run = Path(two["run_dir"])
@@ -148,7 +158,7 @@ def test_two_fsdp_processes_equal_one_with_the_same_global_batch(launched, recip
 @pytest.mark.slow  # the same launch
 def test_checkpoints_move_between_fsdp_and_one_unsharded_process(launched):
     base, models, data, rows, shards = launched
-    ref_losses, ref_student = _reference(launched[:4], "gkd")
+    ref_losses, ref_student = _reference(launched, "gkd")
     # a 1-process checkpoint resumed by 2 FSDP processes (weights and AdamW moments sharded)
     assert rows[2]["losses"] == pytest.approx(ref_losses, rel=1e-4, abs=1e-6)
     _assert_same_student(base / "one_then_two", ref_student)
