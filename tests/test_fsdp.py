@@ -3,8 +3,9 @@
 resumed across the two.
 
 One torchrun launch (tests/fsdp_worker.py, which runs tests/ddp_worker.py's jobs and records
-the shards) runs every 2-process job; the 1-process twins run in this process. The launch is marked slow (about 25 s of wall
-time on this machine); the refusals and the 1-process run are fast.
+the shards) runs every 2-process job; the 1-process twins run in this process. The launch
+is marked slow (about 30 s of wall time on this machine); the refusals and the 1-process
+run are fast.
 """
 
 from __future__ import annotations
