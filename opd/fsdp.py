@@ -4,10 +4,12 @@ Everything of `opd.distributed` (prompt sharding, per-row seeds, the global toke
 metrics, rank-0 writing) holds unchanged; what changes is where the student's parameters,
 gradients and optimizer state live. With N processes:
 
-    training copy   a deep copy of the student, `fully_shard` applied to each decoder layer
-                    and then to a root module (`LossForward`) holding the whole student:
-                    every process keeps 1/N of each parameter (dim 0), of its gradient and
-                    of the AdamW moments (DTensors on a 1-D device mesh of N processes)
+    training copy   a copy of the student built on the meta device, `fully_shard` applied to
+                    each decoder layer and then to a root module (`LossForward`) holding the
+                    whole student, then given storage for its shards only, filled from the
+                    loaded weights (`_fill`): every process keeps 1/N of each parameter
+                    (dim 0), of its gradient and of the AdamW moments (DTensors on a 1-D
+                    device mesh of N processes)
     loss            a micro-batch's whole loss (`opd.step.micro_step`: teacher scores, the
                     decoder, the chunked / one-pass losses) runs INSIDE the root's forward,
                     so FSDP's pre-forward all-gather has made the embeddings, final norm and
@@ -28,7 +30,8 @@ gradients and optimizer state live. With N processes:
                     per parameter, a collective every process runs), so it always equals the
                     sharded weights
     checkpoints     the student from the inference copy and the optimizer state gathered to
-                    full tensors (`full_optimizer_state`, a collective, then rank 0 writes):
+                    full tensors one at a time (`full_optimizer_state`, a collective; only
+                    rank 0 keeps them, on the CPU, and writes):
                     the SAME files as a 1-process or DDP run, so an FSDP checkpoint resumes
                     in one process (train.fsdp=true with one process shards nothing) or under
                     DDP, and the other way round; on resume every process loads the full
@@ -37,12 +40,14 @@ gradients and optimizer state live. With N processes:
                     same shards (`distribute_tensor(..., src_data_rank=None)`: no messages)
 
 Memory: per process, the sharded training copy holds 1/N of the weights, gradients and
-optimizer state (float32 AdamW: 16 bytes per parameter → 16/N) plus one layer's gathered
-parameters at a time; the inference copy adds one full set of weights (4 bytes per float32
-parameter) for the whole run. So FSDP here removes gradients and optimizer state (3/4 of a
-float32 AdamW student's memory) from each process, not the weights. A GPU user whose student
-does not fit once per device generates with `sampling.backend=vllm` (a separate engine fed
-with gathered weights) and would drop the inference copy; that is not built here.
+optimizer state (float32 AdamW: 16 bytes per parameter → 16/N) plus one or two layers'
+gathered parameters at a time; the inference copy adds one full set of weights (4 bytes per
+float32 parameter) for the whole run: 4 + 16/N bytes per parameter instead of DDP's 16.
+Transients: rank 0 holds the full optimizer state (8 bytes per parameter, CPU) while writing
+a checkpoint; a resume loads full weights and optimizer state into every process before
+cutting them. A GPU user whose student does not fit once per device generates with
+`sampling.backend=vllm` (a separate engine fed with gathered weights) and would drop the
+inference copy; that is not built here. Measured: benchmarks/bench_fsdp_memory.py.
 
 Refused (`check_fsdp`, one line, before the run folder exists): LoRA students (peft wrappers
 are not sharded here; LoRA already keeps only adapter state), the asynchronous pipeline (its
