@@ -222,6 +222,13 @@ class TrainConfig:
     async_correction_clip: float = _f(
         2.0, "the largest importance weight of train.async_correction", gt=0.0
     )
+    # --- fully sharded students (opd.fsdp; issue 13 item 1) ---
+    fsdp: bool = _f(
+        False,
+        "under torchrun with N > 1 processes: shard the student's weights, gradients and AdamW "
+        "state over the processes (FSDP2) instead of replicating it (DDP); see "
+        "docs/distributed.md",
+    )
 
 
 @dataclass

@@ -39,6 +39,12 @@ per-micro-batch coins of the global torch RNG (which every rank draws identicall
 Not split-invariant: token-level mixing (`opd.sampling.interleaved`), replay buffers and
 curricula keep per-process state or draw from the global RNG per row.
 
+Fully sharded (`train.fsdp=true`, `opd.fsdp`): the same, except that the student's
+parameters, gradients and optimizer state are sharded over the processes (FSDP2), the
+loss runs inside the sharded root's forward (`loss_step`), an unsharded inference copy
+serves rollouts, evaluation and saving, and checkpoints gather the optimizer state
+(`saved_optimizer`) into the format above.
+
 Errors: a rank that raises exits non-zero; torchrun (and accelerate, which runs it) then
 stops the other ranks, which are blocked in a collective at the latest at the next step;
 the process-group timeout (`OPD_DIST_TIMEOUT_MIN`, default 30 minutes) bounds any wait.
@@ -100,13 +106,15 @@ class Dist:
     local_rank: int = 0
     owns_group: bool = False  # this object initialised the process group
     ddp: object = field(default=None, repr=False)  # DistributedDataParallel(decoder module)
+    fsdp: bool = False  # train.fsdp: shard the student (opd.fsdp) instead of DDP
+    root: object = field(default=None, repr=False)  # the FSDP root (opd.fsdp.LossForward)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> Dist:
+    def from_env(cls, fsdp: bool = False) -> Dist:
         world, rank, local = env_world()
         if world == 1:
             return cls()
@@ -123,7 +131,7 @@ class Dist:
                 timeout=datetime.timedelta(minutes=minutes),
             )
             owns = True
-        return cls(world, rank, local, owns)
+        return cls(world, rank, local, owns, fsdp=fsdp)
 
     # ------------------------------------------------------------------ collectives
 
@@ -186,16 +194,48 @@ class Dist:
 
     # ------------------------------------------------------------------ the student
 
-    def wrap(self, student: torch.nn.Module) -> None:
-        """Wrap the student's decoder forward in DistributedDataParallel (world > 1).
+    @property
+    def kind(self) -> str:
+        return "FSDP" if self.fsdp else "DDP"
 
-        DDP broadcasts rank 0's parameters and buffers, so every replica starts equal."""
+    def wrap(self, run, log=print) -> None:
+        """Wrap the student's decoder forward in DistributedDataParallel (world > 1), or
+        with train.fsdp shard a training copy of it (`opd.fsdp.shard_run`, which moves
+        `run.params`, `run.optimizer` and `run.scheduler` onto the shards).
+
+        DDP broadcasts rank 0's parameters and buffers, so every replica starts equal
+        (under FSDP every process loaded the same weights and checkpoint)."""
         if self.world == 1:
+            if run.cfg.train.fsdp:
+                log("train.fsdp=true in one process: nothing to shard, the student trains whole")
+            return
+        if self.fsdp:
+            from opd.fsdp import shard_run
+
+            self.root = shard_run(run, self)
             return
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.local_rank] if self._nccl() else None
-        self.ddp = DistributedDataParallel(_DecoderForward(student), device_ids=ids)
+        self.ddp = DistributedDataParallel(_DecoderForward(run.models.student), device_ids=ids)
+
+    def loss_step(self, fn):
+        """`fn` (opd.step.micro_step), or under FSDP `fn` run inside the sharded root's
+        forward (`opd.fsdp.loss_in_forward`)."""
+        if self.root is None:
+            return fn
+        from opd.fsdp import loss_in_forward
+
+        return loss_in_forward(self.root, fn)
+
+    def saved_optimizer(self, optimizer):
+        """What a checkpoint saves of `optimizer`: itself, or under FSDP its state gathered to
+        full tensors (a collective: every process calls this, rank 0 writes)."""
+        if self.root is None:
+            return optimizer
+        from opd.fsdp import Gathered, full_optimizer_state
+
+        return Gathered(full_optimizer_state(optimizer, keep=self.is_main))
 
     def decoder(self):
         """The callable `(input_ids, attention_mask) -> hidden_BLD` through DDP, or None."""
@@ -206,9 +246,13 @@ class Dist:
         it is the step's last (what `DistributedDataParallel.no_sync` sets for the others)."""
         if self.ddp is not None:
             self.ddp.require_backward_grad_sync = last
+        # FSDP reduce-scatters on every backward: accumulating unsharded gradients over the
+        # micro-batches (`set_requires_gradient_sync(False)`) would hold a full gradient per
+        # process between them (opd.fsdp)
 
     def backward(self, loss: torch.Tensor) -> None:
-        """loss.backward(), scaled by N: DDP averages gradients, the loss is a global sum."""
+        """loss.backward(), scaled by N: DDP (and FSDP) average gradients, the loss is a global
+        sum."""
         (loss * self.world if self.world > 1 else loss).backward()
 
 

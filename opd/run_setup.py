@@ -351,7 +351,7 @@ def setup_run(
     )
     if dist.world > 1:
         log(
-            f"{dist.world} processes (DDP, {tc.batch_size} prompts each): global batch "
+            f"{dist.world} processes ({dist.kind}, {tc.batch_size} prompts each): global batch "
             f"{tc.batch_size * tc.grad_accum * dist.world} = train.batch_size × grad_accum × "
             f"{dist.world}"
         )
@@ -374,7 +374,7 @@ def setup_run(
             world_note(state, tc, dist, log)
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
-    dist.wrap(models.student)  # DDP (world > 1): rank 0's weights broadcast to every replica
+    dist.wrap(run, log)  # world > 1: DDP (rank 0's weights broadcast) or FSDP (opd.fsdp)
     if not dist.is_main:
         run.metrics_log = NullLog()
         return run

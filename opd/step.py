@@ -31,6 +31,8 @@ recomputed in the backward); it equals the general path in value and gradient.
 Data-parallel (`opd.distributed`): each process rolls out its rows of the global
 micro-batch, C is summed over processes (one all_reduce), each process's backward is scaled
 by the process count (DDP averages), and the row's numbers are combined over processes.
+Under `train.fsdp` (opd.fsdp) `micro_step` runs inside the sharded root module's forward
+(`dist.loss_step`) and the gradient norm is that of the full (gathered) gradient.
 
 Non-finite numbers stop the run (`NonFiniteError`, an `OpdError`: the CLI exits 2) at the
 step where they appear, before the optimizer touches the student: the teacher's scores, each
@@ -48,6 +50,7 @@ import torch
 
 from opd.distributed import SINGLE, combine, shard_rows
 from opd.errors import OpdError
+from opd.fsdp import full
 from opd.losses import chunked_token_logprobs
 from opd.losses.reduce import coefficients, reduce, step_count
 from opd.models import decoder_and_head
@@ -231,7 +234,7 @@ def train_step(run, step: int) -> dict:
     for m, (rollout, tscores) in enumerate(zip(rollouts, batch.scores)):
         dist.sync_grads(last=m == len(rollouts) - 1)  # DDP: all-reduce on the last backward
         decoder = dist.decoder()  # DDP: the wrapped forward (None in one process)
-        loss, kl_N, rollout = micro_step(
+        loss, kl_N, rollout = dist.loss_step(micro_step)(  # FSDP: inside the root's forward
             run.method, models, rollout, ctx, run.device, count, tc.precision, decoder, tscores
         )
         if not bool(torch.isfinite(loss.detach())):
@@ -256,9 +259,11 @@ def train_step(run, step: int) -> dict:
         len_sum, len_n = all_["len_sum"], all_["len_n"]
     grads = [p.grad for p in run.params if p.grad is not None]
     if tc.max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, tc.max_grad_norm))
-    else:
-        grad_norm = float(torch.norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+        grad_norm = float(full(torch.nn.utils.clip_grad_norm_(run.params, tc.max_grad_norm)))
+    else:  # FSDP: the norms of DTensor gradients, made full (`full`)
+        grad_norm = (
+            float(full(torch.stack([full(g.norm()) for g in grads]).norm())) if grads else 0.0
+        )
     if not math.isfinite(grad_norm):
         raise NonFiniteError(
             f"step {step + 1}: the gradient norm is not finite ({grad_norm}); "

@@ -29,7 +29,9 @@ checkpoint or student with non-finite parameters is ever written.
 Data-parallel (`torchrun` / `accelerate launch`, `opd.distributed`): every process runs this
 loop on its shard; rank 0 alone logs, evaluates, writes samples, checkpoints and the student
 (the others skip those and meet it at the next step's collectives); a stop request is agreed
-on by all processes; all meet at a barrier before returning.
+on by all processes; all meet at a barrier before returning. Fully sharded
+(`train.fsdp=true`, opd.fsdp): the same, with the optimizer state gathered by every process
+for rank 0's checkpoint; rollouts, evaluation and saving read the unsharded inference copy.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from opd.diagnostics import EvalDiagnostics
 from opd.distributed import Dist
 from opd.errors import TeacherUnreachable
 from opd.evaluate import heldout_kl
+from opd.fsdp import check_fsdp
 from opd.logs import Progress
 from opd.method import Method
 from opd.pipeline_state import queue_state
@@ -159,7 +162,9 @@ def _check_finite_student(run: Run, what: str) -> None:
 
 
 def checkpoint(run: Run, done: int) -> None:
-    """Rank 0 writes the checkpoint of `done` steps (every rank holds the same state)."""
+    """Rank 0 writes the checkpoint of `done` steps (every rank holds the same state; under
+    FSDP every rank first joins in gathering the optimizer state)."""
+    optimizer = run.dist.saved_optimizer(run.optimizer)
     if not run.dist.is_main:
         return
     _check_finite_student(run, f"the checkpoint of step {done}")
@@ -177,7 +182,7 @@ def checkpoint(run: Run, done: int) -> None:
         run.ckpt_root,
         done,
         run.models.student,
-        run.optimizer,
+        optimizer,
         run.scheduler,
         state,
         keep=run.cfg.train.keep_checkpoints,
@@ -218,7 +223,8 @@ def distill(
         import torch
 
         torch.set_num_threads(tc.threads)
-    dist = Dist.from_env()  # torchrun / accelerate: the process group; else one process
+    check_fsdp(cfg)  # train.fsdp: unsupported settings refused before anything is created
+    dist = Dist.from_env(tc.fsdp)  # torchrun / accelerate: the process group; else one process
     try:
         return _distill(cfg, dist, models, method, data, resume, stop_after, evaluate, log)
     finally:
