@@ -144,3 +144,31 @@ def test_tiny_lr_sweep_picks_on_validation_and_reuses_seed_zero(tmp_path):
     assert saved["summary"]["supervised_kd"]["lr"] == sweep["chosen"]["supervised_kd"]
     text = (tmp_path / "out" / "results.md").read_text()
     assert "Learning-rate sweep" in text and "Paired per-seed differences" in text
+
+
+def _result(task, accs):
+    """A minimal quality.json: per method, per-seed final accuracies."""
+    runs = [{"method": m, "seed": s, "final": {"accuracy": a, "teacher_kl": 0.5}}
+            for m, xs in accs.items() for s, a in enumerate(xs)]  # fmt: skip
+    summary = {m: {"lr": 2e-3, "collapsed": 0, "seeds": len(xs)} for m, xs in accs.items()}
+    warm = [{"steps": 100, "final": {"accuracy": 0.1, "teacher_kl": 1.0}}]
+    teacher = {"eval": {"accuracy": 1.0}, "recovery_accuracy": {"1": 0.9, "2": 0.8, "3": 0.5}}
+    return {"task": task, "runs": runs, "summary": summary, "warmup": warm, "teacher": teacher}
+
+
+def test_design_tables_report_gaps_to_supervised_kd(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "compare_designs.py"
+    spec = importlib.util.spec_from_file_location("compare_designs", path)
+    cd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cd)
+    old = _result("chain", {"supervised_kd": [0.5, 0.75], "on_policy_rkl": [0.25, 0.5]})
+    new = _result("chain_fix", {"supervised_kd": [0.5, 0.5], "on_policy_rkl": [0.75, 0.5]})
+    text = cd.task_table(new)
+    assert "recovery from 1 / 2 / 3 errors 90.0 / 80.0 / 50.0 %" in text
+    assert "| on_policy_rkl | 0.002 | 62.5 ± 17.7 | 0.5000 ± 0.0000 | — | — | 0/2 |" in text
+    # old gap: −25, −25 (mean −25); new gap: +25, 0 (mean +12.5); change +37.5
+    row = "| on_policy_rkl | 37.5 ± 17.7 | -25.0 ± 0.0 | 62.5 ± 17.7 | 12.5 ± 17.7 | +37.5 |"
+    assert row in cd.design_table(old, new)
