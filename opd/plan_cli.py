@@ -196,8 +196,13 @@ def render(plan: dict) -> str:
         "",
         f"wall time for train.steps={plan['steps']}: {plan['wall_seconds'] / 60:.1f} min "
         "(training steps only; evaluations, loading and checkpoints not included)",
-        f"peak memory ≈ {mem['total'] / 2**30:.2f} GiB: "
-        + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items() if k != "total"),
+        f"peak memory ≈ {mem['total'] / 2**30:.2f} GiB ({mem['after loading'] / 2**30:.2f} "
+        "GiB beyond the weights; the phases' parts do not all coexist): "
+        + ", ".join(
+            f"{k} {v / 2**20:.0f} MiB"
+            for k, v in mem.items()
+            if k not in ("total", "after loading")
+        ),
         "",
         f"staged split of a {plan['budget_seconds'] / 3600:.2f} h budget (survey: 60–70 % "
         "off-policy, 20–30 % on-policy, 10 % reward refinement):",

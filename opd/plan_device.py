@@ -134,7 +134,7 @@ def _update_seconds(vocab: int) -> tuple[float, int]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
 
-    return _best(step, 3), sum(p.numel() for p in params)
+    return _best(step, 7), sum(p.numel() for p in params)
 
 
 def _head_rate(width: int, rows: int = 256, vocab: int = 16384) -> float:
