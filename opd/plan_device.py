@@ -32,7 +32,7 @@ default), timed in wall seconds; on a shared machine those reflect the load of t
 seconds (`calibrate(1, clock=time.thread_time)`: what the same work takes on an idle
 machine, whatever else runs), measures the steps the same way, right after, in the same
 process, and repeats both. About half a minute on one thread. `--save FILE` keeps it as JSON,
-`--device FILE` reads it back.
+`--device FILE` reads it back; `--cpu-seconds` (with `--threads 1`) uses the thread clock.
 """
 
 from __future__ import annotations

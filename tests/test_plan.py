@@ -223,3 +223,25 @@ def test_cli_without_a_readable_size_names_the_shape_option(folders):
                   "hidden=64,layers=2,intermediate=128,vocab=105", "--flops", "1e10", "--json"])  # fmt: skip
     assert ok.code == 0 and json.loads(ok.out)["params"]["teacher"] == 2 * (4 * 64 * 64 + 3 * 64
                                                                             * 128) + 2 * 105 * 64  # fmt: skip
+
+
+def test_calibrate_cpu_seconds_times_the_thread(monkeypatch, tmp_path):
+    import time
+
+    import opd.plan_device
+
+    seen = []
+
+    def fake(threads, clock=None):
+        seen.append((threads, clock))
+        return DEV
+
+    monkeypatch.setattr(opd.plan_device, "calibrate", fake)
+    base = ["plan", "model.teacher=embedded", "--calibrate", "--json"]
+    res = run_opd([*base, "--threads", "1", "--cpu-seconds", "--save", tmp_path / "d.json"])
+    assert res.code == 0, res.err + (res.traceback or "")
+    assert seen == [(1, time.thread_time)] and load_device(tmp_path / "d.json") == DEV
+    assert run_opd([*base, "--threads", "2"]).code == 0 and seen[-1] == (2, None)
+    assert_clean_error(run_opd([*base, "--threads", "2", "--cpu-seconds"]), "--threads 1")
+    assert_clean_error(run_opd(["plan", "model.teacher=embedded", "--flops", "1e10",
+                                "--cpu-seconds"]), "--calibrate")  # fmt: skip
