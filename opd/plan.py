@@ -25,8 +25,8 @@ per-row sampling and a per-parameter update cost. R(d): the decoder's FLOP/s at 
 FLOP/s of the vocabulary head's matmuls at width d (log-linear through widths 64, 256,
 1024, clamped); W_dec: the weight bytes per second a decode step of a few rows streams
 (calibrated: a few-row matmul reads its weights far below copy bandwidth); b: bytes per
-parameter. Per optimizer step of B rows, P
-prompt and C completion tokens (N = B·C loss rows, S decode steps = the longest completion):
+parameter. Per optimizer step of B rows, P prompt and C completion tokens (N = B·C loss
+rows, S decode steps = the longest completion):
 
     generation   prefill: F_fwd(B, P) / R_fwd(d) + forward latency(L)
                  + S × [ max(2·N_body·B / R_fwd(d), (N_body·b + KV bytes) / W_dec) the body
@@ -44,13 +44,18 @@ prompt and C completion tokens (N = B·C loss rows, S decode steps = the longest
                  gradients dZ·W and dZᵀ·h 2 × 2·N·V·d_s; e(chunk): the softmax/KL/gradient
                  elementwise work per (row × entry), calibrated on a chunk that fits the
                  caches (256 × 128) and one that does not (256 × 49,152), log-linear in the
-                 chunk's entries between)
+                 chunk's entries between); without a full-vocabulary divergence
+                 (black-box: the written token's log-probability) the student's three
+                 matmuls and half the elementwise work
 
 Deviations from the survey's counting: generation is priced per decode step (a memory
 bound and per-row sampling, not 2N per token), the loss's vocabulary work is a term of its
 own (the survey folds it into F), and the update's per-parameter cost is added to F_bwd.
 Attention is counted as dense matmuls; the served teacher's time is predicted as if it ran
-on this device.
+on this device. Checked against component times measured inside real steps in
+`benchmarks/results_plan.md` (one thread, CPU seconds): every component within ±30 % on the
+speed benchmark's settings and the demo; the demo's come out 0.8–0.9 (the reference
+shapes, width ≤ 512 and 2 layers, run a little more efficiently than its 15 and 30 layers).
 
 Peak memory (`peak_memory_bytes`): held throughout, the models' weights, the student's AdamW
 moments (2 × float32 per parameter) and 24 MiB of the runtime's own first-step allocations
