@@ -1,6 +1,6 @@
 """`opd plan`'s predictions against component times measured inside real training steps.
 
-    PYTHONPATH=. python benchmarks/bench_plan.py [--steps 6] [--demo-steps 3] [--repeats 2]
+    PYTHONPATH=. python benchmarks/bench_plan.py [--steps 6] [--demo-steps 3] [--repeats 3]
         [--threads 1] [--memory] [--out DIR]
 
 Settings: the speed benchmark's (`opd bench speed`: gkd λ = 1, β = 1, tiny Llamas 4 × 256
@@ -24,10 +24,9 @@ steps, is timed in the thread's CPU seconds (`time.thread_time`: what the work t
 idle machine; other processes do not inflate it, though they still share the caches and
 memory bandwidth); `--wall` times wall seconds. Each round calibrates
 (`opd.plan_device.calibrate`) and then measures, back-to-back in the same process, and the
-rounds repeat (`--repeats`); each
-round's prediction uses its own calibration and the sequence lengths measured in its steps
-(a planner input), and the one-minute load average is recorded before and after each
-calibration and measurement. The summary is the median over rounds of predicted and of
+rounds repeat (`--repeats`); each round's prediction uses its own calibration and the
+sequence lengths measured in its steps (a planner input), and the one-minute load average
+is recorded before and after each calibration and measurement. The summary is the median over rounds of predicted and of
 measured seconds; every round is printed.
 
 `--memory`: peak memory, measured in a fresh subprocess per setting (load the models, then
@@ -270,7 +269,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--demo-steps", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=2, help="calibrate + measure rounds")
+    p.add_argument("--repeats", type=int, default=3, help="calibrate + measure rounds")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--wall",
