@@ -245,3 +245,31 @@ def test_calibrate_cpu_seconds_times_the_thread(monkeypatch, tmp_path):
     assert_clean_error(run_opd([*base, "--threads", "2", "--cpu-seconds"]), "--threads 1")
     assert_clean_error(run_opd(["plan", "model.teacher=embedded", "--flops", "1e10",
                                 "--cpu-seconds"]), "--calibrate")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_calibrate_measures_every_number_in_cpu_seconds(tmp_path):
+    """The whole calibration once (about 15 CPU-seconds): every rate and cost is measured."""
+    import time
+
+    from opd.plan_device import calibrate
+
+    t0 = time.thread_time()
+    dev = calibrate(1, time.thread_time)
+    assert dev.threads == 1 and dev.name == "calibrated"
+    for rate in (dev.fwd_flops, dev.train_flops, dev.fwd_flops_narrow, dev.train_flops_narrow,
+                 *dev.head_flops):  # fmt: skip
+        assert 1e8 < rate < 1e13  # FLOP/s of one CPU thread
+    assert len(dev.head_flops) == 3
+    assert 1e8 < dev.decode_bandwidth < dev.bandwidth * 2 and dev.bandwidth < 1e12
+    for cost in (dev.update_s, dev.sample_entry_s, dev.sample_row_s, dev.loss_entry_s,
+                 dev.loss_chunk_s):  # fmt: skip
+        assert 0 < cost < 1.0
+    for fixed, layer in ((dev.decode_fixed_s, dev.decode_layer_s),
+                         (dev.forward_fixed_s, dev.forward_layer_s),
+                         (dev.train_fixed_s, dev.train_layer_s)):  # fmt: skip
+        assert fixed >= 0 and layer >= 0 and 0 < fixed + 4 * layer < 1.0  # (clamped at 0)
+    assert dev.loss_entry_small_s >= 0 and dev.loss_entry(256 * 49152) == dev.loss_entry_s
+    save_device(dev, tmp_path / "d.json")
+    assert load_device(tmp_path / "d.json") == dev
+    assert time.thread_time() - t0 < 120
