@@ -13,49 +13,79 @@ parameters); G^S: the student's autoregressive generation per token, which is me
 far more time than its 2N FLOPs suggest; ρ ∈ [0, 1]: how often the teacher scores (1 =
 every token); α: the fraction of the budget processed on-policy. Assumptions: dense
 decoder-only transformers, FLOPs 2N per token forward (Kaplan et al. 2020) plus attention's
-4·L·d·T² term, backward = 2 × forward, the loss's vocabulary work separate, no activation
-recomputation, float32 (opd's CPU default) unless `model.dtype` says otherwise.
+4·L·d·T² term, backward = 2 × forward, no activation recomputation, float32 (opd's CPU
+default) unless `model.dtype` says otherwise.
 
-What `predict_step` adds to turn counts into seconds on one device: `--calibrate` measures
-opd's own kernels at reference shapes (`opd.plan_device`) and the prediction scales them by
-FLOP and element counts. Effective FLOP/s of a decoder forward, and of forward + backward,
-at widths 128 and 512 (log-linear between), latencies (fixed + per layer) of a decode step,
-a forward and a training step, and per-entry costs of vocabulary-wide work. The four
-components match what `benchmarks/bench_plan.py` times inside a real step:
+How `predict_step` turns the four terms of eq. 35 into seconds on one device: each is a FLOP
+count over a calibrated matmul rate (`opd.plan_device` measures the rates on opd's own
+kernels at reference shapes), plus the work a FLOP count misses, each term calibrated on
+its own: latencies (fixed + per layer), per-entry elementwise costs over the vocabulary,
+per-row sampling and a per-parameter update cost. R(d): the decoder's FLOP/s at width d
+(forward, or forward + backward; log-linear between widths 128 and 512, clamped); H(d): the
+FLOP/s of the vocabulary head's matmuls at width d (log-linear through widths 64, 256,
+1024, clamped); W_dec: the weight bytes per second a decode step of a few rows streams
+(calibrated: a few-row matmul reads its weights far below copy bandwidth); b: bytes per
+parameter. Per optimizer step of B rows, P prompt and C completion tokens (N = B·C loss
+rows, S decode steps = the longest completion):
 
-    generation   prefill (forward FLOPs / F_fwd(d)) + one decode step per token of the
-                 longest completion: max(2·N·B / F_fwd(d), weights + KV cache bytes / W)
-                 (memory-bound: every weight is read for one token per row)
-                 + B·V·(e + e_d·d) (the lm_head, softmax and multinomial per vocabulary
-                 entry) + decode latency(L)
-    teacher      one forward of the teacher's decoder on B·(P + C) tokens / F_fwd(d_t)
-                 (its lm_head is applied inside the loss, on completion rows only) + latency
-    student      3 × forward FLOPs / F_train(d_s) (forward + backward of the decoder), the
-                 AdamW update (a measured cost per parameter) + train latency(L)
-    loss         opd's one-pass chunked divergence on B·C rows: B·C·V·(l + l_d·(3·d_s + d_t))
-                 (both heads' projections, the student head's gradient and the elementwise
-                 passes, per vocabulary entry) + a latency per chunk of `train.chunk_size` rows
+    generation   prefill: F_fwd(B, P) / R_fwd(d) + forward latency(L)
+                 + S × [ max(2·N_body·B / R_fwd(d), (N_body·b + KV bytes) / W_dec) the body
+                         + max(2·B·V·d / H(d), V·d·b / W_dec)                    the lm_head
+                         + B·V·s_e + B·s_r          softmax + one multinomial draw per row
+                         + decode latency(L) ]
+    teacher      F_fwd^T(B, P + C) / R_fwd(d_t) + forward latency(L_t)   (its lm_head runs
+                 inside the loss, on completion rows only)
+    student      3·F_fwd^S(B, P + C) / R_train(d_s) + N_params·u + train latency(L_s);
+                 u: seconds per parameter of the update (embedding gradient, clipping,
+                 AdamW), measured on a model whose parameters are mostly vocabulary rows
+    loss         opd's one-pass chunked divergence (`opd.losses.one_pass`):
+                 N·V · [2·(3·d_s / H(d_s) + d_t / H(d_t)) + e(chunk)] + chunks · latency
+                 (FLOPs: the two heads' projections 2·N·V·(d_s + d_t), the student's
+                 gradients dZ·W and dZᵀ·h 2 × 2·N·V·d_s; e(chunk): the softmax/KL/gradient
+                 elementwise work per (row × entry), calibrated on a chunk that fits the
+                 caches (256 × 128) and one that does not (256 × 49,152), log-linear in the
+                 chunk's entries between); without a full-vocabulary divergence
+                 (black-box: the written token's log-probability) the student's three
+                 matmuls and half the elementwise work
 
-Peak memory: both models' weights, the student's gradients and AdamW moments, the KV cache
-of generation, the student's activations kept for the backward (≈ (10·d + 4·d_ff)·4 bytes
-per token per layer) and `train.chunk_size` rows of logits (×4 tensors).
+Deviations from the survey's counting: generation is priced per decode step (a memory
+bound and per-row sampling, not 2N per token), the loss's vocabulary work is a term of its
+own (the survey folds it into F), and the update's per-parameter cost is added to F_bwd.
+Attention is counted as dense matmuls; the served teacher's time is predicted as if it ran
+on this device. Checked against component times measured inside real steps in
+`benchmarks/results_plan.md` (one thread, CPU seconds): every component within ±30 % on the
+speed benchmark's settings and the demo; the demo's come out 0.8–0.9 (the reference
+shapes, width ≤ 512 and 2 layers, run a little more efficiently than its 15 and 30 layers).
+
+Peak memory (`peak_memory_bytes`): held throughout, the models' weights, the student's AdamW
+moments (2 × float32 per parameter) and 24 MiB of the runtime's own first-step allocations
+(measured: what the speed benchmark's vocab-105 step grows by beyond the modelled terms);
+on top, the largest of three phases: the loss phase (the activations autograd keeps for the
+student's backward, ≈ (10·d + 4·d_ff)·4 bytes per token per layer; the teacher's
+completion rows, N × d_t; the one-pass loss's buffers: its gradient of the head and the
+head's .grad, 2 × V × d_s float32, the rows' N × d_s, and 7 chunk-sized float32 tensors,
+logits, log-probabilities and their gradients, measured at 6.5 for reverse KL), the update
+phase (gradients + AdamW's foreach temporaries, 2 × 4 bytes per parameter) and generation's
+KV cache. Checked against the peak RSS growth after loading in `benchmarks/bench_plan.py
+--memory`.
 
 The staged budget split is the survey's "distillation tax" rule (section 8): 60–70 % of a
 budget off-policy (here 65 %: supervised KD on dataset text, no generation), 20–30 %
 on-policy (25 %: this recipe's step) and 10 % reward refinement (generation + the student's
 forward/backward, no teacher); each stage's steps = its share of the seconds / its step time.
-
-Deviations: attention is counted as dense matmuls; activation memory is an estimate, not
-allocator-exact; the served teacher's time is predicted as if it ran on this device.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 STAGES = (("off-policy warm-up", 0.65), ("on-policy distillation", 0.25),
           ("reward refinement", 0.10))  # fmt: skip
+HEAD_WIDTHS = (64, 256, 1024)  # widths at which the head matmuls' FLOP/s are calibrated
+SMALL_CHUNK, LARGE_CHUNK = 256 * 128, 256 * 49152  # loss chunks (entries) of e_small, e_large
+LOSS_CHUNK_TENSORS = 7  # chunk-sized float32 tensors alive at the loss's peak (measured: 6.5)
+RUNTIME_BYTES = 24 * 2**20  # a step's allocations no term models (measured on torch CPU)
 
 
 @dataclass
@@ -91,6 +121,17 @@ class Shape:
         return self.body_params + self.head_params * (1 if self.tied else 2)
 
 
+def _loglinear(x: float, xs, ys) -> float:
+    """Piecewise log-log interpolation of ys over xs (increasing), clamped at both ends."""
+    if x <= xs[0]:
+        return ys[0]
+    for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]):
+        if x <= x1:
+            f = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return math.exp(math.log(y0) + f * (math.log(y1) - math.log(y0)))
+    return ys[-1]
+
+
 @dataclass
 class Device:
     """What the planner needs of a device (`opd plan --calibrate` measures it on opd's own
@@ -101,11 +142,13 @@ class Device:
     fwd_flops_narrow: float = 0.0  # the same two at width 128 (0: as at 512)
     train_flops_narrow: float = 0.0
     bandwidth: float = 1e10  # bytes/s of a large copy (read + write counted)
-    adam_s: float = 0.0  # seconds per parameter of an AdamW step
-    entry_s: float = 0.0  # decode: seconds per (row × vocabulary entry) at width 0 ...
-    entry_width_s: float = 0.0  # ... plus this × width (the head's matmul, softmax, sampling)
-    loss_entry_s: float = 0.0  # loss: seconds per (row × vocabulary entry) ...
-    loss_width_s: float = 0.0  # ... plus this × (3·d_s + d_t)
+    decode_bandwidth: float = 0.0  # weight bytes/s a few-row decode step reads (0: bandwidth)
+    head_flops: list = field(default_factory=list)  # FLOP/s of head matmuls at HEAD_WIDTHS
+    update_s: float = 0.0  # seconds per parameter: embedding grad, clipping, AdamW
+    sample_entry_s: float = 0.0  # decode: softmax + multinomial per (row × vocabulary entry)
+    sample_row_s: float = 0.0  # decode: per row and step (its own generator's draw)
+    loss_entry_s: float = 0.0  # loss elementwise per (row × entry), chunk of LARGE_CHUNK
+    loss_entry_small_s: float = 0.0  # the same on a chunk of SMALL_CHUNK
     loss_chunk_s: float = 0.0  # latency of one chunk of the one-pass loss (fwd + bwd)
     decode_fixed_s: float = 0.0  # latency of one decode step: fixed + per layer
     decode_layer_s: float = 0.0
@@ -117,11 +160,24 @@ class Device:
     name: str = "given"
 
     def rate(self, width: int, train: bool = False) -> float:
-        """Effective FLOP/s at `width`: log-linear between widths 128 and 512, clamped."""
+        """R(d): effective FLOP/s at `width`, log-linear between widths 128 and 512."""
         wide = (self.train_flops or self.fwd_flops) if train else self.fwd_flops
         narrow = (self.train_flops_narrow if train else self.fwd_flops_narrow) or wide
-        x = min(max(math.log2(max(width, 1)), 7.0), 9.0)
-        return math.exp(math.log(narrow) + (x - 7.0) / 2.0 * (math.log(wide) - math.log(narrow)))
+        return _loglinear(max(width, 1), (128, 512), (narrow, wide))
+
+    def head_rate(self, width: int) -> float:
+        """H(d): FLOP/s of the vocabulary head's matmuls at `width` (R_fwd if uncalibrated)."""
+        if len(self.head_flops) != len(HEAD_WIDTHS):
+            return self.rate(width)
+        return _loglinear(max(width, 1), HEAD_WIDTHS, self.head_flops)
+
+    def loss_entry(self, chunk_entries: float) -> float:
+        """e(chunk): elementwise loss seconds per (row × entry) for a chunk of that size,
+        linear in log(entries) between SMALL_CHUNK and LARGE_CHUNK, clamped."""
+        small = self.loss_entry_small_s
+        x = min(max(math.log(max(chunk_entries, 1)), math.log(SMALL_CHUNK)), math.log(LARGE_CHUNK))
+        f = (x - math.log(SMALL_CHUNK)) / (math.log(LARGE_CHUNK) - math.log(SMALL_CHUNK))
+        return small + f * (self.loss_entry_s - small)
 
 
 @dataclass
@@ -149,24 +205,50 @@ def forward_flops(s: Shape, batch: float, tokens: float) -> float:
     return 2 * s.body_params * batch * tokens + _attention_flops(s, batch, tokens)
 
 
+def loss_flops(student: Shape, teacher: Shape, rows: float, full_vocab: bool = True) -> dict:
+    """The one-pass loss's head matmul FLOPs by width: {d_s: 2·N·V·3·d_s, d_t: 2·N·V·d_t}
+    (student projection, dZ·W, dZᵀ·h; the teacher's projection). Without a full-vocabulary
+    divergence only the student's three."""
+    out = {student.hidden: 2.0 * rows * student.vocab * 3 * student.hidden}
+    if full_vocab:
+        out[teacher.hidden] = out.get(teacher.hidden, 0.0) + (
+            2.0 * rows * student.vocab * teacher.hidden
+        )
+    return out
+
+
+def loss_seconds(student: Shape, teacher: Shape, w: Workload, dev: Device) -> float:
+    rows = w.batch * w.completion_tokens
+    matmul = sum(f / dev.head_rate(d) for d, f in
+                 loss_flops(student, teacher, rows, w.full_vocab_loss).items())  # fmt: skip
+    chunk = min(w.chunk_size, max(rows, 1)) * student.vocab
+    elementwise = rows * student.vocab * dev.loss_entry(chunk)
+    if not w.full_vocab_loss:  # one model's log-softmax instead of two and their divergence
+        elementwise /= 2
+    return matmul + elementwise + math.ceil(rows / max(w.chunk_size, 1)) * dev.loss_chunk_s
+
+
+def decode_step_seconds(s: Shape, w: Workload, dev: Device) -> float:
+    """One decode step of model `s` for all B rows: body, lm_head, sampling, latency."""
+    B, d, b = w.batch, s.hidden, w.bytes_per_param
+    kv_bytes = 2 * s.layers * s.kv_dim * B * (w.prompt_tokens + w.completion_tokens / 2) * b
+    read = dev.decode_bandwidth or dev.bandwidth
+    body = max(2 * s.body_params * B / dev.rate(d), (s.body_params * b + kv_bytes) / read)
+    head = max(2 * B * s.vocab * d / dev.head_rate(d), s.vocab * d * b / read)
+    sample = B * s.vocab * dev.sample_entry_s + B * dev.sample_row_s
+    return body + head + sample + dev.decode_fixed_s + dev.decode_layer_s * s.layers
+
+
 def generation_seconds(s: Shape, w: Workload, dev: Device) -> float:
     """Prefill + the decode steps of model `s` for all B rows (sampling over V each step)."""
-    B, P, C, d = w.batch, w.prompt_tokens, w.completion_tokens, s.hidden
-    prefill = forward_flops(s, B, P) / dev.rate(d) + dev.forward_fixed_s
-    prefill += dev.forward_layer_s * s.layers
-    kv_bytes = 2 * s.layers * s.kv_dim * B * (P + C / 2) * w.bytes_per_param
-    body = max(
-        2 * s.body_params * B / dev.rate(d),
-        (s.body_params * w.bytes_per_param + kv_bytes) / dev.bandwidth,
-    )
-    step = body + B * s.vocab * (dev.entry_s + dev.entry_width_s * d)
-    step += dev.decode_fixed_s + dev.decode_layer_s * s.layers
-    return prefill + (w.decode_steps or C) * step
+    prefill = forward_flops(s, w.batch, w.prompt_tokens) / dev.rate(s.hidden)
+    prefill += dev.forward_fixed_s + dev.forward_layer_s * s.layers
+    return prefill + (w.decode_steps or w.completion_tokens) * decode_step_seconds(s, w, dev)
 
 
 def predict_step(student: Shape, teacher: Shape, w: Workload, dev: Device) -> dict:
     """Seconds per optimizer step, split into the four components (module docstring)."""
-    rows, T = w.batch * w.completion_tokens, w.prompt_tokens + w.completion_tokens
+    T = w.prompt_tokens + w.completion_tokens
     gen = w.student_writes * generation_seconds(student, w, dev)
     gen += w.teacher_writes * generation_seconds(teacher, w, dev)
     t_fwd = 0.0
@@ -174,34 +256,39 @@ def predict_step(student: Shape, teacher: Shape, w: Workload, dev: Device) -> di
         t_fwd = forward_flops(teacher, w.batch, T) / dev.rate(teacher.hidden)
         t_fwd += dev.forward_fixed_s + dev.forward_layer_s * teacher.layers
     s_fb = 3 * forward_flops(student, w.batch, T) / dev.rate(student.hidden, train=True)
-    s_fb += student.total_params * dev.adam_s
+    s_fb += student.total_params * dev.update_s
     s_fb += dev.train_fixed_s + dev.train_layer_s * student.layers
-    if w.full_vocab_loss and w.teacher_scores:
-        per_entry = dev.loss_entry_s + dev.loss_width_s * (3 * student.hidden + teacher.hidden)
-    else:  # the student's log-prob of the written token: its head and the gradient only
-        per_entry = dev.loss_entry_s / 2 + dev.loss_width_s * 3 * student.hidden
-    chunks = math.ceil(rows / max(w.chunk_size, 1))
-    loss = rows * student.vocab * per_entry + chunks * dev.loss_chunk_s
+    loss = loss_seconds(student, teacher, w, dev)
     parts = {"generation": gen, "teacher": t_fwd, "student": s_fb, "loss": loss}
     return {**parts, "total": sum(parts.values())}
 
 
 def peak_memory_bytes(student: Shape, teacher: Shape, w: Workload) -> dict:
-    """Estimated peak bytes by part (module docstring)."""
-    b = w.bytes_per_param
-    B, T = w.batch, w.prompt_tokens + w.completion_tokens
-    parts = {
-        "teacher weights": teacher.total_params * b if w.teacher_scores or w.teacher_writes else 0,
-        "student weights + grads + AdamW": student.total_params * (b + 4 + 8),
-        "KV cache": 2 * student.layers * student.kv_dim * B * T * b,
-        "activations": student.layers
-        * B
-        * T
-        * (10 * student.hidden + 4 * student.intermediate)
+    """Estimated peak bytes by part (module docstring): weights, AdamW moments and the
+    runtime's own allocations held throughout, plus the largest of the loss phase
+    (activations, loss buffers), the update phase and generation's KV cache."""
+    b, B, T = w.bytes_per_param, w.batch, w.prompt_tokens + w.completion_tokens
+    rows, P_s = B * w.completion_tokens, student.total_params
+    uses_teacher = w.teacher_scores or w.teacher_writes
+    loss_phase = {
+        "activations": student.layers * B * T * (10 * student.hidden + 4 * student.intermediate)
         * 4,
-        "logit chunks": 4 * min(w.chunk_size, B * w.completion_tokens) * student.vocab * 4,
+        "teacher rows": rows * teacher.hidden * 4 if w.teacher_scores else 0.0,
+        "loss buffers": (2 * student.vocab + rows) * student.hidden * 4
+        + LOSS_CHUNK_TENSORS * min(w.chunk_size, rows) * student.vocab * 4,
+    }  # fmt: skip
+    update_phase = {"gradients": P_s * 4, "AdamW temporaries": P_s * 4}
+    kv = 2 * student.layers * student.kv_dim * B * T * b
+    held = {
+        "teacher weights": teacher.total_params * b if uses_teacher else 0.0,
+        "student weights": P_s * b,
+        "AdamW moments": P_s * 8,
+        "runtime": RUNTIME_BYTES,
     }
-    return {**parts, "total": sum(parts.values())}
+    peak = sum(held.values()) + max(sum(loss_phase.values()), sum(update_phase.values()), kv)
+    weights = held["teacher weights"] + held["student weights"]
+    parts = {**held, **loss_phase, **update_phase, "KV cache": kv}
+    return {**parts, "total": peak, "after loading": peak - weights}
 
 
 def staged_split(budget_s: float, on_policy: dict, off_policy: dict, reward: dict) -> list:
@@ -226,11 +313,14 @@ def variants(student: Shape, teacher: Shape, w: Workload, dev: Device) -> dict:
 
 
 def step_flops(student: Shape, teacher: Shape, w: Workload) -> dict:
-    """Eq. 35's terms for one step, in FLOPs (generation 2N per token, as the survey counts)."""
+    """Eq. 35's terms for one step, in FLOPs (generation 2N per token, as the survey counts),
+    and the loss's head matmuls (`loss_flops`)."""
     tokens = w.batch * (w.prompt_tokens + w.completion_tokens)
+    rows = w.batch * w.completion_tokens
     return {
         "generation": 2 * (w.student_writes * student.body_params
                            + w.teacher_writes * teacher.body_params) * tokens,
         "teacher": 2 * teacher.body_params * tokens if w.teacher_scores else 0.0,
         "student": 6 * student.body_params * tokens,
+        "loss": sum(loss_flops(student, teacher, rows, w.full_vocab_loss).values()),
     }  # fmt: skip

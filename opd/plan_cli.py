@@ -31,6 +31,12 @@ def add_plan_arguments(p) -> None:
     p.add_argument("--bandwidth", type=float, default=1e10, help="memory bytes/s with --flops")
     p.add_argument("--threads", type=int, default=0, help="torch threads when calibrating")
     p.add_argument(
+        "--cpu-seconds",
+        action="store_true",
+        help="with --calibrate --threads 1: "
+        "time this thread's CPU seconds (an idle machine's speed on a busy one)",
+    )
+    p.add_argument(
         "--prompt-tokens", type=float, help=f"mean prompt length (default {DEFAULT_PROMPT_TOKENS})"
     )
     p.add_argument("--completion-tokens", type=float, help="mean completion length (default "
@@ -130,8 +136,15 @@ def device(args):
     from opd.plan import Device
     from opd.plan_device import calibrate, load_device, save_device
 
+    if args.cpu_seconds and (not args.calibrate or args.threads != 1):
+        raise ConfigError(
+            "--cpu-seconds needs --calibrate --threads 1 (CPU seconds of one "
+            "thread are its wall seconds on an idle machine; of N threads, not)"
+        )
     if args.calibrate:
-        dev = calibrate(args.threads)
+        import time
+
+        dev = calibrate(args.threads, time.thread_time if args.cpu_seconds else None)
         if args.save:
             save_device(dev, args.save)
         return dev
@@ -196,8 +209,13 @@ def render(plan: dict) -> str:
         "",
         f"wall time for train.steps={plan['steps']}: {plan['wall_seconds'] / 60:.1f} min "
         "(training steps only; evaluations, loading and checkpoints not included)",
-        f"peak memory ≈ {mem['total'] / 2**30:.2f} GiB: "
-        + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items() if k != "total"),
+        f"peak memory ≈ {mem['total'] / 2**30:.2f} GiB ({mem['after loading'] / 2**30:.2f} "
+        "GiB beyond the weights; the phases' parts do not all coexist): "
+        + ", ".join(
+            f"{k} {v / 2**20:.0f} MiB"
+            for k, v in mem.items()
+            if k not in ("total", "after loading")
+        ),
         "",
         f"staged split of a {plan['budget_seconds'] / 3600:.2f} h budget (survey: 60–70 % "
         "off-policy, 20–30 % on-policy, 10 % reward refinement):",

@@ -8,16 +8,31 @@ import math
 import pytest
 
 from opd.bench.flops import flop_params
-from opd.plan import Device, Shape, Workload, predict_step, staged_split, step_flops
-from opd.plan_device import _line, _two_points, load_device, save_device
+from opd.plan import (
+    LARGE_CHUNK,
+    LOSS_CHUNK_TENSORS,
+    RUNTIME_BYTES,
+    SMALL_CHUNK,
+    Device,
+    Shape,
+    Workload,
+    decode_step_seconds,
+    loss_flops,
+    loss_seconds,
+    peak_memory_bytes,
+    predict_step,
+    staged_split,
+    step_flops,
+)
+from opd.plan_device import _head_rate, _line, load_device, save_device
 from opd.tiny import tiny_llama
 from tests.helpers import assert_clean_error, run_opd, save_tiny_models, write_prompts
 
 DEV = Device(fwd_flops=1e10, train_flops=8e9, fwd_flops_narrow=5e9, train_flops_narrow=4e9,
-             bandwidth=5e9, adam_s=4e-8, entry_s=1e-7, entry_width_s=4e-10, loss_entry_s=3e-8,
-             loss_width_s=2e-10, loss_chunk_s=1e-3, decode_fixed_s=1e-4, decode_layer_s=2e-3,
-             forward_fixed_s=5e-3, forward_layer_s=3e-4, train_fixed_s=1e-3,
-             train_layer_s=1e-2)  # fmt: skip
+             bandwidth=5e9, head_flops=[2e10, 4e10, 8e10], update_s=4e-8, sample_entry_s=1e-7,
+             sample_row_s=5e-5, loss_entry_s=3e-8, loss_entry_small_s=1e-8, loss_chunk_s=1e-3,
+             decode_fixed_s=1e-4, decode_layer_s=2e-3, forward_fixed_s=5e-3,
+             forward_layer_s=3e-4, train_fixed_s=1e-3, train_layer_s=1e-2)  # fmt: skip
 T = Shape(hidden=256, layers=4, intermediate=512, vocab=105, heads=4, kv_heads=4)
 S = Shape(hidden=128, layers=2, intermediate=256, vocab=105, heads=4, kv_heads=4)
 W = Workload(batch=16, prompt_tokens=20, completion_tokens=32)
@@ -46,6 +61,79 @@ def test_eq35_flops_by_hand():
     assert f["student"] == 6 * S.body_params * tokens
     assert f["teacher"] == 2 * T.body_params * tokens
     assert f["generation"] == 2 * S.body_params * tokens  # on-policy: the student writes
+    # the loss's head matmuls: student projection, dZ·W and dZᵀ·h (3·d_s) + teacher's (d_t)
+    assert f["loss"] == 2 * 16 * 32 * 105 * (3 * 128 + 256)
+
+
+def test_loss_seconds_are_head_flops_over_the_head_rate_plus_elementwise_work():
+    rows = 16 * 32  # 512 rows, two chunks of 256
+    assert loss_flops(S, T, rows) == {128: 2 * rows * 105 * 384, 256: 2 * rows * 105 * 256}
+    assert loss_flops(S, T, rows, full_vocab=False) == {128: 2 * rows * 105 * 384}
+    # H(d): log-linear through widths 64, 256, 1024, clamped
+    assert DEV.head_rate(32) == 2e10 and DEV.head_rate(4096) == 8e10
+    assert DEV.head_rate(128) == pytest.approx(math.sqrt(2e10 * 4e10))
+    assert Device(fwd_flops=1e10).head_rate(512) == pytest.approx(1e10)  # uncalibrated: R(d)
+    # e(chunk): linear in log(entries) between the small and the large calibration chunk
+    assert DEV.loss_entry(SMALL_CHUNK // 4) == 1e-8 and DEV.loss_entry(4 * LARGE_CHUNK) == 3e-8
+    mid = math.sqrt(SMALL_CHUNK * LARGE_CHUNK)
+    assert DEV.loss_entry(mid) == pytest.approx(2e-8)
+    chunk = 256 * 105
+    e = DEV.loss_entry(chunk)
+    want = 2 * rows * 105 * (384 / DEV.head_rate(128) + 256 / 4e10) + rows * 105 * e + 2 * 1e-3
+    assert loss_seconds(S, T, W, DEV) == pytest.approx(want, rel=1e-12)
+    assert predict_step(S, T, W, DEV)["loss"] == pytest.approx(want, rel=1e-12)
+    # the demo's shapes: width 576 heads run at H(576), not a line fitted on narrow widths
+    demo_s = Shape(hidden=576, layers=15, intermediate=1536, vocab=49152, heads=9, kv_heads=3)
+    demo_t = Shape(**{**demo_s.__dict__, "layers": 30})
+    w = Workload(batch=8, prompt_tokens=55.5, completion_tokens=32)
+    flops = 2 * 256 * 49152 * 4 * 576
+    h576 = DEV.head_rate(576)
+    assert 4e10 < h576 < 8e10
+    assert loss_seconds(demo_s, demo_t, w, DEV) == pytest.approx(
+        flops / h576 + 256 * 49152 * 3e-8 + 1e-3, rel=1e-12
+    )
+
+
+def test_decode_step_takes_the_larger_of_compute_and_weight_reads():
+    B = W.batch
+    body = max(2 * S.body_params * B / DEV.rate(128),
+               (S.body_params * 4 + 2 * 2 * 128 * B * (20 + 16) * 4) / 5e9)  # fmt: skip
+    head = max(2 * B * 105 * 128 / DEV.head_rate(128), 105 * 128 * 4 / 5e9)
+    want = body + head + B * 105 * 1e-7 + B * 5e-5 + 1e-4 + 2 * 2e-3
+    assert decode_step_seconds(S, W, DEV) == pytest.approx(want, rel=1e-12)
+    slow_memory = Device(**{**DEV.__dict__, "bandwidth": 1e3})  # weight reads dominate
+    expect = (S.body_params * 4 + 2 * 2 * 128 * B * 36 * 4 + 105 * 128 * 4) / 1e3
+    assert decode_step_seconds(S, W, slow_memory) == pytest.approx(expect, rel=1e-3)
+    # a few-row decode streams its weights at the calibrated decode rate, not copy bandwidth
+    slow_decode = Device(**{**DEV.__dict__, "decode_bandwidth": 1e3})
+    assert decode_step_seconds(S, W, slow_decode) == pytest.approx(expect, rel=1e-3)
+
+
+def test_peak_memory_terms_on_a_known_config():
+    s = Shape(hidden=128, layers=2, intermediate=256, vocab=49152, heads=4, kv_heads=4)
+    t = Shape(hidden=256, layers=4, intermediate=512, vocab=49152, heads=4, kv_heads=4)
+    w = Workload(batch=16, prompt_tokens=20, completion_tokens=30)
+    m = peak_memory_bytes(s, t, w)
+    P = s.total_params
+    assert m["student weights"] == 4 * P and m["AdamW moments"] == 8 * P
+    assert m["teacher weights"] == 4 * t.total_params
+    assert m["activations"] == 2 * 16 * 50 * (10 * 128 + 4 * 256) * 4
+    assert m["loss buffers"] == (2 * 49152 + 480) * 128 * 4 + LOSS_CHUNK_TENSORS * 256 * 49152 * 4
+    assert m["KV cache"] == 2 * 2 * 128 * 16 * 50 * 4
+    held = m["teacher weights"] + m["student weights"] + m["AdamW moments"] + RUNTIME_BYTES
+    loss_phase = m["activations"] + m["teacher rows"] + m["loss buffers"]
+    assert loss_phase > m["gradients"] + m["AdamW temporaries"]  # the loss phase is the peak
+    assert m["total"] == pytest.approx(held + loss_phase)
+    assert m["after loading"] == pytest.approx(m["total"] - 4 * (P + t.total_params))
+    # a black-box recipe keeps no teacher rows; a smaller chunk shrinks the loss buffers
+    bb = peak_memory_bytes(s, t, Workload(16, 20, 30, teacher_scores=False))
+    assert bb["teacher rows"] == 0 and bb["teacher weights"] == 0
+    small = peak_memory_bytes(s, t, Workload(16, 20, 30, chunk_size=64))
+    assert m["loss buffers"] - small["loss buffers"] == LOSS_CHUNK_TENSORS * 192 * 49152 * 4
+
+
+def test_head_rate_calibration_measures_a_positive_rate():
+    assert 1e6 < _head_rate(16, rows=8, vocab=64) < 1e14
 
 
 def test_components_scale_with_what_they_depend_on():
@@ -82,7 +170,7 @@ def test_staged_split_is_65_25_10_in_steps():
 def test_device_file_round_trip_and_errors(tmp_path):
     save_device(DEV, tmp_path / "d.json")
     assert load_device(tmp_path / "d.json") == DEV
-    assert _line(1.0, 4.0) == (0.0, 1.0) and _two_points(1, 3, 3, 7) == (1.0, 2.0)
+    assert _line(1.0, 4.0) == (0.0, 1.0)
     (tmp_path / "bad.json").write_text('{"fwd_flops": 1e9, "speed": 3}')
     cfg = ["model.teacher=embedded"]
     assert_clean_error(run_opd(["plan", *cfg, "--device", tmp_path / "bad.json"]), "speed")
@@ -135,3 +223,53 @@ def test_cli_without_a_readable_size_names_the_shape_option(folders):
                   "hidden=64,layers=2,intermediate=128,vocab=105", "--flops", "1e10", "--json"])  # fmt: skip
     assert ok.code == 0 and json.loads(ok.out)["params"]["teacher"] == 2 * (4 * 64 * 64 + 3 * 64
                                                                             * 128) + 2 * 105 * 64  # fmt: skip
+
+
+def test_calibrate_cpu_seconds_times_the_thread(monkeypatch, tmp_path):
+    import time
+
+    import opd.plan_device
+
+    seen = []
+
+    def fake(threads, clock=None):
+        seen.append((threads, clock))
+        return DEV
+
+    monkeypatch.setattr(opd.plan_device, "calibrate", fake)
+    base = ["plan", "model.teacher=embedded", "--calibrate", "--json"]
+    res = run_opd([*base, "--threads", "1", "--cpu-seconds", "--save", tmp_path / "d.json"])
+    assert res.code == 0, res.err + (res.traceback or "")
+    assert seen == [(1, time.thread_time)] and load_device(tmp_path / "d.json") == DEV
+    assert run_opd([*base, "--threads", "2"]).code == 0 and seen[-1] == (2, None)
+    assert_clean_error(run_opd([*base, "--threads", "2", "--cpu-seconds"]), "--threads 1")
+    assert_clean_error(run_opd(["plan", "model.teacher=embedded", "--flops", "1e10",
+                                "--cpu-seconds"]), "--calibrate")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_calibrate_measures_every_number_in_cpu_seconds(tmp_path):
+    """The whole calibration once (about 15 CPU-seconds): every rate and cost is measured."""
+    import time
+
+    from opd.plan_device import calibrate
+
+    t0 = time.thread_time()
+    dev = calibrate(1, time.thread_time)
+    assert dev.threads == 1 and dev.name == "calibrated"
+    for rate in (dev.fwd_flops, dev.train_flops, dev.fwd_flops_narrow, dev.train_flops_narrow,
+                 *dev.head_flops):  # fmt: skip
+        assert 1e8 < rate < 1e13  # FLOP/s of one CPU thread
+    assert len(dev.head_flops) == 3
+    assert 1e8 < dev.decode_bandwidth < dev.bandwidth * 2 and dev.bandwidth < 1e12
+    for cost in (dev.update_s, dev.sample_entry_s, dev.sample_row_s, dev.loss_entry_s,
+                 dev.loss_chunk_s):  # fmt: skip
+        assert 0 < cost < 1.0
+    for fixed, layer in ((dev.decode_fixed_s, dev.decode_layer_s),
+                         (dev.forward_fixed_s, dev.forward_layer_s),
+                         (dev.train_fixed_s, dev.train_layer_s)):  # fmt: skip
+        assert fixed >= 0 and layer >= 0 and 0 < fixed + 4 * layer < 1.0  # (clamped at 0)
+    assert dev.loss_entry_small_s >= 0 and dev.loss_entry(256 * 49152) == dev.loss_entry_s
+    save_device(dev, tmp_path / "d.json")
+    assert load_device(tmp_path / "d.json") == dev
+    assert time.thread_time() - t0 < 120
