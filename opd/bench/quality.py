@@ -375,7 +375,7 @@ def _parser() -> argparse.ArgumentParser:
                 type=f.metadata.get("type", type(d)))
             kw.update({"choices": f.metadata["choices"]} if "choices" in f.metadata else {})
             doc = f.metadata["doc"].replace("%", "%%")
-            doc += "" if d is None else f" (default {shown})"
+            doc += "" if d in (None, ()) else f" (default {shown})"
             p.add_argument(flag, dest=f.name, default=d, help=doc, **kw)
     return p
 
