@@ -41,6 +41,10 @@ def test_loss_spikes_against_the_recent_median():
     assert loss_spikes([1.0] * 9 + [9.0]) == (0, 0)  # fewer than 10 earlier steps: no verdict
     assert loss_spikes([0.001] * 10 + [0.04]) == (0, 0)  # under the floor
     assert loss_spikes([1.0, math.nan, math.inf]) == (2, 0)
+    # A loss that fell from 1.0 to 0.1 and jumps to 0.6 is 6x the recent median but below
+    # where the run started: no spike (mixed-batch recipes jump like this when healthy).
+    assert loss_spikes([1.0] * 10 + [0.1] * 10 + [0.6]) == (0, 0)
+    assert loss_spikes([1.0] * 10 + [0.1] * 10 + [1.2]) == (0, 1)
 
 
 def test_collapse_record_names_each_reason_and_the_lr():
@@ -51,6 +55,7 @@ def test_collapse_record_names_each_reason_and_the_lr():
         "reasons": [],
         "lr": 2e-3,
         "loss_spikes": 0,
+        "warnings": [],
         "nonfinite_losses": 0,
         "repetitive": 0.1,
         "marker_spam": None,
@@ -62,13 +67,10 @@ def test_collapse_record_names_each_reason_and_the_lr():
         8e-3,
     )
     assert bad["collapsed"] and bad["lr"] == 8e-3
-    assert bad["reasons"] == [
-        "nonfinite_loss",
-        "loss_spike",
-        "repetition",
-        "marker_spam",
-        "accuracy_collapse",
-    ]
+    assert bad["reasons"] == ["nonfinite_loss", "repetition", "marker_spam", "accuracy_collapse"]
+    assert bad["loss_spikes"] == 1 and bad["warnings"] == ["loss_spike"]
+    spiky = collapse_record([1.0] * 10 + [50.0], {"accuracy": 0.6}, start, 8e-3)
+    assert not spiky["collapsed"] and spiky["warnings"] == ["loss_spike"]  # a warning only
     # A share already there at the warm-up checkpoint is not a collapse of this run.
     was = collapse_record(
         [1.0], {"accuracy": 0.6, "repetitive": 0.3}, {**start, "repetitive": 0.25}, 1e-3
@@ -144,6 +146,23 @@ def test_tiny_lr_sweep_picks_on_validation_and_reuses_seed_zero(tmp_path):
     assert saved["summary"]["supervised_kd"]["lr"] == sweep["chosen"]["supervised_kd"]
     text = (tmp_path / "out" / "results.md").read_text()
     assert "Learning-rate sweep" in text and "Paired per-seed differences" in text
+    # Re-selection (opd.bench.reselect): pretend sampled_rkl had been given the other lr; the
+    # current rule chooses the right one again and only that method's seeds are retrained.
+    from opd.bench.reselect import reselect
+
+    path, m = tmp_path / "out" / "quality.json", "sampled_rkl"
+    right = saved["sweep"]["chosen"][m]
+    wrong = next(lr for lr in s.lrs if lr != right)
+    saved["sweep"]["chosen"][m] = wrong
+    kept = [r for r in saved["runs"] if r["method"] != m]
+    saved["runs"] = kept + [{**r, "lr": wrong} for r in saved["runs"] if r["method"] == m]
+    path.write_text(json.dumps(saved))
+    again = reselect(tmp_path / "out", workers=1, log=lambda *_: None)
+    assert again["reselected"]["changed"] == [m]
+    assert again["reselected"]["previous"][m] == wrong
+    assert {r["lr"] for r in again["runs"] if r["method"] == m} == {right}
+    assert [r["final"] for r in again["runs"] if r["method"] != m] == [r["final"] for r in kept]
+    assert json.loads(path.read_text())["summary"][m]["lr"] == right
 
 
 def _result(task, accs):

@@ -18,17 +18,22 @@ Collapse (`collapse_record`): a run is flagged when any of these holds at its en
 reason named in the record together with the lr it ran at:
 
     nonfinite_loss     a step's loss is NaN or infinite
-    loss_spike         a step's loss exceeds SPIKE_FACTOR × the median of the previous
-                       SPIKE_WINDOW steps' losses (and is above SPIKE_FLOOR, so a loss
-                       hovering near 0 cannot spike by noise)
     repetition         `repetitive` ≥ SHARE and ≥ the warm-up checkpoint's share + 0.1
     marker_spam        `marker_spam` ≥ SHARE and ≥ the warm-up checkpoint's share + 0.1
     accuracy_collapse  final accuracy < half the warm-up checkpoint's (which was ≥ 10 %)
 
-The thresholds are choices, not taken from a paper: a loss spike of 5× the recent median is
-far outside the step-to-step noise of these runs (their losses move by tens of percent), and
-a quarter of the held-out completions looping or spamming markers is a failure a reader would
-see in any sample. The record counts spikes too, so a softer reading stays possible.
+Loss spikes are counted in every record (`loss_spikes`, and `warnings: ["loss_spike"]`) but
+do not by themselves make a collapse: a step's loss counts as a spike when it exceeds
+SPIKE_FACTOR × the median of the previous SPIKE_WINDOW steps' losses, the median of the run's
+first SPIKE_WINDOW losses (where it started) and SPIKE_FLOOR. Why not a verdict: recipes
+that mix batches (GKD λ < 1, where a step is on- or off-policy by a coin) or change phase
+(`staged`) change what their per-step loss measures from step to step; in the first
+`chain_fix` sweep, healthy runs of those recipes at 100 % validation accuracy had 4-22 such
+steps, and a spike-based verdict passed over their best lr.
+
+The thresholds are choices, not taken from a paper: a quarter of the held-out completions
+looping or spamming markers, or half the starting accuracy lost, is a failure a reader would
+see in any sample. The record keeps the shares and counts, so a softer reading stays possible.
 """
 
 from __future__ import annotations
@@ -101,15 +106,15 @@ def evaluate_student(models, setup, s, rows_file: str | None = None) -> dict:
 def loss_spikes(losses: list[float]) -> tuple[int, int]:
     """(non-finite losses, spikes): see the module docstring for the spike rule."""
     nonfinite, spikes = 0, 0
+    first = [x for x in losses[:SPIKE_WINDOW] if math.isfinite(x)]
+    start = statistics.median(first) if first else math.inf
     for i, loss in enumerate(losses):
         if not math.isfinite(loss):
             nonfinite += 1
             continue
         window = [x for x in losses[max(0, i - SPIKE_WINDOW) : i] if math.isfinite(x)]
-        if len(window) == SPIKE_WINDOW and loss > max(
-            SPIKE_FLOOR, SPIKE_FACTOR * statistics.median(window)
-        ):
-            spikes += 1
+        bar = max(SPIKE_FLOOR, start, SPIKE_FACTOR * statistics.median(window or [math.inf]))
+        spikes += len(window) == SPIKE_WINDOW and loss > bar
     return nonfinite, spikes
 
 
@@ -117,7 +122,7 @@ def collapse_record(losses: list[float], final: dict, start: dict, lr: float) ->
     """`{"collapsed", "reasons", "lr", "loss_spikes", "nonfinite_losses", ...}` of one run:
     `final` is its last evaluation, `start` the warm-up checkpoint's (same split)."""
     nonfinite, spikes = loss_spikes(losses)
-    reasons = ["nonfinite_loss"] * bool(nonfinite) + ["loss_spike"] * bool(spikes)
+    reasons = ["nonfinite_loss"] * bool(nonfinite)
     for key, reason in (("repetitive", "repetition"), ("marker_spam", "marker_spam")):
         share = final.get(key) or 0.0
         if share >= SHARE and share >= (start.get(key) or 0.0) + 0.1:
@@ -125,5 +130,6 @@ def collapse_record(losses: list[float], final: dict, start: dict, lr: float) ->
     if start["accuracy"] >= 0.1 and final["accuracy"] < 0.5 * start["accuracy"]:
         reasons.append("accuracy_collapse")
     return {"collapsed": bool(reasons), "reasons": reasons, "lr": lr, "loss_spikes": spikes,
+            "warnings": ["loss_spike"] * bool(spikes),
             "nonfinite_losses": nonfinite, "repetitive": final.get("repetitive"),
             "marker_spam": final.get("marker_spam")}  # fmt: skip
