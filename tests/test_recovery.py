@@ -272,7 +272,8 @@ def test_plateau_warmup_in_a_tiny_sweep(tmp_path):
     final = result["runs"][0]["final"]
     assert {"corrections_mean", "with_correction", "errors_mean"} <= set(final)
     assert result["warmup"][0]["curve"][0]["step"] == 0  # the student at init comes first
-    assert "| 2 |" in (tmp_path / "out" / "results.md").read_text()  # the warm-up's steps
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "| 2 |" in text and "(warm-up to the plateau, 2 steps" in text  # the warm-up's steps
 
 
 def test_bad_plateau_settings_stop_before_any_teacher_training(tmp_path, monkeypatch):

@@ -85,6 +85,13 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _warmup_steps(result: dict) -> str:
+    """'400', or with a plateau warm-up 'to the plateau, 1600/1700/1800' (steps per seed)."""
+    if result["settings"].get("warmup") != "plateau":
+        return str(result["settings"]["warmup_steps"])
+    return "to the plateau, " + "/".join(str(w["steps"]) for w in result["warmup"])
+
+
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
@@ -172,7 +179,7 @@ def write_report(result: dict, out_dir: Path, log=print) -> Path:
         f"params), teacher {result['teacher']['flop_params']:,}; batch {s['batch_size']}, "
         + (f"lr per method from the sweep below ({', '.join(map(str, s['lrs']))}) "
            if result.get("sweep") else f"lr {s['lr']} ")
-        + f"(warm-up {s['warmup_steps']} steps of supervised_kd at {s['warmup_lr']}); "
+        + f"(warm-up {_warmup_steps(result)} steps of supervised_kd at {s['warmup_lr']}); "
         f"budget {comp['budget_gflop']:.1f} GFLOP per method after the warm-up; up to "
         f"{comp['max_new_tokens']} new tokens, sampling temperature {s['temperature']}.\n"
         f"Wall time {result['wall_seconds'] / 60:.1f} min. Machine at start: "
