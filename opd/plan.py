@@ -177,7 +177,7 @@ class Device:
         small = self.loss_entry_small_s
         x = min(max(math.log(max(chunk_entries, 1)), math.log(SMALL_CHUNK)), math.log(LARGE_CHUNK))
         f = (x - math.log(SMALL_CHUNK)) / (math.log(LARGE_CHUNK) - math.log(SMALL_CHUNK))
-        return small + f * (self.loss_entry_s - small)
+        return self.loss_entry_s if f >= 1.0 else small + f * (self.loss_entry_s - small)
 
 
 @dataclass
