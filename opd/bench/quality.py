@@ -312,6 +312,8 @@ def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
     how = "cached" if setup.teacher_info.get("cached") else f"trained in {teacher_seconds:.0f} s"
     log(f"[{s.task}] teacher: {setup.teacher_info.get('params')} params, held-out accuracy "
         f"{setup.teacher_info.get('accuracy')} ({how})")
+    lrs = f"lr swept over {list(dict.fromkeys(s.lrs))}" if len(set(s.lrs)) > 1 else f"lr {s.lr}"
+    log(f"[{s.task}] {len(s.methods)} methods ({', '.join(s.methods)}), {s.seeds} seeds, {lrs}")
     probe = _models(setup, s, 0, None)
     n_s, n_t = flop_params(probe.student), flop_params(probe.teacher)
     step_cost = {m: microbatch_flops(  # estimated FLOPs of one step, C = reference length

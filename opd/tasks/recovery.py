@@ -34,7 +34,7 @@ import torch
 
 from opd.errors import ConfigError
 from opd.tasks import TASKS, get_task
-from opd.tasks.recoverable import RecoverableTask, count_corrections, inject_errors
+from opd.tasks.recoverable import RecoverableTask, inject_errors
 
 RECOVERY_ERRORS = (1, 2, 3)
 """The `n_errors` of a teacher's recovery report."""
@@ -189,31 +189,6 @@ def recovery_report(
     if task is None:
         raise ConfigError(f"task {task_name!r} has no recoverable variant")
     return {str(k): recovery_accuracy(model, tokenizer, task, rows, k, seed=seed) for k in n_errors}
-
-
-def accuracy_and_corrections(
-    model, tokenizer, task_name: str, rows: list[dict[str, str]], max_new_tokens: int
-) -> tuple[float, dict[str, float]]:
-    """Greedy exact-match accuracy (the task's own verifier) and the correction markers of
-    the same completions: `{"corrections_mean": markers per completion, "with_correction":
-    share of completions with at least one}` (did the model learn to correct itself?), and
-    for chain tasks `"errors_mean"`: wrong values per completion (`ChainFix.count_errors`), the
-    `max_errors` a teacher should be trained for."""
-    from opd.tasks.teacher import generate_completions
-
-    task = get_task(task_name)
-    texts = generate_completions(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens)
-    accuracy = sum(task.verify(t, r["answer"]) for t, r in zip(texts, rows)) / max(1, len(rows))
-    counts = [count_corrections(t) for t in texts] or [0]
-    marks = {
-        "corrections_mean": sum(counts) / len(counts),
-        "with_correction": sum(c > 0 for c in counts) / len(counts),
-    }
-    fix = recovery_task(task_name)
-    if hasattr(fix, "count_errors") and rows:  # chain: how many errors the model makes
-        errors = [fix.count_errors(r["prompt"], t) for t, r in zip(texts, rows)]
-        marks["errors_mean"] = sum(errors) / len(errors)
-    return accuracy, marks
 
 
 def teacher_recovery(model, tokenizer, task_name: str, rows_file) -> dict:
