@@ -90,12 +90,14 @@ class StepBatch:
             self.pipeline.finish()
 
 
-def sync_backend(backend, model, step: int, sampling) -> dict:
-    """Push the weights to an engine that holds its own copy (the vLLM backend); {} else."""
+def sync_backend(backend, model, step: int, sampling, ahead: int = 0) -> dict:
+    """Push the weights to an engine that holds its own copy (the vLLM backend); {} else.
+    `ahead`: how far past the last finished step the caller may be (the async producer)."""
     sync = getattr(backend, "sync_weights", None)
     if sync is None:
         return {}
-    return sync(model, step, every=sampling.vllm_sync_every, gpu_memory=sampling.vllm_gpu_memory)
+    every, memory = sampling.vllm_sync_every, sampling.vllm_gpu_memory
+    return sync(model, step, every=every, gpu_memory=memory, ahead=ahead)
 
 
 def step_batch(run, step: int, causes: str) -> StepBatch:
@@ -217,7 +219,7 @@ class Pipeline:
             if snapshot:
                 self.snapshot(version)
             with torch.no_grad(), autocast(tc.precision, run.device):
-                info = sync_backend(ctx.backend, self.generator, j, run.cfg.sampling)
+                info = sync_backend(ctx.backend, self.generator, j, run.cfg.sampling, self.k + 1)
                 rollouts = [
                     _rollout(run.method, run.stream, ctx, j, causes, run.dist, tc.seed, mi)
                     for mi in range(tc.grad_accum)

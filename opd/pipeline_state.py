@@ -2,7 +2,10 @@
 
 `check_async`: the methods a background producer cannot serve (ConfigError, at setup).
 
-Exact resume: the queue's weight versions in each checkpoint.
+Exact resume: the queue's weight versions in each checkpoint, and (`sampling.backend=vllm`
+with `vllm_sync_every` > 1) the weights the vLLM engine still holds: state.json
+"vllm_engine" = {"pushed_step": p, "weights": tensors in components.safetensors} when step D
+would not push again (opd.sampling.backends.vllm, "resume").
 
 With `train.async_rollouts=k` item j is written by θ_{v(j)}, v(j) = max(j − k, r), r the step
 at which the queue was last filled from the live weights (`opd.pipeline`). When the
@@ -70,7 +73,23 @@ def check_async(method, models) -> None:
 
 def queue_state(run, done: int) -> tuple[dict, dict]:
     """For the checkpoint of `done` steps: state.json's "async" entry and the tensors of
-    queue.safetensors ({} when the queue needs no weights older than the checkpoint's)."""
+    queue.safetensors ({} when the queue needs no weights older than the checkpoint's), and
+    "vllm_engine" when a vLLM engine holds older weights that step `done` keeps using."""
+    held = getattr(run.ctx.backend, "engine_state", None)
+    engine = held(done, run.cfg.sampling.vllm_sync_every) if held is not None else None
+    entries, tensors = _queue_state(run, done)
+    return (entries if engine is None else {**entries, "vllm_engine": engine}), tensors
+
+
+def resume_engine(run, state: dict) -> None:
+    """After --resume: a vLLM engine's older weights from the checkpoint (`queue_state`)."""
+    engine = state.get("vllm_engine")
+    restore = getattr(run.ctx.backend, "restore_engine", None)
+    if engine is not None and restore is not None:
+        restore(engine)
+
+
+def _queue_state(run, done: int) -> tuple[dict, dict]:
     k = run.cfg.train.async_rollouts
     if k == 0:
         return {"async": {"rollouts": 0}}, {}
@@ -87,7 +106,9 @@ def queue_state(run, done: int) -> tuple[dict, dict]:
 
 def resume_queue(run, path: Path, state: dict, log) -> None:
     """After `path` is restored: give the pipeline the queue's weight versions (same k), or
-    say what a changed `train.async_rollouts` does (module doc); ConfigError when refused."""
+    say what a changed `train.async_rollouts` does (module doc); ConfigError when refused.
+    A vLLM engine's older weights, if the checkpoint holds them, go to the backend."""
+    resume_engine(run, state)
     k, step = run.cfg.train.async_rollouts, state["step"]
     info = state.get("async")
     was = info.get("rollouts", 0) if isinstance(info, dict) else None

@@ -97,6 +97,38 @@ def test_distill_through_the_engine(standin, tmp_path, prompt_file, tok, k):
         assert [row["policy_lag"] for row in res.metrics] == [0.0, 1.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("k", [0, 1])
+def test_resume_restores_the_engines_older_weights(standin, tmp_path, prompt_file, tok, k):
+    """vllm_sync_every=3: after step 2 the engine still holds θ_0 (pushed at step 0, next
+    push at step 3); the checkpoint keeps θ_0 and the resumed run equals the uninterrupted
+    one bit for bit (a fresh engine would decode step 2 with θ_2)."""
+
+    def run(name, **kw):
+        cfg = tiny_cfg(
+            tmp_path,
+            prompt_file,
+            "train.steps=5",
+            "train.lr=5e-2",  # large enough that θ_0 and θ_2 write other tokens
+            "train.checkpoint_every=1",
+            "sampling.backend=vllm",
+            "sampling.vllm_sync_every=3",
+            f"train.async_rollouts={k}",
+            name=name,
+        )
+        return distill(cfg, models=fresh_models(tok), evaluate=False, log=lambda *_: None, **kw)
+
+    full = run("full")
+    assert [r["vllm_weight_lag"] for r in full.metrics] == [0.0, 1.0, 2.0, 0.0, 1.0]
+    run("cut", stop_after=2)
+    state = json.loads((tmp_path / "cut/checkpoints/step_000002/state.json").read_text())
+    assert state["vllm_engine"]["pushed_step"] == 0
+    res = run("cut", resume=True)
+    assert [r["vllm_weight_lag"] for r in res.metrics] == [2.0, 0.0, 1.0]
+    assert res.losses == full.losses
+    mine, theirs = res.models.student.state_dict(), full.models.student.state_dict()
+    assert all(torch.equal(mine[n], theirs[n]) for n in mine)
+
+
 def test_missing_vllm_is_a_clean_error(monkeypatch, tmp_path, prompt_file):
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     dirs = save_tiny_models(tmp_path / "models")

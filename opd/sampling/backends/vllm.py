@@ -14,6 +14,16 @@
               vllm_weight_lag = steps since the engine last received the weights (0 when
               pushed every step). Any other caller (held-out samples) pushes before it
               generates, so it always decodes the current weights.
+    resume    with vllm_sync_every = e > 1 the engine can hold older weights than a
+              checkpoint's: `engine_state(D)` gives the checkpoint of D finished steps the
+              last push before step D (its step p and, when D − p < e so that step D pushes
+              nothing, the weights pushed then: state.json "vllm_engine", tensors in
+              components.safetensors); `restore_engine` makes the first `sync_weights` after
+              --resume load those weights into the new engine and go on from p, so the
+              resumed rollouts equal the uninterrupted run's. For that the backend keeps a
+              CPU copy of the weights of each push since the oldest step a checkpoint can
+              still ask about (one copy synchronously; up to 1 + ⌈(k+1)/e⌉ with
+              train.async_rollouts=k, whose producer runs k items ahead); none when e = 1.
     generate  LLM.generate([{"prompt_token_ids": p}, ...], SamplingParams(n=1, temperature,
               top_p, top_k (0 = off), max_tokens=max_new_tokens, stop_token_ids, seed,
               logprobs=0, detokenize=False)); one seed per prompt drawn from torch's global
@@ -39,7 +49,7 @@ import os
 import shutil
 import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -72,6 +82,7 @@ class _Engine:
     folder: str
     pushed_step: int = -1  # the step whose weights the engine holds (-1: the saved ones)
     step: int = -1  # the last step announced by `sync_weights`
+    pushes: list = field(default_factory=list)  # [(step, CPU copy or None)]: `engine_state`
 
 
 def _named_tensors(model) -> list[tuple[str, torch.Tensor]]:
@@ -97,6 +108,7 @@ class VLLMBackend:
         self.engine_args = engine_args
         self.managed = weakref.WeakSet()  # models whose pushes `sync_weights` schedules
         self.last_logprobs: list[list[float]] = []
+        self.restored: dict | None = None  # a checkpoint's engine state (`restore_engine`)
 
     def engine(self, model) -> _Engine:
         """The engine holding a copy of `model` (built on first use)."""
@@ -136,22 +148,56 @@ class VLLMBackend:
         return found
 
     @torch.no_grad()
-    def push(self, model) -> None:
-        """The engine's weights ← `model`'s (vLLM's in-place `reload_weights`)."""
+    def push(self, model, weights: list | None = None) -> None:
+        """The engine's weights ← `model`'s, or the given (name, tensor) pairs (vLLM's
+        in-place `reload_weights`)."""
         eng = self.engine(model)
-        eng.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": _named_tensors(model)})
+        named = _named_tensors(model) if weights is None else weights
+        eng.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
         eng.pushed_step = eng.step
 
-    def sync_weights(self, model, step: int, every: int = 1, gpu_memory=None) -> dict:
-        """Before step `step`'s rollouts: push every `every` steps; {"vllm_weight_lag": ...}."""
+    def sync_weights(
+        self, model, step: int, every: int = 1, gpu_memory=None, ahead: int = 0
+    ) -> dict:
+        """Before step `step`'s rollouts: push every `every` steps; {"vllm_weight_lag": ...}.
+        `ahead`: how many items the caller may run past the last finished step (the async
+        pipeline's k), which bounds the pushes `engine_state` must still answer for."""
         if gpu_memory is not None:
             self.gpu_memory = gpu_memory  # sampling.vllm_gpu_memory, for an engine built now
         self.managed.add(model)
         eng = self.engine(model)
+        restored = self.restored
+        if restored is not None:  # --resume: the checkpoint's stale engine weights first
+            self.restored = None
+            eng.step = restored["pushed_step"]
+            self.push(model, sorted(restored["weights"].items()))
+            eng.pushes = [(eng.step, restored["weights"])]
         eng.step = step
         if eng.pushed_step < 0 or step - eng.pushed_step >= every:
             self.push(model)
+            kept = (
+                None
+                if every == 1
+                else {n: t.to("cpu", copy=True) for n, t in model.state_dict().items()}
+            )
+            eng.pushes.append((step, kept))
+        while len(eng.pushes) > 1 and eng.pushes[1][0] <= step - ahead:
+            eng.pushes.pop(0)  # a checkpoint of >= step − ahead + 1 steps needs only later ones
         return {"vllm_weight_lag": float(step - eng.pushed_step)}
+
+    def engine_state(self, done: int, every: int) -> dict | None:
+        """For the checkpoint of `done` finished steps: the engine's last push before step
+        `done` when step `done` will not push again ({"pushed_step", "weights"}), else None."""
+        for model in self.managed:
+            eng = self._engines.get(model)
+            before = [(s, w) for s, w in (eng.pushes if eng else []) if s < done]
+            if before and done - before[-1][0] < every and before[-1][1] is not None:
+                return {"pushed_step": before[-1][0], "weights": before[-1][1]}
+        return None
+
+    def restore_engine(self, state: dict) -> None:
+        """After --resume: the first `sync_weights` loads `state` (from `engine_state`)."""
+        self.restored = state
 
     def generate(
         self,
