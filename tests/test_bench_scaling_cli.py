@@ -34,6 +34,14 @@ def test_bad_options_are_one_clean_error_line(tmp_path):
     assert_clean_error(run_opd(["bench", "nosuch"]), "invalid choice: 'nosuch'", "scaling")
 
 
+@pytest.mark.parametrize("command", ["quality", "speed"])
+def test_bench_quality_and_speed_bad_options_are_one_line(command):
+    res = run_opd(["bench", command, "--bogus"])
+    line = assert_clean_error(res, f"bench {command}", "unrecognized arguments: --bogus")
+    assert line.endswith(f"(see `opd bench {command} --help`)")
+    assert res.err.count("\n") == 1  # not argparse's usage block + error line
+
+
 def test_python_m_opd_bench_and_the_script_reach_the_same_parser(capsys, monkeypatch):
     from opd.bench.__main__ import main
 

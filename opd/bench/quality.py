@@ -67,6 +67,7 @@ from opd.bench.stability import evaluate_student
 from opd.bench.sweep import run_methods
 from opd.bench.warmup import run_plateau_warmup, write_valid_split
 from opd.build import Models, finish_models
+from opd.cli import _Parser as CliParser  # a bad option: one `opd: error:` line, exit 2
 from opd.config import load_config
 from opd.tasks import get_task
 from opd.tasks.recovery import teacher_recovery
@@ -363,7 +364,7 @@ def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="opd bench quality", description=__doc__.split("\n")[0])
+    p = CliParser(prog="opd bench quality", description=__doc__.split("\n")[0])
     p.add_argument("--task", nargs="+", default=["sort"], help="synthetic tasks: NAME, "
                    "NAME:knob=value,... or a variant (opd.tasks.variants)")
     p.add_argument("--recipes", nargs="*", default=[], help="methods added to --methods")

@@ -38,6 +38,7 @@ from opd.bench.step_workers import (
     worker_opd,
     worker_trl,
 )
+from opd.cli import _Parser as CliParser  # a bad option: one `opd: error:` line, exit 2
 
 
 def _spawn(args: list[str]) -> dict:
@@ -171,7 +172,7 @@ def loss_bench(a, log=print) -> list[dict]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="opd bench speed", description=__doc__.split("\n")[0])
+    p = CliParser(prog="opd bench speed", description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=12, help="training steps per process")
     p.add_argument("--skip", type=int, default=2, help="first steps left out (warm-up)")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per side, alternating")
