@@ -1,5 +1,6 @@
 """The quality benchmark's stability record (opd.bench.stability) and lr sweep (opd.bench.sweep)."""
 
+import dataclasses
 import json
 import math
 
@@ -158,6 +159,7 @@ def test_tiny_lr_sweep_picks_on_validation_and_reuses_seed_zero(tmp_path):
     saved["runs"] = kept + [{**r, "lr": wrong} for r in saved["runs"] if r["method"] == m]
     path.write_text(json.dumps(saved))
     again = reselect(tmp_path / "out", workers=1, log=lambda *_: None)
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the sweep's teacher, not a new one
     assert again["reselected"]["changed"] == [m]
     assert again["reselected"]["previous"][m] == wrong
     assert {r["lr"] for r in again["runs"] if r["method"] == m} == {right}
@@ -191,3 +193,21 @@ def test_design_tables_report_gaps_to_supervised_kd(tmp_path):
     # old gap: −25, −25 (mean −25); new gap: +25, 0 (mean +12.5); change +37.5
     row = "| on_policy_rkl | 37.5 ± 17.7 | -25.0 ± 0.0 | 62.5 ± 17.7 | 12.5 ± 17.7 | +37.5 |"
     assert row in cd.design_table(old, new)
+
+
+def test_reselect_never_trains_another_teacher(tmp_path):
+    """A quality.json whose settings name no cached teacher: a clear error, nothing trained
+    (before, re-selection dropped a variant's teacher preset and trained the default one)."""
+    from opd.bench.reselect import reselect
+    from opd.errors import ConfigError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = dataclasses.asdict(quality.Settings(task="chain_fix", cache_dir=str(tmp_path / "c")))
+    settings["teacher_preset"] = dataclasses.asdict(TeacherPreset(hidden=32, layers=1, steps=3))
+    result = {"task": "chain_fix", "settings": settings, "warmup": [], "runs": [],
+              "sweep": {"lrs": [1e-3], "chosen": {"supervised_kd": 1e-3}, "runs": []}}  # fmt: skip
+    (out / "quality.json").write_text(json.dumps(result))
+    with pytest.raises(ConfigError, match=r"no cached chain_fix teacher at .*cached_only"):
+        reselect(out, workers=1, log=lambda *_: None)
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())

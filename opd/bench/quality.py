@@ -24,9 +24,7 @@ differences to supervised KD. With `--lrs` each method's lr is chosen on a valid
 (`opd.bench.sweep`); every run carries a collapse record (`opd.bench.stability`).
 
 How compute is counted: `opd.bench.flops` (estimated FLOPs, the 2N / 6N rule of Kaplan
-et al. 2020, with N_writer the parameters that decode each completion token).
-
-Equal compute. The budget B is `budget_gflop`, or by default the estimated cost of `steps`
+et al. 2020, with N_writer the parameters that decode each completion token). Equal compute. The budget B is `budget_gflop`, or by default the estimated cost of `steps`
 on-policy steps. Each method gets round(B / its estimated step cost) steps, estimated with C
 = the mean reference completion length; the FLOPs actually spent are counted from the logged
 completion tokens and reported beside B. The shared warm-up is counted apart; it runs
@@ -34,11 +32,10 @@ completion tokens and reported beside B. The shared warm-up is counted apart; it
 also record the teacher's recovery accuracy and the students' correction markers and errors
 (`opd.tasks.recovery`; see docs/tasks.md, also for knobs and long variants in `--task`).
 
-Deviations and limits: P per step is the training pool's mean prompt length; the limits of
-the FLOP count are in `opd.bench.flops`; FLOPs are not seconds (generating with tiny models is
-latency bound, so on-policy steps cost more wall time than their FLOPs say; seconds are
-reported too). Reference: Agarwal et al., ICLR 2024 (GKD), who also start from a
-supervised checkpoint.
+Deviations and limits: P per step is the training pool's mean prompt length; the FLOP count's
+limits are in `opd.bench.flops`; FLOPs are not seconds (tiny models decode latency bound:
+on-policy steps cost more wall time than their FLOPs say; seconds are reported too).
+Reference: Agarwal et al., ICLR 2024 (GKD), who also start from a supervised checkpoint.
 """
 
 from __future__ import annotations
@@ -148,11 +145,16 @@ class TaskSetup:
     valid_file: str = ""  # validation split of the plateau warm-up (opd.bench.warmup)
 
 
+def teacher_kwargs(s: Settings) -> dict:
+    """`train_task_teacher`'s keyword arguments for these settings (one cache folder)."""
+    return dict(seed=s.teacher_seed, cache_dir=s.cache_dir, progress=s.progress,
+                steps=s.teacher_steps, preset=s.teacher_preset, num_threads=s.threads,
+                **({"knobs": s.knobs} if s.knobs else {}))
+
+
 def prepare_task(s: Settings, out_dir: Path) -> TaskSetup:
     """Train (or load) the teacher and write the student's train / held-out prompt files."""
-    kwargs = dict(seed=s.teacher_seed, cache_dir=s.cache_dir, progress=s.progress,
-                  steps=s.teacher_steps, preset=s.teacher_preset, num_threads=s.threads,
-                  **({"knobs": s.knobs} if s.knobs else {}))
+    kwargs = teacher_kwargs(s)
     task, knobs = get_task(s.task), s.knobs or {}
     eval_rows = task.generate(s.eval_rows, EVAL_SEED + s.teacher_seed, **knobs)  # its held-out
     held_out = {r["prompt"] for r in eval_rows}
@@ -339,7 +341,7 @@ def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
             f"KL {r['final']['teacher_kl']:.4f}, {r['seconds']:.0f} s")
     # The teacher scored as if it were the student: its accuracy.
     as_student = Models(probe.teacher, probe.teacher, probe.tokenizer, probe.vocab_size)
-    settings = {k: v for k, v in dataclasses.asdict(s).items() if k != "teacher_preset"}
+    settings = dataclasses.asdict(s)  # teacher_preset as a dict (None: the task's preset)
     recovery = teacher_recovery(probe.teacher, probe.tokenizer, s.task, setup.eval_file)
     result = {
         "task": s.task, "settings": settings,

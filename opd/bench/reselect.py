@@ -7,7 +7,9 @@ rebuilt with the current `opd.bench.stability` rule from its own `metrics.jsonl`
 its stored evaluations, the lr of each method is chosen again (`opd.bench.sweep.choose_lr`),
 and only the methods whose lr changed are trained again, every seed, at the new lr, from the
 same warm-up checkpoints (`runs/warmup-seedN/student`); nothing else is retrained. Then
-`quality.json` (with `reselected: {"changed", "previous"}`) and `results.md` are rewritten.
+`quality.json` (with `reselected: {"changed", "previous"}`) and `results.md` are rewritten. The
+teacher is the sweep's, from the cache (its preset is in the settings); if the settings name no
+cached teacher, a ConfigError, never a newly trained one.
 The same seed and lr make the same run, so the result equals a fresh sweep under the current
 rule (the held-out set is still never used to choose).
 """
@@ -22,10 +24,11 @@ from tqdm import tqdm
 
 from opd.bench.methods import slug
 from opd.bench.plots import summarize, write_report
-from opd.bench.quality import Settings, prepare_task, run_jobs
+from opd.bench.quality import Settings, prepare_task, run_jobs, teacher_kwargs
 from opd.bench.stability import collapse_record
 from opd.bench.sweep import attach_stability, choose_lr
 from opd.errors import ConfigError
+from opd.tasks.teacher import TeacherPreset, train_task_teacher
 
 
 def _losses(out_dir: Path, method: str, lr: float) -> list[float]:
@@ -41,7 +44,11 @@ def reselect(out_dir: Path, workers: int = 2, log=print) -> dict:
     if not sweep:
         raise ConfigError(f"{out_dir / 'quality.json'}: no lr sweep to re-select (run with --lrs)")
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in result["settings"].items()}
+    if isinstance(fields.get("teacher_preset"), dict):  # a variant's or a test's own preset
+        fields["teacher_preset"] = TeacherPreset(**fields["teacher_preset"])
     s = Settings(**{**fields, "progress": False, "workers": workers})
+    # the sweep's teacher from the cache, never a newly trained one (ConfigError if absent)
+    train_task_teacher(s.task, **teacher_kwargs(s), cached_only=True)
     start = {w["seed"]: w["final"] for w in result["warmup"]}
     for r in sweep["runs"]:
         r["stability"] = collapse_record(_losses(out_dir, r["method"], r["lr"]), r["heldout"],

@@ -207,6 +207,7 @@ def train_task_teacher(
     preset: TeacherPreset | None = None,
     eval_rows: int = 200,
     num_threads: int | None = None,
+    cached_only: bool = False,
 ):
     """Train (or load from the cache) a tiny teacher for a synthetic task.
 
@@ -223,6 +224,7 @@ def train_task_teacher(
       num_threads: if given, `torch.set_num_threads(num_threads)` before training (a
         process-wide setting). On a 2-core machine shared with other jobs, 1 thread ran a
         step ~5x faster than 2 (OpenMP threads oversubscribe the cores).
+      cached_only: load from the cache, never train (ConfigError naming the folder if absent).
 
     Returns:
       `(model, tokenizer, info)`: the model in eval mode, its character tokenizer, and a
@@ -257,6 +259,11 @@ def train_task_teacher(
     path = root / f"{task_name}-{digest}"
     if (path / "info.json").is_file():
         return _load_cached(path, progress)
+    if cached_only:
+        raise ConfigError(
+            f"no cached {task_name} teacher at '{path}' for these settings (cached_only: a "
+            "different preset, steps, knobs, seed or cache folder than the one it was trained with)"
+        )
 
     if num_threads is not None:
         torch.set_num_threads(num_threads)
