@@ -290,8 +290,8 @@ def test_self_distillation_loss_by_hand_float64(tok, recipe, args, record, diver
 
 @pytest.mark.slow
 def test_opsd_on_the_embedded_pair_resumes_exactly(tmp_path):
-    """A few steps of `opsd` (EMA self-teacher) on the embedded SmolLM2 student from the CLI;
-    stopped after step 1 and resumed, it logs the uninterrupted run's losses."""
+    """A few steps of `opsd` (EMA self-teacher) on a 4-layer copy of the embedded SmolLM2, from
+    the CLI; stopped after step 1 and resumed, it logs the uninterrupted run's losses."""
     from opd.tasks.shipped import load_shipped
 
     data = tmp_path / "arith.jsonl"
@@ -301,6 +301,9 @@ def test_opsd_on_the_embedded_pair_resumes_exactly(tmp_path):
     common = [
         "recipe=opsd",
         "method.args.teacher=ema",
+        "model.teacher=self",
+        "model.student=embedded",
+        "model.student_prune_to=4",  # a quicker 4-layer copy: the test is about resume
         f"data.train={data}",
         f"data.eval={data}",
         "data.eval_count=2",
