@@ -241,6 +241,11 @@ def test_plateau_rule_on_a_synthetic_curve():
     assert not plateau_reached([0.5, 0.52], patience=1)
     assert plateau_reached([0.5, 0.52], patience=1, min_delta=0.05)
     assert not plateau_reached([0.5] * 3, patience=3)  # too short to tell
+    # A curve still at its starting noise is not a plateau (seed 0 of the 8-step chain run).
+    noise = [0.08, 0.045, 0.02, 0.06]
+    assert plateau_reached(noise, patience=3)
+    assert not plateau_reached(noise, patience=3, min_rise=0.1)
+    assert plateau_reached([0.08, 0.7, 0.75, 0.74, 0.75, 0.73], patience=3, min_rise=0.1)
     with pytest.raises(ValueError, match="patience"):
         plateau_reached([0.1, 0.1], patience=0)
 
@@ -260,10 +265,11 @@ def test_plateau_warmup_in_a_tiny_sweep(tmp_path):
     )  # fmt: skip
     result = quality.run_quality(s, tmp_path / "out", log=lambda *_: None)
     plateau = result["warmup"][0]["plateau"]
-    # A 16-wide student stays at 0 % after a step or two: no gain at the second evaluation.
-    assert [p["accuracy"] for p in plateau["valid_curve"]] == [0.0, 0.0]
-    assert plateau["stopped_at"] == 2 and plateau["best_step"] == 1
-    assert not plateau["max_steps_reached"] and result["warmup"][0]["steps"] == 2
+    # A 16-wide student stays at 0 %: the curve never rises (MIN_RISE), so no plateau is
+    # declared and the warm-up runs to warmup_max_steps.
+    assert [p["accuracy"] for p in plateau["valid_curve"]] == [0.0] * 5
+    assert plateau["stopped_at"] == 5 and plateau["best_step"] == 1
+    assert plateau["max_steps_reached"] and result["warmup"][0]["steps"] == 5
     assert (tmp_path / "out" / "runs" / "warmup-seed0" / "student" / "config.json").is_file()
     valid = [json.loads(x) for x in (tmp_path / "out" / "valid.jsonl").read_text().splitlines()]
     held_out = (tmp_path / "out" / "eval.jsonl").read_text()
@@ -273,7 +279,7 @@ def test_plateau_warmup_in_a_tiny_sweep(tmp_path):
     assert {"corrections_mean", "with_correction", "errors_mean"} <= set(final)
     assert result["warmup"][0]["curve"][0]["step"] == 0  # the student at init comes first
     text = (tmp_path / "out" / "results.md").read_text()
-    assert "| 2 |" in text and "(warm-up to the plateau, 2 steps" in text  # the warm-up's steps
+    assert "| 5 |" in text and "(warm-up to the plateau, 5 steps" in text  # the warm-up's steps
 
 
 def test_bad_plateau_settings_stop_before_any_teacher_training(tmp_path, monkeypatch):

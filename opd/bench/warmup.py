@@ -9,9 +9,14 @@ none of them in the held-out set or the training pool), and the warm-up stops at
 evaluation where the rule
 
     plateau_reached(acc, patience):  max(acc[-patience:]) <= max(acc[:-patience]) + min_delta
+                                     and max(acc) >= acc[0] + MIN_RISE
 
 holds: `patience` evaluations in a row without beating the best one before them by more than
-`warmup_min_delta` (or at `warmup_max_steps`). The checkpoint is the student at that step,
+`warmup_min_delta`, once the curve has risen at least `MIN_RISE` (10 points) above its first
+evaluation (or at `warmup_max_steps`). The rise condition keeps a curve that is still at
+its starting noise from passing for a plateau: on 8-step chains one seed's first evaluations
+read 8, 4.5, 2, 6 % and the warm-up stopped at step 400 at 5 %, while the other seeds' curves
+took off at step 400-500 and levelled out at 96-99 %. The checkpoint is the student at that step,
 not the best one: after a plateau the two are within `min_delta` of each other, and the
 methods then continue a student that has stopped learning off-policy, which is where
 practitioners apply on-policy distillation (after SFT). The stopping step, the best step and
@@ -33,17 +38,25 @@ VALID_SEED = 20_240_202
 """Seed of the validation split's prompt stream (held-out and training prompts removed)."""
 
 
-def plateau_reached(accuracies: list[float], patience: int, min_delta: float = 0.0) -> bool:
-    """True when the last `patience` values do not beat the best earlier one by > min_delta.
+MIN_RISE = 0.10
+"""How far above its first evaluation the validation curve must have risen to plateau."""
+
+
+def plateau_reached(
+    accuracies: list[float], patience: int, min_delta: float = 0.0, min_rise: float = 0.0
+) -> bool:
+    """True when the last `patience` values do not beat the best earlier one by > min_delta,
+    and the best value is at least `min_rise` above the first.
 
     Args:
       accuracies: validation accuracy at each evaluation so far, oldest first.
       patience: evaluations without improvement that end the warm-up (>= 1).
       min_delta: an improvement must exceed this to count.
+      min_rise: the curve must first rise this far (the warm-up passes MIN_RISE).
     """
     if patience < 1:
         raise ValueError(f"patience must be >= 1, got {patience}")
-    if len(accuracies) <= patience:
+    if len(accuracies) <= patience or max(accuracies) < accuracies[0] + min_rise:
         return False
     return max(accuracies[-patience:]) <= max(accuracies[:-patience]) + min_delta
 
@@ -102,7 +115,7 @@ def run_plateau_warmup(s, setup, seed: int, models, train, evaluate, report=lamb
                                 max_new_tokens=setup.max_new_tokens)  # fmt: skip
         accs.append(acc)
         curve.append({"step": done, "accuracy": acc})
-        if plateau_reached(accs, s.warmup_patience, s.warmup_min_delta):
+        if plateau_reached(accs, s.warmup_patience, s.warmup_min_delta, MIN_RISE):
             break
     if not (run_dir / "student").is_dir():  # distill saves it only at max_steps
         save_student(models, run_dir / "student")
