@@ -20,6 +20,8 @@
 3. Utilisation = FLOPs per step / median step seconds / peak.
 
     python benchmarks/bench_peak.py RUN_DIR      # RUN_DIR: an `opd demo` run folder
+        [--threads N]   # the run's train.threads (peak measured with as many threads)
+        [--skip-bf16]   # no bfloat16 peak (minutes where bf16 is emulated)
 """
 
 from __future__ import annotations
@@ -64,7 +66,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--skip-bf16", action="store_true", help="no bfloat16 peak (minutes on AVX2)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)  # as the run's train.threads
     rows = [json.loads(x) for x in Path(a.run_dir, "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "seconds" in r and "event" not in r]
     sec = statistics.median(r["seconds"] for r in steps)
@@ -78,7 +84,7 @@ def main() -> None:
         "loss": 10 * a.batch * c * VOCAB,
     }
     total = sum(parts.values())
-    fp32, bf16 = peak(torch.float32), peak(torch.bfloat16)
+    fp32, bf16 = peak(torch.float32), float("nan") if a.skip_bf16 else peak(torch.bfloat16)
     print(f"torch threads {torch.get_num_threads()}; P = {prompt:.1f}, C = {c:.1f}, B = {a.batch}")
     print(f"matmul peak: float32 {fp32 / 1e9:.1f} GFLOP/s, bfloat16 {bf16 / 1e9:.1f} GFLOP/s")
     print("\n| component | GFLOP per step |\n|---|---:|")
