@@ -235,6 +235,17 @@ def test_a_log_prob_recipe_with_a_chat_teacher_is_refused_before_anything_is_wri
     assert not (tmp_path / "run").exists()
 
 
+def test_lion_with_a_chat_teacher_is_refused_at_start_up(tmp_path):
+    """lion's default writer needs a local teacher that writes: one line before the run
+    folder is made (it used to fail only at the first round)."""
+    t, s = save_tiny_models(tmp_path)
+    prompts = write_prompts(tmp_path / "p.jsonl", n=4)
+    argv = _argv(tmp_path, "run", "http://127.0.0.1:9/v1", s, prompts, "recipe=lion")
+    res = run_opd(["distill", *argv])
+    assert_clean_error(res, "lion: the default writer needs a local teacher", "writer=")
+    assert not (tmp_path / "run").exists()
+
+
 def test_openai_chat_without_a_url_is_one_clean_error(tmp_path):
     t, s = save_tiny_models(tmp_path)
     prompts = write_prompts(tmp_path / "p.jsonl", n=4)

@@ -40,6 +40,7 @@ from opd.blackbox.imitation import TextNLL
 from opd.blackbox.judge import _encode, parse_score
 from opd.data.encode import Example
 from opd.errors import ConfigError
+from opd.teachers.base import teacher_model
 
 WRITER_TEMPLATE = (
     "You write instructions for a student. Here is an instruction the student could not "
@@ -149,6 +150,19 @@ class LionPool:
         self.history: list[dict] = []
         self._initial: list[Example] | None = None
         self._added_examples: list[Example] = []
+
+    def check_teacher(self, teacher) -> None:
+        """Before the run folder is made (`check_teacher_serves`), what a round would refuse
+        later: the default writer and the teacher referee need a local teacher model."""
+        if teacher_model(teacher) is not None:
+            return
+        if self.writer_path == DEFAULT_WRITER or self.judge == "teacher":
+            what = "the default writer" if self.writer_path == DEFAULT_WRITER else "the referee"
+            raise ConfigError(
+                f"lion: {what} needs a local teacher model that writes; this teacher is not in "
+                "this process (served or chat). Use a local model.teacher, or "
+                "method.args.writer=package.module:function with method.args.judge=verifier"
+            )
 
     # --- the pool ----------------------------------------------------------------------------------
     def pool(self, stream) -> list[Example]:

@@ -136,7 +136,12 @@ def method_needs(method) -> dict[str, str]:
 
 
 def check_teacher_serves(method, teacher) -> None:
-    """Refuse, before training, a method that needs an output the teacher cannot give."""
+    """Refuse, before training, a method that needs an output the teacher cannot give (or,
+    through a part's `check_teacher(teacher)`, a kind of teacher that part cannot use)."""
+    for part in (method.prompts, method.prefixes):
+        check = getattr(part, "check_teacher", None)
+        if callable(check):
+            check(teacher)  # e.g. lion's default writer needs a local teacher model
     t = as_teacher(teacher)
     k = getattr(method.teacher, "k", 0)
     if k and hasattr(t, "check_k"):
