@@ -23,11 +23,11 @@ summary is mean ± sample std over seeds at the end of the budget, with paired p
 differences to supervised KD. With `--lrs` each method's lr is chosen on a validation split
 (`opd.bench.sweep`); every run carries a collapse record (`opd.bench.stability`).
 
-How compute is counted: `opd.bench.flops` (estimated FLOPs, the 2N / 6N rule of Kaplan
-et al. 2020, with N_writer the parameters that decode each completion token). Equal compute. The budget B is `budget_gflop`, or by default the estimated cost of `steps`
-on-policy steps. Each method gets round(B / its estimated step cost) steps, estimated with C
-= the mean reference completion length; the FLOPs actually spent are counted from the logged
-completion tokens and reported beside B. The shared warm-up is counted apart; it runs
+Compute: `opd.bench.flops` (estimated FLOPs, the 2N / 6N rule of Kaplan et al. 2020, N_writer
+the parameters that decode each completion token). Equal compute: the budget B is
+`budget_gflop`, or by default the estimated cost of `steps` on-policy steps; each method gets
+round(B / its estimated step cost) steps, estimated with C = the mean reference completion
+length; the FLOPs spent are counted from the logged completion tokens and reported beside B. The shared warm-up is counted apart; it runs
 `warmup_steps`, or to its plateau (`--warmup plateau`, `opd.bench.warmup`). Chain / sort tasks
 also record the teacher's recovery accuracy and the students' correction markers and errors
 (`opd.tasks.recovery`; see docs/tasks.md, also for knobs and long variants in `--task`).
