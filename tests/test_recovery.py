@@ -263,7 +263,13 @@ def test_plateau_warmup_in_a_tiny_sweep(tmp_path):
         teacher_preset=TeacherPreset(hidden=32, layers=1, heads=2, steps=2, batch_size=8,
                                      warmup=1, corrupt_fraction=0.5),
     )  # fmt: skip
-    result = quality.run_quality(s, tmp_path / "out", log=lambda *_: None)
+    lines = []
+    result = quality.run_quality(s, tmp_path / "out", log=lines.append)
+    # the run names its warm-up rule (MIN_RISE included) in its first lines
+    assert (
+        "warm-up: supervised_kd to the plateau (validation every 1 steps, patience 1, "
+        "min delta 0, after a rise of 0.1 over the first evaluation; at most 5 steps)" in lines[1]
+    )
     plateau = result["warmup"][0]["plateau"]
     # A 16-wide student stays at 0 %: the curve never rises (MIN_RISE), so no plateau is
     # declared and the warm-up runs to warmup_max_steps.

@@ -20,22 +20,21 @@ completions on the teacher's held-out prompts (the task's verifier) and the held
 token-mean KL(q_student ‖ p_teacher) on greedy student completions (`heldout_kl`) and
 KL(p_teacher ‖ q_student) on the teacher's greedy completions (`opd.bench.stability`); the
 summary is mean ± sample std over seeds at the end of the budget, with paired per-seed
-differences to supervised KD. With `--lrs` each method's lr is chosen on a validation split
-(`opd.bench.sweep`); every run carries a collapse record (`opd.bench.stability`).
+differences to supervised KD. `--lrs`: each method's lr is chosen on a validation split
+(`opd.bench.sweep`); every run has a collapse record (`opd.bench.stability`).
 
 Compute: `opd.bench.flops` (estimated FLOPs, the 2N / 6N rule of Kaplan et al. 2020, N_writer
 the parameters that decode each completion token). Equal compute: the budget B is
 `budget_gflop`, or by default the estimated cost of `steps` on-policy steps; each method gets
 round(B / its estimated step cost) steps, estimated with C = the mean reference completion
-length; the FLOPs spent are counted from the logged completion tokens and reported beside B. The shared warm-up is counted apart; it runs
-`warmup_steps`, or to its plateau (`--warmup plateau`, `opd.bench.warmup`). Chain / sort tasks
-also record the teacher's recovery accuracy and the students' correction markers and errors
-(`opd.tasks.recovery`; see docs/tasks.md, also for knobs and long variants in `--task`).
+length; the FLOPs spent are counted from the logged completion tokens and reported beside B.
+The shared warm-up is counted apart: `warmup_steps`, or to its plateau (`opd.bench.warmup`).
+Chain / sort tasks record the teacher's recovery accuracy and the students' correction markers
+and errors (`opd.tasks.recovery`; docs/tasks.md, also for knobs and long variants in `--task`).
 
-Deviations and limits: P per step is the training pool's mean prompt length; the FLOP count's
-limits are in `opd.bench.flops`; FLOPs are not seconds (tiny models decode latency bound:
-on-policy steps cost more wall time than their FLOPs say; seconds are reported too).
-Reference: Agarwal et al., ICLR 2024 (GKD), who also start from a supervised checkpoint.
+Limits: P is the pool's mean prompt length (FLOP count: `opd.bench.flops`); FLOPs are not
+seconds (tiny models decode latency bound; seconds are reported too). Reference: Agarwal et
+al., ICLR 2024 (GKD), who also start from a supervised checkpoint.
 """
 
 from __future__ import annotations
@@ -62,7 +61,7 @@ from opd.bench.methods import parse_method, prefixes_of, slug
 from opd.bench.plots import summarize, write_report
 from opd.bench.stability import evaluate_student
 from opd.bench.sweep import run_methods
-from opd.bench.warmup import run_plateau_warmup, write_valid_split
+from opd.bench.warmup import describe_warmup, run_plateau_warmup, write_valid_split
 from opd.build import Models, finish_models
 from opd.cli import _Parser as CliParser  # a bad option: one `opd: error:` line, exit 2
 from opd.config import load_config
@@ -316,7 +315,8 @@ def run_quality(s: Settings, out_dir: Path, log=print) -> dict:
     log(f"[{s.task}] teacher: {setup.teacher_info.get('params')} params, held-out accuracy "
         f"{setup.teacher_info.get('accuracy')} ({how})")
     lrs = f"lr swept over {list(dict.fromkeys(s.lrs))}" if len(set(s.lrs)) > 1 else f"lr {s.lr}"
-    log(f"[{s.task}] {len(s.methods)} methods ({', '.join(s.methods)}), {s.seeds} seeds, {lrs}")
+    log(f"[{s.task}] {len(s.methods)} methods ({', '.join(s.methods)}), {s.seeds} seeds, {lrs}; "
+        + describe_warmup(s))
     probe = _models(setup, s, 0, None)
     n_s, n_t = flop_params(probe.student), flop_params(probe.teacher)
     step_cost = {m: microbatch_flops(  # estimated FLOPs of one step, C = reference length

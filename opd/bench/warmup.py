@@ -42,6 +42,17 @@ MIN_RISE = 0.10
 """How far above its first evaluation the validation curve must have risen to plateau."""
 
 
+def describe_warmup(s) -> str:
+    """The warm-up and its stopping rule in words, for the benchmark's first log lines."""
+    if s.warmup != "plateau":
+        return f"warm-up: {s.warmup_steps} fixed steps of supervised_kd"
+    return (
+        f"warm-up: supervised_kd to the plateau (validation every {s.warmup_eval_every} steps, "
+        f"patience {s.warmup_patience}, min delta {s.warmup_min_delta:g}, after a rise of "
+        f"{MIN_RISE:g} over the first evaluation; at most {s.warmup_max_steps} steps)"
+    )
+
+
 def plateau_reached(
     accuracies: list[float], patience: int, min_delta: float = 0.0, min_rise: float = 0.0
 ) -> bool:

@@ -175,11 +175,9 @@ class VLLMBackend:
         eng.step = step
         if eng.pushed_step < 0 or step - eng.pushed_step >= every:
             self.push(model)
-            kept = (
-                None
-                if every == 1
-                else {n: t.to("cpu", copy=True) for n, t in model.state_dict().items()}
-            )
+            kept = None  # every step pushes: a checkpoint never needs older weights
+            if every > 1:
+                kept = {n: t.to("cpu", copy=True) for n, t in _named_tensors(model)}
             eng.pushes.append((step, kept))
         while len(eng.pushes) > 1 and eng.pushes[1][0] <= step - ahead:
             eng.pushes.pop(0)  # a checkpoint of >= step − ahead + 1 steps needs only later ones
