@@ -50,8 +50,11 @@ def _akl_head_mask_from_probs(p_V: Tensor, mu: float, boundary: str = "authors")
     if boundary == "inclusive":
         head_sorted = mass_through - sorted_p < mu  # the crossing entry joins the head
     else:
-        head_sorted = mass_through <= mu  # the crossing entry goes to the tail ...
-        head_sorted[..., 0] = True  # ... but the top-1 entry is always head
+        # The crossing entry goes to the tail, but the top-1 entry is always head. At μ = 1
+        # every entry is head: the float cumsum can end a few ulps above 1 and would drop the
+        # smallest entries otherwise.
+        head_sorted = mass_through <= mu if mu < 1 else torch.ones_like(sorted_p, dtype=torch.bool)
+        head_sorted[..., 0] = True
     return torch.zeros_like(head_sorted).scatter_(-1, order, head_sorted)
 
 
