@@ -199,3 +199,31 @@ def test_training_runs_are_identical_with_either_backend(tmp_path, prompt_file, 
     assert losses["auto"] == pytest.approx(losses["hf"], rel=1e-5, abs=1e-7)
     assert losses["auto_kl"] == pytest.approx(losses["hf_kl"], rel=1e-5, abs=1e-7)
     assert len(losses["auto"]) == 3 and len(losses["auto_kl"]) == 2
+
+
+def test_bf16_autocast_fuses_weights_once_in_bf16_with_the_same_tokens(monkeypatch):
+    """Under bf16 autocast the fused q/k/v and gate/up weights are made in bfloat16 once per
+    rollout; the reference twin keeps them float32 and lets autocast cast them at every
+    step. Same values, so the same tokens and the same hidden states."""
+    import opd.sampling.backends.fast as fast
+
+    model = llama(dtype=torch.float32, seed=3, num_key_value_heads=2)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [11, 12, 13, 14, 15]])
+    mask = (ids != 0).long()
+    params = GenerationParams(max_new_tokens=10, temperature=1.0)
+    outs = []
+    for narrow in (True, False):
+        if not narrow:  # the twin: float32 fused weights, cast by autocast in every matmul
+            monkeypatch.setattr(fast, "_autocast_dtype", lambda weight: None)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            dec = _Decoder(model, 2, ids.shape[1])
+            assert dec.layers[0].w_qkv.dtype == (torch.bfloat16 if narrow else torch.float32)
+            assert dec.layers[0].w_gate_up.dtype == dec.layers[0].w_qkv.dtype
+            hidden = dec.prefill(ids, mask)[0]
+            torch.manual_seed(0)
+            tokens = FastBackend().generate(model, PROMPTS, params, pad_id=0, stop_ids=(2,))
+        outs.append((hidden, tokens))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert outs[0][1] == outs[1][1]
+    with torch.no_grad():  # outside autocast nothing changes: float32 fused weights
+        assert _Decoder(model, 2, 5).layers[0].w_qkv.dtype == torch.float32

@@ -71,12 +71,30 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _cat_bias(*linears):
+def _cat_bias(*linears, dtype=None):
     biases = [lin.bias for lin in linears]
     if all(b is None for b in biases):
         return None
     return torch.cat([b if b is not None else lin.weight.new_zeros(lin.weight.shape[0])
-                      for b, lin in zip(biases, linears)])
+                      for b, lin in zip(biases, linears)]).to(dtype)
+
+
+def _fused(*linears, dtype=None):
+    """One weight for several projections, in `dtype` (None: the weights' own)."""
+    return torch.cat([lin.weight for lin in linears]).to(dtype), _cat_bias(*linears, dtype=dtype)
+
+
+def _autocast_dtype(weight: torch.Tensor):
+    """The dtype autocast would cast `weight` to in each matmul, or None when it would not.
+
+    Under bf16 autocast (train.precision=bf16) the fused q/k/v and gate/up weights are made
+    in bfloat16 once per rollout: autocast caches its casts only for leaf parameters, so a
+    float32 fused weight would be cast again at every decode step. The values are the same
+    (a cast of the concatenation is the concatenation of the casts)."""
+    kind = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
 
 
 class _Layer:
@@ -84,13 +102,12 @@ class _Layer:
 
     def __init__(self, layer):
         attn, mlp = layer.self_attn, layer.mlp
-        self.w_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-        self.b_qkv = _cat_bias(attn.q_proj, attn.k_proj, attn.v_proj)
+        narrow = _autocast_dtype(attn.q_proj.weight)
+        self.w_qkv, self.b_qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj, dtype=narrow)
         self.w_o, self.b_o = attn.o_proj.weight, attn.o_proj.bias
         self.q_norm = getattr(attn, "q_norm", None)  # qwen3 normalises q and k per head
         self.k_norm = getattr(attn, "k_norm", None)
-        self.w_gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-        self.b_gate_up = _cat_bias(mlp.gate_proj, mlp.up_proj)
+        self.w_gate_up, self.b_gate_up = _fused(mlp.gate_proj, mlp.up_proj, dtype=narrow)
         self.w_down, self.b_down = mlp.down_proj.weight, mlp.down_proj.bias
         # SiLU (every supported family's default) without the module call
         self.act = F.silu if type(mlp.act_fn).__name__ in ("SiLUActivation", "SiLU") else mlp.act_fn
