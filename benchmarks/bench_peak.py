@@ -17,7 +17,9 @@
 
    Deviation: the student's forward+backward runs only on the completion rows' head (opd
    projects only completion positions), so 6 · N_s · B · (P + C) slightly overcounts the head.
-3. Utilisation = FLOPs per step / median step seconds / peak.
+3. Utilisation = FLOPs per step / median step seconds / peak of the run's precision: the
+   float32 peak for `train.precision=fp32`, the bfloat16 one for `train.precision=bf16`
+   (read from the run's config.yaml; its matmuls run in bfloat16 under autocast).
 
     python benchmarks/bench_peak.py RUN_DIR      # RUN_DIR: an `opd demo` run folder
         [--threads N]   # the run's train.threads (peak measured with as many threads)
@@ -93,6 +95,16 @@ def main() -> None:
     print(f"| **total** | **{total / 1e9:.1f}** |")
     print(f"\nmedian step {sec:.2f} s over {len(steps)} steps -> {total / sec / 1e9:.1f} GFLOP/s "
           f"= {100 * total / sec / fp32:.0f} % of the float32 matmul peak")  # fmt: skip
+    if run_precision(a.run_dir) == "bf16" and not a.skip_bf16:
+        print(f"train.precision=bf16: {100 * total / sec / bf16:.0f} % of the bfloat16 matmul peak")
+
+
+def run_precision(run_dir: str) -> str:
+    """The run's train.precision (fp32 when its config.yaml does not say)."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(run_dir, "config.yaml").read_text()) or {}
+    return (cfg.get("train") or {}).get("precision", "fp32")
 
 
 if __name__ == "__main__":

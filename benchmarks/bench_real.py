@@ -20,7 +20,7 @@ KL(q_student ‖ p_teacher) on the student's greedy completions (`heldout_kl`), 
 KL(p_teacher ‖ q_student) on the teacher's greedy completions (`diag_fkl_teacher`, see
 `opd.diagnostics`), answer accuracy, completion length, steps, FLOPs and wall seconds.
 
-    .venv/bin/python benchmarks/bench_real.py --seeds 1 --out benchmarks/results_real
+    .venv/bin/python benchmarks/bench_real.py --seeds 1 --out benchmarks/results_real [--threads 1]
 """
 
 from __future__ import annotations
@@ -63,13 +63,15 @@ def per_step(method: str, batch: int, prompt: float, completion: float) -> float
     )
 
 
-def run(method: str, seed: int, steps: int, out: Path, prompt_tokens: float) -> dict:
+def run(method: str, seed: int, steps: int, out: Path, prompt_tokens: float,
+        threads: int = 0) -> dict:
     recipe, args = parse_method(method)
     run_dir = out / f"{method.replace(':', '_').replace(',', '_').replace('=', '')}-seed{seed}"
     cfg = load_config(None, [
         *DEMO_DEFAULTS, f"output_dir={run_dir}", f"method.recipe={recipe}",
         *[f"method.args.{k}={v}" for k, v in args.items()], f"train.steps={steps}",
         f"train.seed={seed}", "train.progress=false", "train.checkpoint_every=0",
+        *([f"train.threads={threads}"] if threads else []),
     ])  # fmt: skip
     t0 = time.perf_counter()
     res = distill(cfg, log=lambda *_: None)
@@ -115,6 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-tokens", type=float, default=60.0, help="mean prompt length P")
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     p.add_argument("--out", default="benchmarks/results_real")
+    p.add_argument("--threads", type=int, default=0, help="train.threads (0: torch's default)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +126,7 @@ def main(argv=None) -> None:
     for seed in range(args.seeds):
         for method in args.methods:
             steps = max(1, round(budget / per_step(method, 8, args.prompt_tokens, 32)))
-            results.append(run(method, seed, steps, out / "runs", args.prompt_tokens))
+            results.append(run(method, seed, steps, out / "runs", args.prompt_tokens, args.threads))
             print(json.dumps(results[-1]), flush=True)
             (out / "results.json").write_text(
                 json.dumps({"args": vars(args), "runs": results}, indent=1)
