@@ -93,10 +93,11 @@ def main() -> None:
     for k, v in parts.items():
         print(f"| {k} | {v / 1e9:.1f} |")
     print(f"| **total** | **{total / 1e9:.1f}** |")
+    bf16_run = run_precision(a.run_dir) == "bf16"
+    ref, name = (bf16, "bfloat16") if bf16_run else (fp32, "float32")
     print(f"\nmedian step {sec:.2f} s over {len(steps)} steps -> {total / sec / 1e9:.1f} GFLOP/s "
-          f"= {100 * total / sec / fp32:.0f} % of the float32 matmul peak")  # fmt: skip
-    if run_precision(a.run_dir) == "bf16" and not a.skip_bf16:
-        print(f"train.precision=bf16: {100 * total / sec / bf16:.0f} % of the bfloat16 matmul peak")
+          f"= {100 * total / sec / ref:.0f} % of the {name} matmul peak "
+          f"(train.precision={'bf16' if bf16_run else 'fp32'})")  # fmt: skip
 
 
 def run_precision(run_dir: str) -> str:

@@ -71,7 +71,7 @@ from opd.errors import ConfigError
 from opd.losses import chunked_token_logprobs
 from opd.models import decoder_and_head
 from opd.pipeline_state import check_async
-from opd.precision import autocast
+from opd.precision import autocast, mode
 
 
 @dataclass
@@ -112,7 +112,7 @@ def step_batch(run, step: int, causes: str) -> StepBatch:
                 "train.async_rollouts >= 1 (it is 0)"
             )
         info = sync_backend(run.ctx.backend, run.models.student, step, run.cfg.sampling)
-        with autocast(tc.precision, run.device):  # bf16: rollouts under autocast too
+        with autocast(mode(tc), run.device):  # bf16: rollouts under autocast too
             rollouts = [
                 _rollout(run.method, run.stream, run.ctx, step, causes, run.dist, tc.seed, m)
                 for m in range(tc.grad_accum)
@@ -218,7 +218,7 @@ class Pipeline:
         try:
             if snapshot:
                 self.snapshot(version)
-            with torch.no_grad(), autocast(tc.precision, run.device):
+            with torch.no_grad(), autocast(mode(tc), run.device):
                 info = sync_backend(ctx.backend, self.generator, j, run.cfg.sampling, self.k + 1)
                 rollouts = [
                     _rollout(run.method, run.stream, ctx, j, causes, run.dist, tc.seed, mi)
@@ -241,7 +241,7 @@ class Pipeline:
             run.cfg.sampling.temperature,
             run.cfg.train.chunk_size,
             run.device,
-            run.cfg.train.precision,
+            mode(run.cfg.train),
         )
 
     def _fail(self, item: Item):

@@ -5,32 +5,43 @@ bf16 mixed precision, what runs in which dtype:
     weights, gradients, AdamW moments      float32 (the master copy; model.dtype stays float32)
     rollouts (generation)                  under torch.autocast(bfloat16): matmuls in bf16,
                                            the logits upcast to float32 for sampling
-    teacher forward (no grad)              under autocast: its rows h_t are cast to bf16
-                                           (`autocast_rows`) and its head with them
-    student decoder forward                under autocast; its completion rows h_s (N, D) are
-                                           cast to bf16 (`autocast_rows`: the decoder's final
-                                           norm returns float32) and the head W_s (V, D) with
-                                           them, by differentiable `.to`s, so the head matmul
-                                           runs in bf16 as autocast runs an lm_head, and dL/dW_s
-                                           arrives in float32 on the master
+    teacher forward (no grad)              under autocast (its head: see "heads" below)
+    student decoder forward                under autocast; its completion rows h_s (N, D) leave
+                                           the decoder's final norm in float32
+    heads (the loss's logits)              float32 by default: the rows h and heads W of both
+                                           models are projected outside autocast. With
+                                           train.bf16_logits=true the rows are cast to bf16
+                                           (`autocast_rows`) and the heads with them, by
+                                           differentiable `.to`s, so the head matmuls run in
+                                           bf16 as autocast runs an lm_head (dL/dW_s arrives
+                                           in float32 on the master)
     student backward                       outside autocast (PyTorch's rule): each op's backward
                                            runs in the dtype its forward ran in
-    loss                                   outside autocast, on the bf16 rows exactly like the
-                                           pure model.dtype=bfloat16 path: logits blocks
-                                           h @ W.T in bf16, then log-softmax, divergences, the
-                                           per-token values and their weighted sum in float32
-                                           (`opd.losses.divergences.upcast`); the chunked
-                                           losses add each chunk's head gradient into a float32
-                                           buffer (`opd.losses.chunked`, `opd.losses.one_pass`)
+    loss                                   outside autocast: logits blocks h @ W.T (float32;
+                                           bf16 with train.bf16_logits, as on the pure
+                                           model.dtype=bfloat16 path), then log-softmax,
+                                           divergences, the per-token values and their weighted
+                                           sum in float32 (`opd.losses.divergences.upcast`);
+                                           the chunked losses add each chunk's head gradient
+                                           into a float32 buffer (`opd.losses.chunked`,
+                                           `opd.losses.one_pass`)
 
-Deviations from a plain float32 run: bf16 keeps 8 bits of mantissa, so logits carry a relative
-error of about 2⁻⁸ ≈ 0.4 %; the tests (tests/test_precision.py) hold one micro-step's loss
-and gradient to a stated tolerance of the float32 twin. Held-out evaluation stays in float32
+Why the heads stay float32: bf16 keeps 8 bits of mantissa, so bf16 logits carry a relative
+error of about 2⁻⁸ ≈ 0.4 % (0.03–0.06 nats on logits of 8–16), in both models' log-probs,
+where distillation takes their difference. On the demo (30 steps, 3 seeds, 1 thread, an
+AVX512-BF16 CPU) bf16 logits left the held-out KL(q_student ‖ p_teacher) at 2.13 ± 0.40 against
+float32's 1.50 ± 0.17, worse on every seed; float32 logits under the same autocast gave
+1.66 ± 0.28 (benchmarks/results_precision.md). The heads are ~30 % of the student's matmul
+work here, so float32 heads give back part of the speed; `train.bf16_logits=true` takes it.
+
+Deviations from a plain float32 run: the decoders' matmuls run in bf16; the tests
+(tests/test_precision.py) hold one micro-step's loss and gradient to a stated tolerance of
+the float32 twin. Held-out evaluation stays in float32
 (it is the yardstick both precisions are compared with).
 
 Refused (one line): precision=bf16 with model.dtype=bfloat16/float16 (the weights are already
-narrow: there is no float32 master copy to keep), and on a device where a bfloat16 autocast
-matmul fails (an old GPU). A CPU without native bf16 instructions (no AVX512-BF16 / AMX)
+narrow: there is no float32 master copy to keep), on a device where a bfloat16 autocast
+matmul fails (an old GPU), and train.bf16_logits=true without precision=bf16. A CPU without native bf16 instructions (no AVX512-BF16 / AMX)
 runs it emulated, usually slower than float32: `bf16_note` says so at the start of a run.
 
 Gradient checkpointing: the lean decoder (`opd.models.decoder_and_head`) calls the model's own
@@ -44,6 +55,7 @@ per step.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 
@@ -102,22 +114,42 @@ def bf16_note(precision: str, device: torch.device) -> str | None:
     return None
 
 
+# Whether `autocast_rows` casts the heads' rows to bf16 inside the current `autocast` context
+# (train.bf16_logits); set by `autocast`, read where the rows are made.
+_NARROW_LOGITS: contextvars.ContextVar[bool] = contextvars.ContextVar("narrow", default=False)
+
+
+def mode(train_cfg) -> str:
+    """The precision mode `autocast` takes: fp32, bf16 (float32 logits) or bf16-logits."""
+    if train_cfg.precision == "bf16" and train_cfg.bf16_logits:
+        return "bf16-logits"
+    return train_cfg.precision
+
+
+@contextlib.contextmanager
 def autocast(precision: str, device: torch.device):
-    """The context the student's forward, the teacher and the rollouts run in."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The context the student's forward, the teacher and the rollouts run in: nothing for
+    fp32, bfloat16 autocast for bf16 and bf16-logits (the latter with bf16 head rows)."""
+    if precision not in ("bf16", "bf16-logits"):
+        yield
+        return
+    token = _NARROW_LOGITS.set(precision == "bf16-logits")
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        _NARROW_LOGITS.reset(token)
 
 
 def autocast_rows(hidden_ND: torch.Tensor) -> torch.Tensor:
-    """The rows a head will project, in the autocast dtype when autocast is on (as autocast
-    would run the lm_head); unchanged otherwise.
+    """The rows a head will project: in the autocast dtype under `autocast("bf16-logits")` (as
+    autocast would run an lm_head); unchanged otherwise (float32 logits, the bf16 default).
 
     A Llama-family decoder under autocast returns float32 hidden states (its residual stream
     and final RMSNorm stay float32), so without this the head matmul, the largest one of a
     small model, would run in float32. Differentiable: the gradient comes back in float32."""
     device = hidden_ND.device.type
-    if not torch.is_autocast_enabled(device):
+    if not torch.is_autocast_enabled(device) or not _NARROW_LOGITS.get():
         return hidden_ND
     return hidden_ND.to(torch.get_autocast_dtype(device))
 
@@ -168,6 +200,11 @@ def setup_student(models, cfg, log=print) -> None:
     if tc.gradient_checkpointing:
         enable_gradient_checkpointing(models.student)
     check_precision(tc.precision, models.student)
+    if tc.bf16_logits and tc.precision != "bf16":
+        raise ConfigError(
+            f"train.bf16_logits=true narrows the logits of a bf16 run, but train.precision="
+            f"{tc.precision}; set train.precision=bf16 or drop train.bf16_logits"
+        )
     note = bf16_note(tc.precision, next(models.student.parameters()).device)
     if note:
         log(f"warning: {note}")

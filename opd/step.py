@@ -56,7 +56,7 @@ from opd.losses.reduce import coefficients, reduce, step_count
 from opd.models import decoder_and_head
 from opd.parts import OnePassSignal, ReverseKLSignal
 from opd.pipeline import step_batch
-from opd.precision import autocast, autocast_rows, like_rows
+from opd.precision import autocast, autocast_rows, like_rows, mode
 from opd.sampling.rows import row_seeds
 from opd.signals import Divergence
 from opd.types import StudentRows, completion_rows
@@ -141,8 +141,9 @@ def micro_step(
     `tscores`: the teacher's scores of `rollout` when already computed (the asynchronous
     pipeline, `opd.pipeline`); None scores it here.
 
-    `precision="bf16"`: the teacher and the student's decoder run under bfloat16 autocast;
-    the loss is formed outside it, reducing in float32 (`opd.precision`).
+    `precision="bf16"` / `"bf16-logits"` (`opd.precision.mode`): the teacher and the
+    student's decoder run under bfloat16 autocast; the loss is formed outside it, reducing in
+    float32, on float32 logits (bf16 logits with "bf16-logits"; `opd.precision`).
 
     Sets `ctx.rollout` to this micro-batch and clears `ctx.metrics`, so that afterwards
     `ctx.metrics` holds exactly the numbers the signal and weights reported for it.
@@ -235,7 +236,7 @@ def train_step(run, step: int) -> dict:
         dist.sync_grads(last=m == len(rollouts) - 1)  # DDP: all-reduce on the last backward
         decoder = dist.decoder()  # DDP: the wrapped forward (None in one process)
         loss, kl_N, rollout = dist.loss_step(micro_step)(  # FSDP: inside the root's forward
-            run.method, models, rollout, ctx, run.device, count, tc.precision, decoder, tscores
+            run.method, models, rollout, ctx, run.device, count, mode(tc), decoder, tscores
         )
         if not bool(torch.isfinite(loss.detach())):
             raise NonFiniteError(

@@ -63,7 +63,11 @@ def _loss_and_grad(method, models, rollout, precision):
 
 
 @pytest.mark.parametrize("recipe", ["on_policy_rkl", "topk_rkl", "sampled_rkl"])
-def test_bf16_micro_step_is_close_to_the_float32_twin(tok, recipe, monkeypatch):
+@pytest.mark.parametrize("mode, rows_dtype", [
+    ("bf16", torch.float32),  # the default: float32 logits (the heads outside autocast)
+    ("bf16-logits", torch.bfloat16),  # train.bf16_logits=true: the heads in bf16 too
+])
+def test_bf16_micro_step_is_close_to_the_float32_twin(tok, recipe, mode, rows_dtype, monkeypatch):
     models = fresh_models(tok)
     method, rollout = _rollout(models, recipe)
     loss32, grad32 = _loss_and_grad(method, models, rollout, "fp32")
@@ -76,14 +80,40 @@ def test_bf16_micro_step_is_close_to_the_float32_twin(tok, recipe, monkeypatch):
         return out
 
     monkeypatch.setattr(opd.step, "student_rows", rows)
-    loss16, grad16 = _loss_and_grad(method, models, rollout, "bf16")
-    assert seen == [(torch.bfloat16, torch.bfloat16)]  # the decoder really ran under autocast
-    assert loss16 != loss32  # ... so the numbers differ, but only a little:
+    loss16, grad16 = _loss_and_grad(method, models, rollout, mode)
+    assert seen == [(rows_dtype, rows_dtype)]  # the head's rows and weights in one dtype
+    assert loss16 != loss32  # the decoder really ran under autocast: the numbers differ, but
+    # only a little:
     assert abs(loss16 - loss32) <= LOSS_RTOL * abs(loss32), (loss16, loss32)
     assert grad16.dtype == torch.float32  # gradients land on the float32 master weights
     rel = float((grad16 - grad32).norm() / grad32.norm())
     assert 0 < rel <= GRAD_RTOL, rel
     assert all(p.dtype == torch.float32 for p in models.student.parameters())
+
+
+def test_float32_logits_are_closer_to_the_float32_twin_than_bf16_logits(tok):
+    """The reason float32 logits are the bf16 default: on the same micro-step their loss and
+    gradient are nearer the float32 run's than those of bf16 logits (opd.precision)."""
+    models = fresh_models(tok)
+    method, rollout = _rollout(models, "on_policy_rkl")
+    loss32, grad32 = _loss_and_grad(method, models, rollout, "fp32")
+    err = {}
+    for mode in ("bf16", "bf16-logits"):
+        loss16, grad16 = _loss_and_grad(method, models, rollout, mode)
+        err[mode] = (abs(loss16 - loss32), float((grad16 - grad32).norm() / grad32.norm()))
+    assert err["bf16"][0] < err["bf16-logits"][0], err
+    assert err["bf16"][1] < err["bf16-logits"][1], err
+
+
+def test_bf16_logits_knob_selects_the_mode_and_needs_bf16(tmp_path, prompt_file, tok):
+    cfg = tiny_cfg(tmp_path, prompt_file, "train.precision=bf16")
+    assert opd.precision.mode(cfg.train) == "bf16"
+    cfg = tiny_cfg(tmp_path, prompt_file, "train.precision=bf16", "train.bf16_logits=true")
+    assert opd.precision.mode(cfg.train) == "bf16-logits"
+    cfg = tiny_cfg(tmp_path / "b", prompt_file, "train.steps=1", "train.bf16_logits=true")
+    with pytest.raises(ConfigError, match=r"bf16_logits=true .* train.precision=fp32"):
+        distill(cfg, models=fresh_models(tok), evaluate=False, **QUIET)
+    assert not (tmp_path / "b" / "run").exists()  # refused before the run folder is made
 
 
 def test_bf16_run_keeps_float32_weights_and_optimizer_state(tmp_path, prompt_file, tok):

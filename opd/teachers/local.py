@@ -70,6 +70,6 @@ def full_logit_rows(teacher: torch.nn.Module, rollout: Rollout, vocab_size: int)
     decoder, head_VD, _bias = decoder_and_head(teacher, verify=False)
     device = head_VD.device
     hidden_BLD = decoder(rollout.input_ids_BL.to(device), rollout.attention_mask_BL.to(device))
-    rows_ND = autocast_rows(completion_rows(hidden_BLD, rollout))  # bf16 under autocast
+    rows_ND = autocast_rows(completion_rows(hidden_BLD, rollout))  # bf16 with train.bf16_logits
     head_VD = head_VD[:vocab_size].detach().to(rows_ND.dtype)
     return TeacherScores(hidden_ND=rows_ND.detach(), head_VD=head_VD)
