@@ -31,7 +31,7 @@ error of about 2⁻⁸ ≈ 0.4 % (0.03–0.06 nats on logits of 8–16), in both
 where distillation takes their difference. On the demo (30 steps, 3 seeds, 1 thread, an
 AVX512-BF16 CPU) bf16 logits left the held-out KL(q_student ‖ p_teacher) at 2.13 ± 0.40 against
 float32's 1.50 ± 0.17, worse on every seed; float32 logits under the same autocast gave
-1.66 ± 0.28 (benchmarks/results_precision.md). The heads are ~30 % of the student's matmul
+1.66 ± 0.28, and 1.54 against float32's 1.54 over six seeds (benchmarks/results_precision.md). The heads are ~30 % of the student's matmul
 work here, so float32 heads give back part of the speed; `train.bf16_logits=true` takes it.
 
 Deviations from a plain float32 run: the decoders' matmuls run in bf16; the tests
