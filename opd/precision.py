@@ -29,20 +29,23 @@ bf16 mixed precision, what runs in which dtype:
 Why the heads stay float32: bf16 keeps 8 bits of mantissa, so bf16 logits carry a relative
 error of about 2⁻⁸ ≈ 0.4 % (0.03–0.06 nats on logits of 8–16), in both models' log-probs,
 where distillation takes their difference. On the demo (30 steps, 3 seeds, 1 thread, an
-AVX512-BF16 CPU) bf16 logits left the held-out KL(q_student ‖ p_teacher) at 2.13 ± 0.40 against
-float32's 1.50 ± 0.17, worse on every seed; float32 logits under the same autocast gave
-1.66 ± 0.28, and 1.54 against float32's 1.54 over six seeds (benchmarks/results_precision.md). The heads are ~30 % of the student's matmul
-work here, so float32 heads give back part of the speed; `train.bf16_logits=true` takes it.
+AVX512-BF16 CPU) bf16 logits left the held-out KL(q_student ‖ p_teacher) at 2.13 ± 0.40
+against float32's 1.50 ± 0.17, worse on every seed; float32 logits under the same autocast
+gave 1.66 ± 0.28, and 1.54 against float32's 1.54 over six seeds
+(benchmarks/results_precision.md). The heads are about a third of the student's matmul work
+here; measured, float32 heads cost no visible step time (6.47 s vs 6.61 s), and
+`train.bf16_logits=true` is there for devices where they do.
 
 Deviations from a plain float32 run: the decoders' matmuls run in bf16; the tests
 (tests/test_precision.py) hold one micro-step's loss and gradient to a stated tolerance of
-the float32 twin. Held-out evaluation stays in float32
-(it is the yardstick both precisions are compared with).
+the float32 twin. Held-out evaluation stays in float32 (it is the yardstick both precisions
+are compared with).
 
 Refused (one line): precision=bf16 with model.dtype=bfloat16/float16 (the weights are already
 narrow: there is no float32 master copy to keep), on a device where a bfloat16 autocast
-matmul fails (an old GPU), and train.bf16_logits=true without precision=bf16. A CPU without native bf16 instructions (no AVX512-BF16 / AMX)
-runs it emulated, usually slower than float32: `bf16_note` says so at the start of a run.
+matmul fails (an old GPU), and train.bf16_logits=true without precision=bf16. A CPU without
+native bf16 instructions (no AVX512-BF16 / AMX) runs it emulated, usually slower than
+float32: `bf16_note` says so at the start of a run.
 
 Gradient checkpointing: the lean decoder (`opd.models.decoder_and_head`) calls the model's own
 decoder module, so Hugging Face's per-layer checkpointing (`gradient_checkpointing_enable`,
@@ -146,8 +149,8 @@ def autocast_rows(hidden_ND: torch.Tensor) -> torch.Tensor:
     autocast would run an lm_head); unchanged otherwise (float32 logits, the bf16 default).
 
     A Llama-family decoder under autocast returns float32 hidden states (its residual stream
-    and final RMSNorm stay float32), so without this the head matmul, the largest one of a
-    small model, would run in float32. Differentiable: the gradient comes back in float32."""
+    and final RMSNorm stay float32): left so, the head matmul runs in float32 (the bf16
+    default); cast, it runs in bf16. Differentiable: the gradient comes back in float32."""
     device = hidden_ND.device.type
     if not torch.is_autocast_enabled(device) or not _NARROW_LOGITS.get():
         return hidden_ND
@@ -205,6 +208,11 @@ def setup_student(models, cfg, log=print) -> None:
             f"train.bf16_logits=true narrows the logits of a bf16 run, but train.precision="
             f"{tc.precision}; set train.precision=bf16 or drop train.bf16_logits"
         )
+    if tc.precision == "bf16":
+        heads = "bfloat16 (train.bf16_logits=true)" if tc.bf16_logits else (
+            "float32 (train.bf16_logits=false, the default)")
+        log(f"train.precision=bf16: decoders and rollouts under bfloat16 autocast, float32 "
+            f"master weights; the heads' logits in {heads}")
     note = bf16_note(tc.precision, next(models.student.parameters()).device)
     if note:
         log(f"warning: {note}")

@@ -118,7 +118,10 @@ def test_bf16_logits_knob_selects_the_mode_and_needs_bf16(tmp_path, prompt_file,
 
 def test_bf16_run_keeps_float32_weights_and_optimizer_state(tmp_path, prompt_file, tok):
     cfg = tiny_cfg(tmp_path, prompt_file, "train.steps=2", "train.precision=bf16")
-    res = distill(cfg, models=fresh_models(tok), evaluate=False, **QUIET)
+    lines = []
+    res = distill(cfg, models=fresh_models(tok), evaluate=False, log=lines.append)
+    said = [x for x in lines if x.startswith("train.precision=bf16:")]
+    assert len(said) == 1 and "logits in float32 (train.bf16_logits=false" in said[0]
     assert all(p.dtype == torch.float32 for p in res.models.student.parameters())
     ckpt = res.run_dir / "checkpoints" / "step_000002"
     opt = torch.load(ckpt / "optimizer.pt", weights_only=True)["optimizer"]["state"]
